@@ -1,0 +1,37 @@
+"""Helpers for config files: variant arguments and loading the shared base config by path."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from jaxft.errors import ConfigError
+
+
+def sibling(config_file: str, name: str):
+  """Imports configs/NAME.py next to `config_file` (configs are files, not an installed package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"jaxft_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses a variant argument 'size=8b,method=lora' against typed defaults.
+
+  Raises ConfigError for a key that is not in `defaults`, naming the choices.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ConfigError(f"config argument {item!r}: expected KEY=VALUE with KEY one of {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return out

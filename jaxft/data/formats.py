@@ -1,0 +1,91 @@
+"""Row formats (chat, alpaca, completion, text, tokens), their detection, and target masks.
+
+Every row becomes an `Example`: token ids and a boolean mask of the tokens the loss is taken on
+(assistant turns, outputs, completions; every token for text and unmasked tokens rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxft.errors import DataError
+
+FORMATS = ("chat", "alpaca", "completion", "text", "tokens")
+ROLES = ("system", "user", "assistant", "developer", "tool")
+_KEYS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
+         "completion": ("prompt", "completion"), "text": ("text",), "tokens": ("input_ids",)}
+
+
+@dataclasses.dataclass
+class Example:
+  ids: np.ndarray   # int32 [n]
+  mask: np.ndarray  # bool [n]: token i is a target
+
+
+def detect(origin: str, row: dict[str, Any]) -> str:
+  """The format of one row, from its keys; raises DataError naming the row when none fits."""
+  for fmt in FORMATS:
+    if all(k in row for k in _KEYS[fmt]):
+      return fmt
+  raise DataError(f"{origin}: cannot tell the format from keys {sorted(row)}; expected one of "
+                  + "; ".join(f"{f}: {', '.join(_KEYS[f])}" for f in FORMATS))
+
+
+def _field(origin, row, key, kind=str):
+  if key not in row:
+    raise DataError(f"{origin}: missing required field {key!r}")
+  v = row[key]
+  if not isinstance(v, kind):
+    raise DataError(f"{origin}: field {key!r} must be {kind.__name__}, got {type(v).__name__}")
+  return v
+
+
+def to_messages(origin: str, row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+  """Chat and alpaca rows as a validated list of {role, content} messages."""
+  if fmt == "alpaca":
+    instruction = _field(origin, row, "instruction")
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+      raise DataError(f"{origin}: field 'input' must be str, got {type(extra).__name__}")
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": _field(origin, row, "output")}]
+  messages = _field(origin, row, "messages", list)
+  if not messages:
+    raise DataError(f"{origin}: 'messages' is empty")
+  out = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise DataError(f"{origin}: messages[{i}] must be an object with role and content")
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLES:
+      raise DataError(f"{origin}: messages[{i}] has unknown role {role!r}; expected one of "
+                      f"{', '.join(ROLES)}")
+    if not isinstance(content, str):
+      raise DataError(f"{origin}: messages[{i}].content must be a string")
+    # OpenAI's fine-tuning files may carry weight: 0 to exclude an assistant turn from the loss.
+    out.append({"role": role, "content": content, "weight": m.get("weight", 1)})
+  if not any(m["role"] == "assistant" for m in out):
+    raise DataError(f"{origin}: no assistant message: nothing to train on")
+  return out
+
+
+def tokens_example(origin: str, row: dict[str, Any], vocab_size: int) -> Example:
+  """A pre-tokenized row: input_ids and an optional loss_mask of the same length."""
+  ids = row["input_ids"]
+  if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+    raise DataError(f"{origin}: 'input_ids' must be a non-empty list of integers")
+  arr = np.asarray(ids, np.int64)
+  if arr.min() < 0 or arr.max() >= vocab_size:
+    raise DataError(f"{origin}: 'input_ids' holds ids outside [0, {vocab_size})")
+  mask = row.get("loss_mask")
+  if mask is None:
+    m = np.ones(len(ids), bool)
+  else:
+    if not isinstance(mask, list) or len(mask) != len(ids):
+      raise DataError(f"{origin}: 'loss_mask' must be a list as long as 'input_ids' ({len(ids)})")
+    m = np.asarray(mask, bool)
+  return Example(arr.astype(np.int32), m)

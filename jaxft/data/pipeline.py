@@ -1,0 +1,148 @@
+"""From a data spec to batches: rows -> Examples -> packed or padded rows -> batches.
+
+The training stream is a pure function of (seed, position): examples are shuffled per epoch with
+a permutation seeded by (seed, epoch), and `Position(epoch, index)` says where the next batch starts,
+so a checkpoint that stores the position resumes the exact same stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+from absl import logging
+
+from jaxft.data import formats, sources
+from jaxft.data.formats import Example
+from jaxft.data.tokenize import Encoder
+from jaxft.errors import ConfigError, DataError
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Dataset:
+  examples: list[Example]
+  formats: dict[str, int]
+  truncated: int
+  target_tokens: int
+
+
+def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: int) -> Dataset:
+  """Reads and tokenizes every row of `spec`; examples longer than max_len + 1 are truncated.
+
+  Raises DataError naming the file and line of a bad row, or when no example has a target token.
+  """
+  if fmt != "auto" and fmt not in formats.FORMATS:
+    raise ConfigError(f"data.format={fmt!r}: expected auto or one of {', '.join(formats.FORMATS)}")
+  counts: dict[str, int] = collections.Counter()
+  examples, truncated = [], 0
+  for origin, row in sources.read_rows(spec):
+    kind = formats.detect(origin, row) if fmt == "auto" else fmt
+    counts[kind] += 1
+    if kind in ("chat", "alpaca"):
+      ex = encoder.chat(origin, formats.to_messages(origin, row, kind))
+    elif kind == "completion":
+      ex = encoder.completion(formats._field(origin, row, "prompt"),
+                              formats._field(origin, row, "completion"))
+    elif kind == "text":
+      ex = encoder.text(formats._field(origin, row, "text"))
+    else:
+      if "input_ids" not in row:
+        raise DataError(f"{origin}: missing required field 'input_ids'")
+      ex = formats.tokens_example(origin, row, vocab_size)
+    if len(ex.ids) > max_len + 1:
+      truncated += 1
+      ex = Example(ex.ids[: max_len + 1], ex.mask[: max_len + 1])
+    if len(ex.ids) >= 2:
+      examples.append(ex)
+  targets = sum(int(e.mask[1:].sum()) for e in examples)
+  if not examples or targets == 0:
+    raise DataError(f"{spec}: no example has a target token to train on")
+  logging.info("%s: %d examples, formats %s, %d truncated to %d tokens, %d target tokens",
+               spec, len(examples), dict(counts), truncated, max_len, targets)
+  return Dataset(examples, dict(counts), truncated, targets)
+
+
+def _rows(examples: list[Example], max_len: int, packing: bool) -> list[list[Example]]:
+  """Groups examples into rows: greedily packed, or one per row."""
+  if not packing:
+    return [[e] for e in examples]
+  rows, cur, used = [], [], 0
+  for e in examples:
+    n = len(e.ids) - 1
+    if cur and used + n > max_len:
+      rows.append(cur)
+      cur, used = [], 0
+    cur.append(e)
+    used += n
+  if cur:
+    rows.append(cur)
+  return rows
+
+
+def make_batch(rows: list[list[Example]], max_len: int, num_rows: int) -> Batch:
+  """Stacks rows (each a list of examples) into arrays [num_rows, max_len]; padding rows are empty."""
+  b = {"inputs": np.zeros((num_rows, max_len), np.int32),
+       "targets": np.zeros((num_rows, max_len), np.int32),
+       "weights": np.zeros((num_rows, max_len), np.float32),
+       "positions": np.zeros((num_rows, max_len), np.int32),
+       "segment_ids": np.zeros((num_rows, max_len), np.int32)}
+  for r, row in enumerate(rows):
+    t = 0
+    for s, e in enumerate(row, 1):
+      n = len(e.ids) - 1
+      b["inputs"][r, t:t + n] = e.ids[:-1]
+      b["targets"][r, t:t + n] = e.ids[1:]
+      b["weights"][r, t:t + n] = e.mask[1:]
+      b["positions"][r, t:t + n] = np.arange(n)
+      b["segment_ids"][r, t:t + n] = s
+      t += n
+  return b
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+  epoch: int = 0
+  index: int = 0  # rows of this epoch already consumed
+
+
+class TrainStream:
+  """Deterministic, resumable batches of `rows_per_batch` rows of `max_len` tokens."""
+
+  def __init__(self, examples: list[Example], *, max_len: int, packing: bool, rows_per_batch: int,
+               seed: int, shuffle: bool = True):
+    self.examples, self.max_len, self.packing = examples, max_len, packing
+    self.rows_per_batch, self.seed, self.shuffle = rows_per_batch, seed, shuffle
+    self._epoch_rows: dict[int, list[list[Example]]] = {}
+
+  def _rows_of(self, epoch: int) -> list[list[Example]]:
+    if epoch not in self._epoch_rows:
+      order = np.arange(len(self.examples))
+      if self.shuffle:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+      self._epoch_rows = {epoch: _rows([self.examples[i] for i in order], self.max_len, self.packing)}
+    return self._epoch_rows[epoch]
+
+  def batch_at(self, pos: Position) -> tuple[Batch, Position]:
+    """The batch that starts at `pos`, and the position after it (epochs roll over)."""
+    taken, epoch, index = [], pos.epoch, pos.index
+    while len(taken) < self.rows_per_batch:
+      rows = self._rows_of(epoch)
+      if index >= len(rows):
+        epoch, index = epoch + 1, 0
+        continue
+      k = min(self.rows_per_batch - len(taken), len(rows) - index)
+      taken.extend(rows[index:index + k])
+      index += k
+    return make_batch(taken, self.max_len, self.rows_per_batch), Position(epoch, index)
+
+
+def eval_batches(examples: list[Example], max_len: int, rows_per_batch: int,
+                 packing: bool) -> Iterator[Batch]:
+  """Every eval example once, in file order; the last batch is padded with empty rows."""
+  rows = _rows(examples, max_len, packing)
+  for i in range(0, len(rows), rows_per_batch):
+    yield make_batch(rows[i:i + rows_per_batch], max_len, rows_per_batch)

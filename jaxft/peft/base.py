@@ -1,0 +1,155 @@
+"""The interface every fine-tuning method implements, and the tree helpers of the partition.
+
+A method is a frozen (hashable) dataclass: it is a static argument of the jitted step, and the
+decoder calls its hooks. `init` returns the trainable tree; the frozen tree is the base (or empty
+for full fine-tuning). The decoder sees `merge_trees(frozen, trainable)`: new dicts, same arrays,
+nothing copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.errors import ConfigError
+from jaxft.models import llama
+from jaxft.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def merge_trees(a: Params, b: Params) -> Params:
+  """Deep-merges two nested dicts of leaves; a key present in both must be a dict in both."""
+  out = dict(a)
+  for k, v in b.items():
+    if k in out and isinstance(out[k], dict) and isinstance(v, dict):
+      out[k] = merge_trees(out[k], v)
+    elif k in out:
+      raise ValueError(f"leaf {k!r} is in both the trainable and the frozen tree")
+    else:
+      out[k] = v
+  return out
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+  out: Params = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def match_targets(targets: str, cfg: ModelConfig) -> tuple[str, ...]:
+  """Resolves `peft.targets` to the linear names it selects, in decoder order.
+
+  Items (comma separated): a linear name (`q_proj`), `all-linear`, or a regex matched (search) against
+  parameter paths like `layers/q_proj/kernel`. Raises ConfigError when an item matches nothing.
+  """
+  chosen = set()
+  items = [t.strip() for t in targets.split(",") if t.strip()]
+  if not items:
+    raise ConfigError("peft.targets is empty: name linear layers (q_proj,v_proj), all-linear or a regex")
+  for item in items:
+    if item == "all-linear":
+      hits = set(llama.LINEARS)
+    elif _NAME.match(item):
+      hits = {item} & set(llama.LINEARS)
+    else:
+      try:
+        rx = re.compile(item)
+      except re.error as e:
+        raise ConfigError(f"peft.targets item {item!r} is not a valid regex: {e}") from None
+      hits = {n for n in llama.LINEARS if rx.search(f"layers/{n}/kernel")}
+    if not hits:
+      raise ConfigError(f"peft.targets item {item!r} matches no linear layer; expected one of "
+                        f"{', '.join(llama.LINEARS)}, all-linear or a regex over 'layers/NAME/kernel'")
+    chosen |= hits
+  return tuple(n for n in llama.LINEARS if n in chosen)
+
+
+def linear_dims(cfg: ModelConfig, name: str) -> tuple[int, int, str, str]:
+  """(in, out, in_axis, out_axis) of a decoder linear layer."""
+  spec = llama.param_specs(cfg)["layers"][name]["kernel"]
+  return spec.shape[1], spec.shape[2], spec.axes[1], spec.axes[2]
+
+
+def base_linear(p: Params, x: jnp.ndarray, dtype) -> jnp.ndarray:
+  """x @ kernel (+ bias); a quantized kernel is dequantized here, inside the jitted computation."""
+  from jaxft import quant  # local: quant imports nothing of peft
+  y = llama.matmul(x, quant.materialize(p["kernel"], dtype), dtype)
+  if "bias" in p:
+    y = y + p["bias"].astype(dtype)
+  return y
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Full fine-tuning, and the no-op hooks every method inherits."""
+  name: str = "full"
+  position_offset: int = 0
+
+  # -- the partition -------------------------------------------------------------------------
+  def init(self, cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Returns the trainable leaves the method adds (full: none; the base itself trains)."""
+    del cfg, rng
+    return {}
+
+  def trainable_specs(self, cfg: ModelConfig) -> Params:
+    """Tree of `llama.ParamSpec` of the added leaves (shapes + logical axes, for sharding)."""
+    del cfg
+    return {}
+
+  @property
+  def trains_base(self) -> bool:
+    return self.name == "full"
+
+  def split(self, base: Params, added: Params) -> tuple[Params, Params]:
+    """(trainable, frozen) from the base tree and the added tree."""
+    if self.trains_base:
+      return merge_trees(base, added), {}
+    return added, base
+
+  # -- decoder hooks (traced inside the step) --------------------------------------------------
+  def linear(self, name: str, p: Params, x, dtype, rng):
+    del name, rng
+    return base_linear(p, x, dtype)
+
+  def block_output(self, kind: str, p: Params, out, dtype):
+    del kind, p, dtype
+    return out
+
+  def kv_prefix(self, p: Params, batch: int, dtype):
+    del p, batch, dtype
+    return None
+
+  # -- export ----------------------------------------------------------------------------------
+  def merge(self, cfg: ModelConfig, params: Params) -> Params:
+    """Folds the method into plain base params (float32 math); raises when it cannot be merged."""
+    del cfg
+    return params

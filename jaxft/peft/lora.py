@@ -1,0 +1,79 @@
+"""LoRA: y = x W + (alpha / r) * dropout(x) A B, with B = 0 at init so step 0 is the base model.
+
+A is [L, in, r], B is [L, r, out], beside the kernel they adapt (layers/q_proj/lora_a). PEFT stores
+A as [r, in] and B as [out, r]; jaxft/peft/peft_io.py transposes on the way in and out.
+rsLoRA scales by alpha / sqrt(r).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.models import llama
+from jaxft.peft.base import Method, Params, base_linear, linear_dims
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+  name: str = "lora"
+  targets: tuple[str, ...] = ("q_proj", "v_proj")
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  rslora: bool = False
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def trainable_specs(self, cfg):
+    out = {}
+    for n in self.targets:
+      i, o, ai, ao = linear_dims(cfg, n)
+      out[n] = {"lora_a": llama.ParamSpec((cfg.num_layers, i, self.rank), ("layers", ai, "lora"), "lora_a"),
+                "lora_b": llama.ParamSpec((cfg.num_layers, self.rank, o), ("layers", "lora", ao), "zeros")}
+    return {"layers": out}
+
+  def init(self, cfg, rng):
+    # A as PEFT: kaiming-uniform(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in)); B zero.
+    out = {}
+    for idx, n in enumerate(self.targets):
+      i, o, _, _ = linear_dims(cfg, n)
+      bound = 1.0 / math.sqrt(i)
+      a = jax.random.uniform(jax.random.fold_in(rng, idx), (cfg.num_layers, i, self.rank),
+                             jnp.float32, -bound, bound)
+      out[n] = {"lora_a": a.astype(cfg.param_dtype),
+                "lora_b": jnp.zeros((cfg.num_layers, self.rank, o), cfg.param_dtype)}
+    return {"layers": out}
+
+  def _dropout(self, name, x, rng):
+    if self.dropout <= 0.0 or rng is None:
+      return x
+    key = jax.random.fold_in(rng, llama.LINEARS.index(name))
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+
+  def delta(self, name, p, x, dtype, rng):
+    h = llama.matmul(self._dropout(name, x, rng), p["lora_a"], dtype)
+    return llama.matmul(h, p["lora_b"], dtype) * jnp.asarray(self.scale, dtype)
+
+  def linear(self, name, p, x, dtype, rng):
+    y = base_linear(p, x, dtype)
+    if "lora_a" in p:
+      y = y + self.delta(name, p, x, dtype, rng)
+    return y
+
+  def merge(self, cfg, params):
+    from jaxft import quant
+    layers = dict(params["layers"])
+    for n in self.targets:
+      p = dict(layers[n])
+      w = quant.materialize(p.pop("kernel"), jnp.float32)
+      a, b = p.pop("lora_a").astype(jnp.float32), p.pop("lora_b").astype(jnp.float32)
+      p["kernel"] = (w + self.scale * jnp.einsum("lir,lro->lio", a, b)).astype(cfg.param_dtype)
+      layers[n] = p
+    return {**params, "layers": layers}

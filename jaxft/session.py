@@ -1,0 +1,99 @@
+"""Builds what every entry point needs from a resolved config: the model config, the fine-tuning
+method, the mesh, the tokenizer, and the base parameters placed on the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from jaxft import peft, quant, sharding
+from jaxft.data.tokenize import Encoder, load_tokenizer, write_quickstart_tokenizer
+from jaxft.errors import ConfigError
+from jaxft.models import llama
+from jaxft.models.config import ModelConfig, preset
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig of config.model (HF config.json when model.path is set, else the preset)."""
+  m = config.model
+  for key in ("dtype", "param_dtype"):
+    if m[key] not in _DTYPES:
+      raise ConfigError(f"model.{key}={m[key]!r}: expected one of {', '.join(_DTYPES)}")
+  if m.path:
+    from jaxft.models import hf
+    base = hf.read_config(m.path)
+  else:
+    base = preset(m.preset)
+  return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The tokenizer directory: model.tokenizer, else model.path, else the quickstart tokenizer
+  (written into WORKDIR/tokenizer)."""
+  if config.model.tokenizer:
+    return config.model.tokenizer
+  if config.model.path:
+    return config.model.path
+  return write_quickstart_tokenizer(os.path.join(workdir, "tokenizer"))
+
+
+def encoder(config, workdir: str) -> Encoder:
+  return Encoder(load_tokenizer(tokenizer_dir(config, workdir)), config.data.chat_template)
+
+
+@dataclasses.dataclass
+class Model:
+  """A model on the mesh: its config, method, base params and their shardings."""
+  cfg: ModelConfig
+  method: peft.Method
+  mesh: Mesh
+  base: dict
+  base_shardings: dict
+  added_shardings: dict
+  fingerprint: str
+
+
+def _fingerprint(config, cfg: ModelConfig) -> str:
+  """What identifies the frozen base a PEFT checkpoint needs (checked again on resume)."""
+  src = {"path": os.path.abspath(config.model.path) if config.model.path else "",
+         "preset": "" if config.model.path else config.model.preset,
+         "seed": config.train.seed, "quant": config.model.quant, "model": dataclasses.asdict(cfg)}
+  return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Model:
+  """Model config, method and base params, already sharded on the mesh (and quantized if asked)."""
+  cfg = model_config(config)
+  method = peft.from_config(config.peft, cfg)
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  sharding.check_model_fits(mesh, cfg)
+  specs = llama.param_specs(cfg)
+  base_sh = sharding.tree_shardings(specs, mesh)
+  added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh)
+  if config.model.quant not in quant.KINDS:
+    raise ConfigError(f"model.quant={config.model.quant!r}: expected one of {', '.join(quant.KINDS)}")
+  if config.model.quant != "none" and method.trains_base:
+    raise ConfigError("model.quant needs a frozen base: use peft.method=lora (or another PEFT method)")
+  if config.model.path:
+    from jaxft.models import hf
+    base = hf.load_params(config.model.path, cfg, base_sh, quant_kind=config.model.quant)
+  else:
+    init = jax.jit(llama.init_params, static_argnums=0, out_shardings=base_sh)
+    base = init(cfg, jax.random.key(config.train.seed))
+    base = quant.quantize_base(base, config.model.quant, base_sh)
+  return Model(cfg, method, mesh, base, base_sh, added_sh, _fingerprint(config, cfg))
+
+
+def init_added(model: Model, seed: int):
+  """The method's new trainable leaves, initialised on their shardings."""
+  fn = jax.jit(model.method.init, static_argnums=0, out_shardings=model.added_shardings)
+  return fn(model.cfg, jax.random.fold_in(jax.random.key(seed), 1))

@@ -1,0 +1,212 @@
+"""`train(config, workdir)`: the training loop around the pure step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxft import checkpoint, optim, peft, session, sharding
+from jaxft.data import pipeline
+from jaxft.errors import CheckpointError, ConfigError, JaxftError
+from jaxft.metrics import MetricsWriter
+from jaxft.step import make_steps
+
+
+class NonFiniteError(JaxftError):
+  """The loss or the gradients became NaN or infinite."""
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def check_config(config) -> None:
+  """Cross-key checks the schema cannot express; ConfigError names the key."""
+  if config.train.steps < 1:
+    raise ConfigError(f"train.steps={config.train.steps}: must be >= 1")
+  if config.data.max_len < 2:
+    raise ConfigError(f"data.max_len={config.data.max_len}: must be >= 2")
+  if config.optim.accum_steps < 1 or config.data.batch_size % config.optim.accum_steps:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
+                      f"optim.accum_steps={config.optim.accum_steps}")
+  if config.train.log_every < 1:
+    raise ConfigError(f"train.log_every={config.train.log_every}: must be >= 1")
+
+
+def put_batch(batch: dict, mesh, accum: int) -> dict:
+  """Global numpy batch [rows, T] -> device arrays [accum, rows/accum, T] sharded over rows.
+
+  Each process materialises only the rows of its own devices."""
+  out = {}
+  sh = sharding.batch_sharding(mesh, 3, leading=1)
+  for k, v in batch.items():
+    v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
+    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+  return out
+
+
+def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0) -> dict:
+  """Mean target-token loss over the eval examples (one pass, file order)."""
+  total, count = 0.0, 0.0
+  for i, b in enumerate(pipeline.eval_batches(examples, config.data.max_len,
+                                              config.data.batch_size, config.data.packing)):
+    if max_batches and i >= max_batches:
+      break
+    b = {k: v[0] for k, v in put_batch(b, mesh, 1).items()}
+    s, n = steps(trainable, frozen, b)
+    total, count = total + float(s), count + float(n)
+  loss = total / max(count, 1.0)
+  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
+
+
+class _Stop:
+  """Turns SIGTERM/SIGINT into a flag checked between steps."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def train(config, workdir: str) -> dict:
+  """Trains as `config` says, writing checkpoints and metrics into `workdir`; resumes when the
+  workdir has a checkpoint. Returns the last logged metrics. Raises JaxftError subclasses for bad
+  configs, data and checkpoints, before anything is written."""
+  check_config(config)
+  enc = session.encoder(config, workdir)
+  model_cfg = session.model_config(config)
+  fmt, max_len = config.data.format, config.data.max_len
+  train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
+  eval_ds = (pipeline.load_examples(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size)
+             if config.data.eval else None)
+  model = session.load_model(config)
+  cfg, method, mesh = model.cfg, model.method, model.mesh
+
+  added = session.init_added(model, config.train.seed)
+  trainable, frozen = method.split(model.base, added)
+  n_train, n_frozen = peft.count_params(trainable), peft.count_params(frozen)
+  logging.info("trainable params: %d of %d (%.4f%%)", n_train, n_train + n_frozen,
+               100.0 * n_train / max(n_train + n_frozen, 1))
+
+  tx, schedule = optim.make(config.optim, config.train.steps)
+  accum = config.optim.accum_steps
+  steps = make_steps(cfg, method, tx, schedule, config.train.skip_nonfinite,
+                     dropout=getattr(method, "dropout", 0.0) > 0)
+  state = {"step": jnp.zeros((), jnp.int32),
+           "trainable": trainable,
+           "opt_state": jax.jit(tx.init)(trainable),
+           "rng": jax.random.key_data(jax.random.key(config.train.seed)),
+           "skipped": jnp.zeros((), jnp.int32)}
+  stream = pipeline.TrainStream(train_ds.examples, max_len=max_len, packing=config.data.packing,
+                                rows_per_batch=config.data.batch_size, seed=config.train.seed,
+                                shuffle=config.data.shuffle)
+  pos = pipeline.Position()
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpoint.manager(workdir, config.checkpoint.keep)
+  start = 0
+  if mngr.latest_step() is not None:
+    state, meta = checkpoint.restore(mngr, checkpoint.abstract(state))
+    if meta.get("base_fingerprint") != model.fingerprint and not method.trains_base:
+      raise CheckpointError(f"{workdir}: its checkpoints were trained on another base model "
+                            "(model.path, preset, seed or quant changed)")
+    pos = pipeline.Position(**meta["data_position"])
+    start = int(state["step"])
+    logging.info("resuming from step %d", start)
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+  def _train_step(state, batch, frozen):
+    s, m = steps.train(dict(state, rng=jax.random.wrap_key_data(state["rng"])), batch, frozen)
+    return dict(s, rng=jax.random.key_data(s["rng"])), m
+
+  train_step = jax.jit(_train_step, donate_argnums=0)
+  eval_step = jax.jit(steps.eval)
+  writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
+  total = config.train.steps
+  last: dict = {}
+
+  def do_eval(step):
+    if eval_ds is None:
+      return
+    m = evaluate_loss(eval_step, state["trainable"], frozen, eval_ds.examples, config, mesh,
+                      config.train.eval_batches)
+    writer.write(step, m)
+    last.update(m)
+    logging.info("step %d: eval_loss %.4f", step, m["eval_loss"])
+
+  def do_save(step):
+    meta = {"data_position": dataclasses.asdict(pos), "base_fingerprint": model.fingerprint,
+            "method": method.name, "step": step}
+    checkpoint.save(mngr, step, state, meta)
+
+  if start == 0:
+    do_eval(0)
+  pending = None  # metrics of the previous step, read one step late so the device never idles
+  t_last, tokens_since = time.time(), 0
+  step = start
+  with _Stop() as stop:
+    while step < total and stop.signal is None:
+      batch, pos = stream.batch_at(pos)
+      tokens = int((batch["segment_ids"] > 0).sum())
+      state, metrics = train_step(state, put_batch(batch, mesh, accum), frozen)
+      step += 1
+      tokens_since += tokens
+      m = jax.device_get(metrics)
+      if not bool(m["finite"]):
+        if not config.train.skip_nonfinite:
+          raise NonFiniteError(f"step {step}: loss or gradients are not finite (loss {m['loss']}); "
+                               "stopped, the last good checkpoint is kept "
+                               "(train.skip_nonfinite=True skips such steps)")
+        logging.warning("step %d: non-finite loss or gradients; update skipped", step)
+      if step % config.train.log_every == 0 or step == total:
+        dt = time.time() - t_last
+        row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+               "tokens_per_sec": tokens_since / max(dt, 1e-9),
+               "skipped_steps": int(state["skipped"])}
+        writer.write(step, row)
+        writer.progress(step, row["loss"], row["tokens_per_sec"])
+        last.update(row)
+        t_last, tokens_since = time.time(), 0
+      if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
+        do_eval(step)
+      if config.checkpoint.every and step % config.checkpoint.every == 0 and step != total:
+        do_save(step)
+    del pending
+    if step == total:
+      do_eval(step)
+    do_save(step)
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    if stop.signal is not None and step < total:
+      logging.warning("%s at step %d: checkpoint saved; run the same command to resume", stop.signal, step)
+      print(f"stopped by {stop.signal} at step {step}; checkpoint saved. Resume with the same "
+            "command.", flush=True)
+  last["step"] = step
+  return last
