@@ -97,3 +97,58 @@ def init_added(model: Model, seed: int):
   """The method's new trainable leaves, initialised on their shardings."""
   fn = jax.jit(model.method.init, static_argnums=0, out_shardings=model.added_shardings)
   return fn(model.cfg, jax.random.fold_in(jax.random.key(seed), 1))
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote to WORKDIR/config.json, as a locked ConfigDict."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"{workdir}: no config.json (is this a jaxft workdir? train first)")
+  with open(path, encoding="utf-8") as f:
+    c = ml_collections.ConfigDict(json.load(f))
+  c.lock()
+  return c
+
+
+@dataclasses.dataclass
+class Trained:
+  """A trained run, restored: its config, model (base on the mesh) and trainable leaves."""
+  config: ml_collections.ConfigDict
+  model: Model
+  trainable: dict
+  frozen: dict
+  step: int
+
+  @property
+  def params(self) -> dict:
+    """The decoder's view: frozen and trainable leaves merged (no copies)."""
+    return peft.merge_trees(self.frozen, self.trainable)
+
+
+def restore_trained(workdir: str, config: ml_collections.ConfigDict | None = None,
+                    step: int | None = None) -> Trained:
+  """Rebuilds the base and restores the trainable leaves of WORKDIR's latest (or given) checkpoint.
+
+  `config` defaults to WORKDIR/config.json. Raises CheckpointError when there is no checkpoint.
+  """
+  from jaxft import checkpoint
+  config = config or load_workdir_config(workdir)
+  model = load_model(config)
+  added = init_added(model, config.train.seed)
+  trainable, frozen = model.method.split(model.base, added)
+  mngr = checkpoint.manager(workdir, config.checkpoint.keep, async_save=False)
+  try:
+    if mngr.latest_step() is None:
+      from jaxft.errors import CheckpointError
+      raise CheckpointError(f"{workdir}: no checkpoint to restore (train first)")
+    import orbax.checkpoint as ocp
+    step = mngr.latest_step() if step is None else step
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"trainable": checkpoint.abstract(trainable)},
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                      {"trainable": trainable}),
+            partial_restore=True)))
+  finally:
+    mngr.close()
+  return Trained(config, model, out["state"]["trainable"], frozen, int(step))

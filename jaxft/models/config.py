@@ -64,6 +64,7 @@ PRESETS = {
     "quickstart": ModelConfig(
         vocab_size=32000, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
         num_kv_heads=2, head_dim=32, max_position_embeddings=2048, tie_embeddings=False,
+        initializer_range=0.1,
         bos_token_id=1, eos_token_id=2),
     # Shapes of the published models (random weights unless model.path is set).
     "llama3-1b": ModelConfig(
