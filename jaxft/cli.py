@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import app, flags
@@ -17,10 +18,19 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops the INFO chatter of Orbax and friends; their warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def run(main_fn):
   """app.run(main_fn) where a JaxftError becomes 'jaxft: error: ...' on stderr and exit status 2."""
 
   def wrapped(argv):
+    for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+      h.addFilter(_QuietLibraries())
     try:
       main_fn(argv)
     except JaxftError as e:

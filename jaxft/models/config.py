@@ -66,6 +66,11 @@ PRESETS = {
         num_kv_heads=2, head_dim=32, max_position_embeddings=2048, tie_embeddings=False,
         initializer_range=0.1,
         bos_token_id=1, eos_token_id=2),
+    # For tests: as small as the Mistral v1 vocabulary allows.
+    "tiny": ModelConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, max_position_embeddings=2048, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2),
     # Shapes of the published models (random weights unless model.path is set).
     "llama3-1b": ModelConfig(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
