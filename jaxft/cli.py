@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app, flags
@@ -13,9 +14,21 @@ from jaxft.errors import JaxftError
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:  # an unknown --config.KEY, a value of the wrong type, a missing flag
-    print(f"jaxft: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except flags.Error as e:  # a value of the wrong type, a missing flag, an unknown flag
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.KEY (locked config)
+    text = str(e)
+    key = re.search(r"'(\w+)", text)
+    key = key.group(1) if key else "?"
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a]
+    _fail(f"unknown config key {bad[0] if bad else key!r}"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+
+
+def _fail(message: str):
+  print(f"jaxft: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 class _QuietLibraries(logging.Filter):
@@ -34,7 +47,6 @@ def run(main_fn):
     try:
       main_fn(argv)
     except JaxftError as e:
-      print(f"jaxft: error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      _fail(str(e))
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,75 @@
+"""End-to-end runs of `python -m jaxft.train`, and the one-line errors a user sees."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+
+TINY = ["--config=configs/quickstart.py", "--config.model.preset=tiny", "--config.train.progress=False"]
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_three_steps_write_the_workdir(tmp_path):
+  wd = str(tmp_path / "run")
+  r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=3",
+              "--config.train.log_every=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = read_metrics(wd)
+  train_rows = [m for m in rows if "loss" in m]
+  assert [m["step"] for m in train_rows] == [2, 3]  # the last step is always logged
+  for m in train_rows:
+    assert {"step", "loss", "lr", "tokens_per_sec"} <= m.keys()
+  assert [m["step"] for m in rows if "eval_loss" in m] == [0, 3]
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  cfg = json.load(open(os.path.join(wd, "config.json")))
+  assert cfg["train"]["steps"] == 3 and cfg["model"]["preset"] == "tiny"
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
+
+
+def test_full_finetuning_runs(tmp_path):
+  wd = str(tmp_path / "full")
+  r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=4",
+              "--config.peft.method=full", "--config.optim.lr=1e-3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  evals = [m["eval_loss"] for m in read_metrics(wd) if "eval_loss" in m]
+  assert evals[-1] < evals[0]
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--config.optim.lrr=1", "lrr"),
+    ("--config.train.steps=many", "--config.train.steps=many"),
+    ("--config.peft.method=bitfit", "peft.method='bitfit'"),
+    ("--config.mesh.tensor=3", "config.mesh"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, flag, needle):
+  wd = tmp_path / "bad"
+  r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", flag)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("jaxft: error:") and needle in last
+  assert "Traceback" not in r.stderr
+  assert not (wd / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"text": "ok"}\n{"text": \n', "bad.jsonl:2: malformed JSON"),
+    ('{"prompt": "no completion"}\n', "bad.jsonl:1: missing required field 'completion'"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}\n', "unknown role 'wizard'"),
+    ("", "bad.jsonl: the dataset is empty"),
+])
+def test_bad_data_exits_2_and_writes_no_checkpoint(tmp_path, content, needle):
+  data = tmp_path / "bad.jsonl"
+  data.write_text(content)
+  wd = tmp_path / "wd"
+  fmt = ["--config.data.format=completion"] if "completion" in needle else []
+  r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", f"--config.data.train={data}", *fmt)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("jaxft: error:") and needle in last, last
+  assert not (wd / "checkpoints").exists()
