@@ -1,0 +1,67 @@
+"""Tiny random transformers checkpoints (the peers of the HF interop tests) and jaxft logits."""
+
+import numpy as np
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def make_tiny(kind: str, directory: str, seed: int = 0, dtype=None, max_shard_size=None,
+              **overrides):
+  """Saves a random tiny LlamaForCausalLM (GQA, Llama 3 rope scaling), MistralForCausalLM
+  (sliding window 4) or Qwen2ForCausalLM (q/k/v bias, tied embeddings) with save_pretrained and
+  returns the torch model (float32, eval mode). Every weight, norms and biases included, is
+  perturbed so that a mis-mapped tensor shows in the logits."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  kw = dict(SMALL, **overrides)
+  if kind == "llama":
+    kw.setdefault("rope_scaling", {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    kw.setdefault("max_position_embeddings", 64)
+    cls, conf = transformers.LlamaForCausalLM, transformers.LlamaConfig
+  elif kind == "mistral":
+    kw.setdefault("sliding_window", 4)
+    cls, conf = transformers.MistralForCausalLM, transformers.MistralConfig
+  elif kind == "qwen2":
+    kw.setdefault("tie_word_embeddings", True)
+    cls, conf = transformers.Qwen2ForCausalLM, transformers.Qwen2Config
+  else:
+    raise ValueError(kind)
+  model = cls(conf(**kw, attn_implementation="eager"))
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  if dtype is not None:
+    model.to(dtype)
+  model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+  return model.float().eval()
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+  import torch
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+def jaxft_logits(cfg, params, ids: np.ndarray, method=None) -> np.ndarray:
+  import jax.numpy as jnp
+  from jaxft import peft
+  from jaxft.models import llama
+  h, _ = llama.hidden_states(cfg, params, jnp.asarray(ids), adapter=method or peft.Method())
+  return np.asarray(llama.logits(cfg, params, h))
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+  """max |got - ref| / max |ref|: the parity measure of the HF interop tests."""
+  return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def one_device_shardings(cfg):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jaxft.models import llama
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  return jax.tree.map(lambda s: NamedSharding(mesh, P()), llama.param_specs(cfg),
+                      is_leaf=llama.is_spec)
