@@ -64,6 +64,7 @@ def get_config(arg=None):
   c.mesh.data = -1                # -1 = the devices the other axes leave
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.rules = ""               # logical->mesh axis overrides: "embed=fsdp,mlp=tensor,vocab=none"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0          # 0 = only at the end

@@ -1,12 +1,16 @@
-"""Device mesh (`data`, `fsdp`, `tensor`) and the logical-to-mesh rules table.
+"""Device mesh (`data`, `fsdp`, `tensor`), the logical-to-mesh rules table, and the shardings of
+everything the train step touches: params (trainable, frozen, quantized), optimizer state, batches.
 
-Parameters name logical axes (see models/llama.py `param_specs`); `RULES` maps each to a mesh axis
-(or None = replicated). Batches are sharded over (`data`, `fsdp`).
+Parameters name logical axes (see models/llama.py `param_specs`); a rules table maps each to a mesh
+axis (or None = replicated); `config.mesh.rules` overrides entries ("embed=fsdp,vocab=none").
+Batches are sharded on their row axis over (`data`, `fsdp`); each process builds only the rows its
+own devices hold (`local_rows`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -15,56 +19,191 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxft.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
-RULES = {
+# Logical axis -> mesh axis (None = replicated). fsdp shards the model dimension of every matrix
+# (ZeRO-3 style: gathered per layer inside the scan); tensor shards heads, MLP and vocabulary
+# (Megatron style). LoRA A/B reuse the logical axes of the kernel they adapt, so they are sharded
+# like it on those dimensions; their rank dimension (`lora`) stays whole.
+RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None, "norm": None, "lora": None,
     "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor",
     "prefix": None, "adapter": None, "head_dim": None,
 }
 BATCH = ("data", "fsdp")
+Rules = dict[str, Any]
+
+
+# -- the rules table --------------------------------------------------------------------------------
+
+def parse_rules(text: str, base: Rules | None = None) -> Rules:
+  """`base` (default RULES) updated by 'LOGICAL=AXIS,...' where AXIS is a mesh axis, several
+  joined by '+' (`embed=data+fsdp`), or `none` (replicated).
+
+  Raises ConfigError naming config.mesh.rules for an unknown logical or mesh axis.
+  """
+  rules = dict(RULES if base is None else base)
+  for item in filter(None, (t.strip() for t in (text or "").split(","))):
+    name, sep, value = (s.strip() for s in item.partition("="))
+    if not sep or not name:
+      raise ConfigError(f"config.mesh.rules item {item!r}: expected LOGICAL=AXIS, e.g. embed=fsdp")
+    if name not in rules:
+      raise ConfigError(f"config.mesh.rules item {item!r}: unknown logical axis {name!r}; expected "
+                        f"one of {', '.join(sorted(rules))}")
+    if value.lower() in ("none", "", "replicated"):
+      rules[name] = None
+      continue
+    axes = tuple(a.strip() for a in value.split("+"))
+    bad = [a for a in axes if a not in AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise ConfigError(f"config.mesh.rules item {item!r}: {value!r} is not a mesh axis; expected "
+                        f"{', '.join(AXES)}, several joined by '+', or none")
+    rules[name] = axes[0] if len(axes) == 1 else axes
+  return rules
+
+
+def rules_from_config(mesh_cfg) -> Rules:
+  """The rules table of config.mesh (RULES with config.mesh.rules applied)."""
+  return parse_rules(mesh_cfg.rules)
+
+
+# -- the mesh ---------------------------------------------------------------------------------------
+
+def mesh_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """{axis: size} from config.mesh with -1 resolved; ConfigError when they do not fit the devices."""
+  sizes = {a: int(getattr(mesh_cfg, a)) for a in AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
+  if len(free) > 1:
+    raise ConfigError(f"config.mesh ({shown}): only one axis may be -1, got {', '.join(free)}")
+  if any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"config.mesh ({shown}): sizes must be positive or -1")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"config.mesh ({shown}): the fixed sizes multiply to {fixed}, which does not "
+                        f"divide the {num_devices} devices")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"config.mesh ({shown}): uses {math.prod(sizes.values())} devices, but there "
+                      f"are {num_devices}; set one axis to -1 or make the product {num_devices}")
+  return sizes
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A mesh of all devices with the sizes in config.mesh (-1 = what is left); ConfigError otherwise."""
-  devices = list(devices if devices is not None else jax.devices())
-  sizes = {a: int(getattr(mesh_cfg, a)) for a in AXES}
-  free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ConfigError(f"config.mesh: only one axis may be -1, got {free}")
-  if any(s == 0 or s < -1 for s in sizes.values()):
-    raise ConfigError(f"config.mesh: sizes must be positive or -1, got {sizes}")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if free:
-    if len(devices) % fixed:
-      raise ConfigError(f"config.mesh: {sizes} does not divide the {len(devices)} devices")
-    sizes[free[0]] = len(devices) // fixed
-  if math.prod(sizes.values()) != len(devices):
-    raise ConfigError(f"config.mesh: {sizes} uses {math.prod(sizes.values())} devices, "
-                      f"but there are {len(devices)}")
-  arr = np.asarray(devices).reshape([sizes[a] for a in AXES])
+  """A mesh over all devices (of every process) with the sizes in config.mesh (-1 = what is left).
+
+  Raises ConfigError when the sizes do not fit the number of devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_sizes(mesh_cfg, len(devices))
+  shape = [sizes[a] for a in AXES]
+  try:  # topology-aware order on TPU slices (neighbours along the fastest-varying axes)
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except Exception:  # CPU, odd shapes: plain order (process-major, so batch rows stay local)
+    arr = np.asarray(devices, dtype=object).reshape(shape)
   return Mesh(arr, AXES)
 
 
-def spec_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules=None) -> P:
-  """PartitionSpec of a parameter with logical `axes`; a dim that the mesh axis does not divide
-  is replicated instead (small vectors, odd vocabularies)."""
+def check_model_fits(mesh: Mesh, cfg) -> None:
+  """ConfigError when mesh.tensor does not divide the attention heads (kv heads included)."""
+  t = mesh.shape["tensor"]
+  if cfg.num_heads % t or cfg.num_kv_heads % t:
+    raise ConfigError(f"config.mesh.tensor={t} does not divide num_heads={cfg.num_heads} and "
+                      f"num_kv_heads={cfg.num_kv_heads}; use a tensor size that divides both")
+
+
+def batch_ways(mesh: Mesh) -> int:
+  """How many ways the batch rows are split (data * fsdp)."""
+  return math.prod(mesh.shape[a] for a in BATCH)
+
+
+def check_batch(mesh: Mesh, rows: int, accum: int = 1) -> None:
+  """ConfigError when the rows of a micro-batch do not split evenly over data * fsdp."""
+  ways = batch_ways(mesh)
+  if (rows // accum) % ways:
+    raise ConfigError(f"data.batch_size={rows} (/ optim.accum_steps={accum}) must be a multiple of "
+                      f"config.mesh data*fsdp={ways}: every device takes whole rows")
+
+
+# -- parameter shardings ----------------------------------------------------------------------------
+
+def _mesh_size(mesh: Mesh, m) -> int:
+  return math.prod(mesh.shape[a] for a in (m if isinstance(m, tuple) else (m,)))
+
+
+def spec_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules: Rules | None = None) -> P:
+  """PartitionSpec of an array with logical `axes`. A dim that its mesh axes do not divide, or whose
+  mesh axes an earlier dim already uses, is replicated instead (small vectors, odd vocabularies)."""
   rules = RULES if rules is None else rules
   out, used = [], set()
   for name, dim in zip(axes, shape):
     m = rules.get(name)
-    if m is None or m in used or dim % mesh.shape[m]:
+    names = () if m is None else (m if isinstance(m, tuple) else (m,))
+    if not names or used & set(names) or dim % _mesh_size(mesh, m):
       out.append(None)
     else:
       out.append(m)
-      used.add(m)
+      used |= set(names)
   return P(*out)
 
 
-def tree_shardings(spec_tree, mesh: Mesh, rules=None):
+def tree_shardings(spec_tree, mesh: Mesh, rules: Rules | None = None):
   """NamedShardings for a tree of objects with `.axes` and `.shape` (llama.ParamSpec)."""
   is_leaf = lambda x: hasattr(x, "axes") and hasattr(x, "shape")
   return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s.axes, s.shape, mesh, rules)),
                       spec_tree, is_leaf=is_leaf)
 
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """`spec` applied to an array of `shape` (same rank), replicating the dims it does not divide."""
+  parts = list(spec) + [None] * (len(shape) - len(spec))
+  return P(*[m if m is not None and dim % _mesh_size(mesh, m) == 0 else None
+             for m, dim in zip(parts, shape)])
+
+
+def _quantized_shardings(value, sh: NamedSharding):
+  """Shardings of the arrays inside one quantized parameter, from the sharding `sh` of the float
+  weight it stands for.
+
+  The hook: a quantized node (jaxft.quant.QTensor) defines `child_shardings(self, sh)`, returning
+  the same node type whose array children are NamedShardings, placed so that each device holds the
+  codes and the scales of the same block of the weight. For a node without it, each child of the
+  weight's rank takes the weight's spec where its dims divide and other children are replicated.
+  """
+  hook = getattr(value, "child_shardings", None)
+  if callable(hook):
+    return hook(sh)
+  ndim = len(getattr(value, "shape", ()))
+
+  def child(x):
+    if len(x.shape) == ndim:
+      return NamedSharding(sh.mesh, _fit_spec(sh.spec, x.shape, sh.mesh))
+    return NamedSharding(sh.mesh, P())
+
+  return jax.tree.map(child, value)
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def value_shardings(values, shardings):
+  """Expands a tree of per-parameter shardings to the arrays of `values` (same tree, where a
+  quantized parameter is a pytree node of codes and scales): the tree `jit` and Orbax take."""
+  return jax.tree.map(lambda sh, v: sh if _is_array(v) else _quantized_shardings(v, sh),
+                      shardings, values)
+
+
+def optimizer_shardings(tx, trainable_shardings, mesh: Mesh):
+  """Shardings of `tx.init(trainable)`: every copy of the trainable tree inside the optimizer state
+  (Adam's mu and nu, ...) is sharded like the trainable params; counters are replicated."""
+  import optax
+  params = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), np.float32), trainable_shardings)
+  abstract_state = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, sh: sh, abstract_state, trainable_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+# -- batches ----------------------------------------------------------------------------------------
 
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
   """Sharding of a batch array whose row axis is at position `leading`."""
@@ -77,9 +216,53 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_model_fits(mesh: Mesh, cfg) -> None:
-  """ConfigError when mesh.tensor does not divide the attention heads (kv heads included)."""
-  t = mesh.shape["tensor"]
-  if cfg.num_heads % t or cfg.num_kv_heads % t:
-    raise ConfigError(f"config.mesh.tensor={t} does not divide num_heads={cfg.num_heads} and "
-                      f"num_kv_heads={cfg.num_kv_heads}")
+def local_rows(mesh: Mesh, rows: int, accum: int = 1) -> np.ndarray:
+  """Sorted indices of the rows of a global batch of `rows` rows (split into `accum` micro-batches
+  of consecutive rows) that this process's devices hold: the only rows it needs to build."""
+  sh = batch_sharding(mesh, 2, leading=1)
+  grid = np.arange(rows).reshape(accum, rows // accum)
+  idx = sh.addressable_devices_indices_map(grid.shape)
+  return np.unique(np.concatenate([grid[i].ravel() for i in idx.values()]))
+
+
+def put_local_batch(local: dict, row_ids: np.ndarray, mesh: Mesh, rows: int, accum: int) -> dict:
+  """Device arrays [accum, rows/accum, ...] sharded over their rows, from this process's rows.
+
+  local: {name: array [len(row_ids), ...]} holding global rows `row_ids` (from `local_rows`)."""
+  sh = batch_sharding(mesh, 2, leading=1)
+  grid = np.arange(rows).reshape(accum, rows // accum)
+  where = np.full(rows, -1)
+  where[row_ids] = np.arange(len(row_ids))
+  out = {}
+  for k, v in local.items():
+    shape = (accum, rows // accum, *v.shape[1:])
+    spec = P(*sh.spec, *([None] * (v.ndim - 1)))
+
+    def fetch(index, v=v):
+      pick = where[grid[index[0], index[1]]]
+      assert (pick >= 0).all(), "a device asked for a row this process did not build"
+      return v[pick][(slice(None), slice(None), *index[2:])]
+
+    out[k] = jax.make_array_from_callback(shape, NamedSharding(mesh, spec), fetch)
+  return out
+
+
+# -- inspection -------------------------------------------------------------------------------------
+
+def bytes_per_device(tree) -> dict[Any, int]:
+  """{device: bytes of the tree's arrays held there}, over this process's devices."""
+  out: dict[Any, int] = {}
+  for x in jax.tree.leaves(tree):
+    for s in x.addressable_shards:
+      out[s.device] = out.get(s.device, 0) + s.data.nbytes
+  return out
+
+
+def describe(tree, mesh: Mesh) -> str:
+  """One line: the mesh and how many bytes of `tree` the fullest device holds (for the log)."""
+  per = bytes_per_device(tree)
+  total = sum(x.nbytes for x in jax.tree.leaves(tree))
+  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in AXES)
+  return (f"mesh ({shape}) over {mesh.size} devices in {jax.process_count()} processes; "
+          f"params {total / 2**20:.1f} MiB, at most {max(per.values(), default=0) / 2**20:.1f} MiB "
+          "on one device")

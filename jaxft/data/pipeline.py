@@ -126,8 +126,11 @@ class TrainStream:
       self._epoch_rows = {epoch: _rows([self.examples[i] for i in order], self.max_len, self.packing)}
     return self._epoch_rows[epoch]
 
-  def batch_at(self, pos: Position) -> tuple[Batch, Position]:
-    """The batch that starts at `pos`, and the position after it (epochs roll over)."""
+  def batch_at(self, pos: Position, select: np.ndarray | None = None) -> tuple[Batch, Position]:
+    """The batch that starts at `pos`, and the position after it (epochs roll over).
+
+    select: indices of the batch rows to build (default all); on several hosts each process builds
+    only the rows its devices hold (jaxft.sharding.local_rows)."""
     taken, epoch, index = [], pos.epoch, pos.index
     while len(taken) < self.rows_per_batch:
       rows = self._rows_of(epoch)
@@ -137,6 +140,8 @@ class TrainStream:
       k = min(self.rows_per_batch - len(taken), len(rows) - index)
       taken.extend(rows[index:index + k])
       index += k
+    if select is not None:
+      return make_batch([taken[i] for i in select], self.max_len, len(select)), Position(epoch, index)
     return make_batch(taken, self.max_len, self.rows_per_batch), Position(epoch, index)
 
 
