@@ -60,6 +60,7 @@ class Model:
   base_shardings: dict
   added_shardings: dict
   fingerprint: str
+  init_from: str = ""  # a PEFT adapter directory the trainable leaves start from
 
 
 def _fingerprint(config, cfg: ModelConfig) -> str:
@@ -74,6 +75,9 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
   """Model config, method and base params, already sharded on the mesh (and quantized if asked)."""
   cfg = model_config(config)
   method = peft.from_config(config.peft, cfg)
+  if config.peft.init_from:  # the adapter's rank, alpha and targets win over the config's
+    from jaxft.peft import peft_io
+    method = peft_io.adopt_settings(config.peft.init_from, method, cfg)
   mesh = mesh or sharding.make_mesh(config.mesh)
   sharding.check_model_fits(mesh, cfg)
   specs = llama.param_specs(cfg)
@@ -90,11 +94,17 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
     init = jax.jit(llama.init_params, static_argnums=0, out_shardings=base_sh)
     base = init(cfg, jax.random.key(config.train.seed))
     base = quant.quantize_base(base, config.model.quant, base_sh)
-  return Model(cfg, method, mesh, base, base_sh, added_sh, _fingerprint(config, cfg))
+  return Model(cfg, method, mesh, base, base_sh, added_sh, _fingerprint(config, cfg),
+               config.peft.init_from)
 
 
 def init_added(model: Model, seed: int):
-  """The method's new trainable leaves, initialised on their shardings."""
+  """The method's new trainable leaves, initialised on their shardings (or read from the PEFT
+  adapter of peft.init_from)."""
+  if model.init_from:
+    from jaxft.peft import peft_io
+    return peft_io.read_lora_weights(model.init_from, model.cfg, model.method,
+                                     model.added_shardings)
   fn = jax.jit(model.method.init, static_argnums=0, out_shardings=model.added_shardings)
   return fn(model.cfg, jax.random.fold_in(jax.random.key(seed), 1))
 

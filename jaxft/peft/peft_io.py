@@ -1,0 +1,232 @@
+"""PEFT-format adapters: what `peft.PeftModel.from_pretrained` reads and `save_pretrained` writes.
+
+A directory holds `adapter_config.json` and `adapter_model.safetensors`. Tensor names are the
+module path in the wrapped model plus the leaf, e.g.
+  base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight   A as [r, in]
+  base_model.model.model.layers.3.mlp.down_proj.lora_B.weight      B as [out, r]
+while jaxft stacks layers: layers/q_proj/lora_a [L, in, r], layers/q_proj/lora_b [L, r, out].
+
+Writing dispatches on the method name through `WRITERS` (method name -> function returning the
+adapter_config.json entries and the tensors), so other methods add themselves beside LoRA.
+Reading supports LoRA adapters (`peft.init_from`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxft.errors import CheckpointError, ConfigError
+from jaxft.models import llama
+from jaxft.models.config import ModelConfig
+from jaxft.peft.base import linear_dims
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(.+)$")
+
+
+def module_key(linear: str, layer: int) -> str:
+  """PEFT's name of the module wrapping decoder linear `linear` in layer `layer`."""
+  block = "self_attn" if linear in _ATTN else "mlp"
+  return f"{PREFIX}model.layers.{layer}.{block}.{linear}"
+
+
+def parse_key(key: str) -> tuple[str, int, str] | None:
+  """(linear, layer, leaf) of a PEFT tensor name, e.g. ('q_proj', 3, 'lora_A.weight'); None when
+  the name is not a decoder linear's adapter tensor."""
+  m = _KEY.match(key)
+  if not m or m.group(3) not in llama.LINEARS:
+    return None
+  block = "self_attn" if m.group(3) in _ATTN else "mlp"
+  if block != m.group(2):
+    return None
+  return m.group(3), int(m.group(1)), m.group(4)
+
+
+def _host(x) -> np.ndarray:
+  """A whole (small) trainable leaf on the host, gathered across processes when needed."""
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _alpha(a: float):
+  return int(a) if float(a).is_integer() else float(a)
+
+
+def _lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
+  """adapter_config.json entries and (name, array) tensors of a LoRA method's trainable tree."""
+  config = {"peft_type": "LORA", "r": method.rank, "lora_alpha": _alpha(method.alpha),
+            "lora_dropout": float(method.dropout), "target_modules": sorted(method.targets),
+            "use_rslora": bool(method.rslora), "use_dora": False}
+
+  def tensors():
+    for n in method.targets:
+      a, b = _host(trainable["layers"][n]["lora_a"]), _host(trainable["layers"][n]["lora_b"])
+      for i in range(cfg.num_layers):
+        yield f"{module_key(n, i)}.lora_A.weight", np.ascontiguousarray(a[i].T)
+        yield f"{module_key(n, i)}.lora_B.weight", np.ascontiguousarray(b[i].T)
+
+  return config, tensors()
+
+
+WRITERS: dict[str, Callable[..., tuple[dict, Iterator[tuple[str, np.ndarray]]]]] = {
+    "lora": _lora_tensors,
+}
+
+
+def write_adapter(directory: str, method, cfg: ModelConfig, trainable, base_model: str = "") -> None:
+  """Writes adapter_config.json and adapter_model.safetensors of `method`'s trainable leaves into
+  `directory` (which must exist). Raises ConfigError for a method PEFT has no format for."""
+  from jaxft.models import hf
+  writer = WRITERS.get(method.name)
+  if writer is None:
+    raise ConfigError(f"peft.method={method.name!r} has no PEFT adapter format; export it with "
+                      f"--format=hf (a merged model) instead. PEFT formats: {', '.join(WRITERS)}")
+  entries, tensors = writer(method, cfg, trainable)
+  config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+            "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
+            "revision": None, **entries}
+  arrays = list(tensors)
+  if jax.process_index() != 0:
+    return
+  hf.write_safetensors(os.path.join(directory, WEIGHTS),
+                       [(n, a.shape, a.dtype, lambda a=a: a) for n, a in arrays])
+  with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+# -- reading (peft.init_from) ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LoraAdapter:
+  """What a PEFT LoRA adapter directory holds, checked against a model config."""
+  directory: str
+  rank: int
+  alpha: float
+  rslora: bool
+  targets: tuple[str, ...]
+  tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, file)
+
+
+def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
+  """Reads and checks a PEFT LoRA adapter directory (config and tensor shapes, no weights yet).
+
+  Raises CheckpointError for a missing or pickle-only adapter, missing/unexpected/misshapen tensors;
+  ConfigError for adapter features jaxft does not implement (DoRA, per-module ranks, biases,
+  modules_to_save, a subset of layers).
+  """
+  from safetensors import safe_open
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"peft.init_from={directory!r}: not a directory")
+  cfile = os.path.join(directory, CONFIG)
+  if not os.path.isfile(cfile):
+    raise CheckpointError(f"{directory}: no {CONFIG} (expected a PEFT adapter directory)")
+  wfile = os.path.join(directory, WEIGHTS)
+  if not os.path.isfile(wfile):
+    if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+      raise CheckpointError(f"{os.path.join(directory, 'adapter_model.bin')}: pickle adapters are "
+                            "refused (loading one can run arbitrary code); save it with "
+                            "safe_serialization=True")
+    raise CheckpointError(f"{directory}: no {WEIGHTS}")
+  with open(cfile, encoding="utf-8") as f:
+    c = json.load(f)
+  kind = c.get("peft_type")
+  if kind != "LORA":
+    raise ConfigError(f"{cfile}: peft_type={kind!r}; peft.init_from reads LoRA adapters")
+  unsupported = {"use_dora": c.get("use_dora"), "bias": c.get("bias", "none") != "none",
+                 "modules_to_save": c.get("modules_to_save"), "rank_pattern": c.get("rank_pattern"),
+                 "alpha_pattern": c.get("alpha_pattern"), "layers_to_transform":
+                 c.get("layers_to_transform") is not None, "fan_in_fan_out": c.get("fan_in_fan_out"),
+                 "lora_bias": c.get("lora_bias")}
+  for key, bad in unsupported.items():
+    if bad:
+      raise ConfigError(f"{cfile}: {key}={c.get(key)!r} is not supported by peft.init_from")
+  if not isinstance(c.get("r"), int) or c["r"] < 1:
+    raise ConfigError(f"{cfile}: r={c.get('r')!r}; expected a positive integer")
+  r = c["r"]
+  tensors = {}
+  with safe_open(wfile, framework="numpy") as f:
+    for name in f.keys():
+      tensors[name] = (tuple(f.get_slice(name).get_shape()), wfile)
+  found: dict[str, set] = {}
+  for name, (shape, _) in tensors.items():
+    parsed = parse_key(name)
+    if parsed is None or parsed[2] not in ("lora_A.weight", "lora_B.weight") or parsed[1] >= cfg.num_layers:
+      raise CheckpointError(f"{wfile}: unexpected tensor {name} (not a LoRA A/B weight of a decoder "
+                            f"linear layer of this {cfg.num_layers}-layer model)")
+    n, i, leaf = parsed
+    d_in, d_out, _, _ = linear_dims(cfg, n)
+    want = (r, d_in) if leaf == "lora_A.weight" else (d_out, r)
+    if shape != want:
+      raise CheckpointError(f"{wfile}: tensor {name} has shape {list(shape)}, expected {list(want)} "
+                            f"(r={r} from {CONFIG}, and the model's {n} is {d_in} -> {d_out})")
+    found.setdefault(n, set()).add((i, leaf))
+  targets = tuple(n for n in llama.LINEARS if n in found)
+  if not targets:
+    raise CheckpointError(f"{wfile}: no LoRA tensors")
+  for n in targets:
+    for i in range(cfg.num_layers):
+      for leaf in ("lora_A.weight", "lora_B.weight"):
+        if (i, leaf) not in found[n]:
+          raise CheckpointError(f"{wfile}: tensor {module_key(n, i)}.{leaf} is missing (jaxft adapts "
+                                "every layer of a targeted linear)")
+  return LoraAdapter(directory, r, float(c.get("lora_alpha", 8)), bool(c.get("use_rslora", False)),
+                     targets, tensors)
+
+
+def adopt_settings(directory: str, method, cfg: ModelConfig):
+  """The LoRA `method` with rank, alpha, rsLoRA and targets taken from the adapter in
+  `directory`; logs each value that differs from the config. ConfigError unless method is LoRA."""
+  if method.name != "lora":
+    raise ConfigError(f"peft.init_from needs peft.method=lora (got {method.name!r})")
+  ad = read_lora_config(directory, cfg)
+  new = dataclasses.replace(method, rank=ad.rank, alpha=ad.alpha, rslora=ad.rslora,
+                            targets=ad.targets)
+  keys = {"rank": "peft.lora.rank", "alpha": "peft.lora.alpha", "rslora": "peft.lora.rslora",
+          "targets": "peft.targets"}
+  changed = [f"{keys[k]}={getattr(new, k)!r} (config: {getattr(method, k)!r})" for k in keys
+             if getattr(new, k) != getattr(method, k)]
+  if changed:
+    logging.warning("peft.init_from=%s: taking from the adapter: %s", directory, "; ".join(changed))
+  return new
+
+
+def read_lora_weights(directory: str, cfg: ModelConfig, method, shardings) -> dict:
+  """The adapter's A/B weights as jaxft's trainable tree (layers/NAME/lora_a [L, in, r], lora_b
+  [L, r, out]) in cfg.param_dtype, placed on `shardings`. `method` must carry the adapter's
+  settings (see `adopt_settings`)."""
+  from safetensors import safe_open
+  ad = read_lora_config(directory, cfg)
+  if (ad.rank, ad.targets) != (method.rank, method.targets):
+    raise ConfigError(f"{directory}: adapter r={ad.rank}, targets={ad.targets} differ from the "
+                      f"method's r={method.rank}, targets={method.targets}")
+  out: dict[str, Any] = {}
+  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  with safe_open(os.path.join(directory, WEIGHTS), framework="numpy") as f:
+    for n in ad.targets:
+      a = np.stack([f.get_tensor(f"{module_key(n, i)}.lora_A.weight").T
+                    for i in range(cfg.num_layers)]).astype(dtype)
+      b = np.stack([f.get_tensor(f"{module_key(n, i)}.lora_B.weight").T
+                    for i in range(cfg.num_layers)]).astype(dtype)
+      sh = shardings["layers"][n]
+      out[n] = {"lora_a": jax.make_array_from_callback(a.shape, sh["lora_a"], lambda idx, a=a: a[idx]),
+                "lora_b": jax.make_array_from_callback(b.shape, sh["lora_b"], lambda idx, b=b: b[idx])}
+  logging.info("peft.init_from: loaded LoRA r=%d on %s from %s", ad.rank, ",".join(ad.targets),
+               directory)
+  return {"layers": out}
