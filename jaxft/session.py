@@ -91,9 +91,8 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
     from jaxft.models import hf
     base = hf.load_params(config.model.path, cfg, base_sh, quant_kind=config.model.quant)
   else:
-    init = jax.jit(llama.init_params, static_argnums=0, out_shardings=base_sh)
-    base = init(cfg, jax.random.key(config.train.seed))
-    base = quant.quantize_base(base, config.model.quant, base_sh)
+    # One kernel at a time, quantized as it is made: the float model never exists whole.
+    base = quant.init_base(cfg, jax.random.key(config.train.seed), config.model.quant, base_sh)
   return Model(cfg, method, mesh, base, base_sh, added_sh, _fingerprint(config, cfg),
                config.peft.init_from)
 

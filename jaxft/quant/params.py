@@ -1,0 +1,181 @@
+"""Quantizing a model's base: which leaves, their shardings, and init/quantization one kernel at a
+time so that the whole float model never exists beside the quantized one.
+
+Quantized: the decoder layers' linear kernels, `layers/{q,k,v,o,gate,up,down}_proj/kernel`
+[L, in, out]. Norms, biases, embeddings and lm_head stay float.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.models import llama
+from jaxft.models.config import ModelConfig
+from jaxft.quant.int8 import quantize_int8
+from jaxft.quant.nf4 import quantize_nf4
+from jaxft.quant.qtensor import QTensor, is_quantized, materialize
+
+KINDS = ("none", "int8", "nf4")
+
+
+def quantize(w: jax.Array, kind: str = "nf4", **kw) -> QTensor:
+  """Quantizes a float kernel [..., in, out] (one layer [in, out] or a stack [L, in, out]).
+
+  kind="nf4" takes `block` (64), `double_quant` (True) and `dq_block` (256); "int8" takes none.
+  Traceable (use it inside jit, per layer slice as tensors arrive, and stack the results with
+  `stack`). Raises ValueError for an unknown kind or a kernel of fewer than 2 dims."""
+  if kind == "nf4":
+    return quantize_nf4(w, **kw)
+  if kind == "int8":
+    if kw:
+      raise ValueError(f"int8 quantization takes no options; got {sorted(kw)}")
+    return quantize_int8(w)
+  raise ValueError(f"unknown quantization kind {kind!r}; expected int8 or nf4")
+
+
+def dequantize(q, dtype=None) -> jax.Array:
+  """The float array a quantized tensor stands for, in `dtype` (default: the dtype quantized)."""
+  if not is_quantized(q):
+    raise TypeError(f"dequantize expects a quantized tensor; got {type(q).__name__}")
+  return q.dequantize(dtype)
+
+
+def stack(qs) -> QTensor:
+  """Stacks quantized layer slices [in, out] (same kind and options) into one [L, in, out]."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *qs)
+
+
+def shardings_for(kind: str, shape, dtype, sharding, **kw) -> QTensor:
+  """NamedShardings of the children of `quantize(w, kind, **kw)` for a float kernel of `shape`
+  and `dtype` placed with `sharding` (a NamedSharding over the kernel's [..., in, out] axes);
+  returned as the quantized node with a sharding per child (usable as jit out_shardings or for
+  `jax.make_array_from_callback` per child)."""
+  abstract = jax.eval_shape(lambda w: quantize(w, kind, **kw), jax.ShapeDtypeStruct(shape, dtype))
+  return abstract.child_shardings(sharding)
+
+
+def leaf_shardings(abstract: QTensor, sharding) -> QTensor:
+  """NamedShardings of the children of a quantized (or abstract quantized) value, from the
+  sharding of the float kernel it stands for (`QTensor.child_shardings`)."""
+  return abstract.child_shardings(sharding)
+
+
+def quantizable(path: str) -> bool:
+  """Whether the base leaf at `path` ("layers/q_proj/kernel") is quantized by model.quant."""
+  parts = path.split("/")
+  return (len(parts) == 3 and parts[0] == "layers" and parts[1] in llama.LINEARS
+          and parts[2] == "kernel")
+
+
+def _map_paths(fn, tree, prefix=""):
+  return {k: (_map_paths(fn, v, f"{prefix}{k}/") if isinstance(v, dict) else fn(f"{prefix}{k}", v))
+          for k, v in tree.items()}
+
+
+def base_shardings(cfg: ModelConfig, kind: str, shardings) -> dict:
+  """The shardings tree of the base with `kind` quantization, from the float base's shardings."""
+  if kind == "none":
+    return shardings
+  specs = llama.param_specs(cfg)
+  dtype = jnp.dtype(cfg.param_dtype)
+
+  def one(path, sh):
+    if not quantizable(path):
+      return sh
+    spec = _get(specs, path)
+    return shardings_for(kind, spec.shape, dtype, sh)
+  return _map_paths(one, shardings)
+
+
+def _get(tree, path):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def _quantize_layers(w: jax.Array, kind: str) -> QTensor:
+  """Quantizes a stacked kernel one layer slice at a time (lax.map), so the temporaries of
+  quantization are one layer's, not the stack's."""
+  if w.ndim == 2:
+    return quantize(w, kind)
+  return jax.lax.map(lambda x: _quantize_layers(x, kind), w)
+
+
+def init_base(cfg: ModelConfig, rng: jax.Array, kind: str, shardings) -> dict:
+  """Random base params with the linear kernels quantized, made one layer slice at a time.
+
+  Leaves other than the kernels equal `llama.init_params(cfg, rng)`. Each kernel is drawn and
+  quantized inside its own jitted call, one layer at a time under `lax.map` (layer i of a kernel
+  from `fold_in(leaf key, i)`, normal(0, initializer_range) as in llama.init_params), so only one
+  layer's float slice and its temporaries exist at once beside the quantized model. Drawing the
+  whole [L, in, out] kernel at once would hold several float copies of it (the random bits and
+  their transforms), which is what this avoids; the price is that the quantized random base is not
+  the quantization of the float random base of the same seed (the run fingerprint includes
+  model.quant, so checkpoints never mix them). `shardings` is the float base's NamedSharding tree.
+  """
+  if kind == "none":
+    return jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(cfg, rng)
+  out_sh = base_shardings(cfg, kind, shardings)
+
+  def rest(r):
+    p = llama.init_params(cfg, r)  # XLA drops the kernels nobody returns
+    return _map_paths(lambda path, x: None if quantizable(path) else x, p)
+
+  rest_sh = _map_paths(lambda path, s: None if quantizable(path) else s, shardings)
+  base = jax.block_until_ready(jax.jit(rest, out_shardings=rest_sh)(rng))
+  specs = llama.param_specs(cfg)
+  paths = [path for path, _ in _flat(specs)]
+  keys = jax.random.split(rng, len(paths))  # the leaf keys of llama.init_params
+  dtype = jnp.dtype(cfg.param_dtype)
+  compiled = {}  # kernels of one shape and sharding share a compiled init (q/o, gate/up, ...)
+  for idx, path in enumerate(paths):
+    if not quantizable(path):
+      continue
+    shape, sh = _get(specs, path).shape, _get(out_sh, path)
+    cache_key = (shape, tuple(jax.tree.leaves(sh)))
+    if cache_key not in compiled:
+      def make(key, shape=shape):
+        def layer(i):
+          w = cfg.initializer_range * jax.random.normal(jax.random.fold_in(key, i), shape[1:])
+          return quantize(w.astype(dtype), kind)
+        return jax.lax.map(layer, jnp.arange(shape[0]))
+      compiled[cache_key] = jax.jit(make, out_shardings=sh)
+    _, name, leaf = path.split("/")
+    base["layers"][name][leaf] = jax.block_until_ready(compiled[cache_key](keys[idx]))
+  return base
+
+
+def _flat(specs):
+  """(path, spec) in the leaf order of jax.tree.flatten (what llama.init_params splits keys by)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=llama.is_spec)
+  return [("/".join(k.key for k in kp), s) for kp, s in flat]
+
+
+def quantize_base(base: dict, kind: str, shardings) -> dict:
+  """Quantizes the linear kernels of a float base tree, one kernel (and within it one layer
+  slice) at a time; other leaves are returned as they are. `shardings` is the float base's
+  NamedSharding tree. The float kernels are freed once the caller drops `base`."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown quantization kind {kind!r}; expected one of {', '.join(KINDS)}")
+  if kind == "none":
+    return base
+
+  def one(path, x):
+    if not quantizable(path) or is_quantized(x):
+      return x
+    sh = shardings_for(kind, x.shape, x.dtype, _get(shardings, path))
+    return jax.block_until_ready(
+        jax.jit(lambda w: _quantize_layers(w, kind), out_shardings=sh)(x))
+  return _map_paths(one, base)
+
+
+def dequantize_tree(tree, dtype=None):
+  """The tree with every quantized node replaced by its float array (e.g. for export)."""
+  return jax.tree.map(lambda x: materialize(x, x.dtype if dtype is None else dtype)
+                      if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def bits_per_param(q: QTensor) -> float:
+  """Stored bits per logical parameter, from the bytes of the node's arrays."""
+  return 8.0 * q.nbytes / q.size
