@@ -1,0 +1,50 @@
+"""python -m jaxft.evaluate --config=configs/NAME.py --workdir=DIR [--max_new_tokens=N] [--nobase]
+
+Evaluates the latest checkpoint of DIR on `data.eval` (and the base model alone) and writes
+DIR/eval.json, DIR/samples.jsonl and DIR/eval_report.md; see jaxft/evaluation.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from jaxft import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/NAME.py[:ARG]); default: the workdir's config.json.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0,
+                                "Most tokens per answer; 0 = the longest reference + 16.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts decoded together.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Answer only the first N references (0 = all).")
+_BASE = flags.DEFINE_bool("base", True, "Also evaluate the base model alone (--nobase skips it).")
+
+
+def _main(argv):
+  del argv
+  from jaxft import session
+  from jaxft.evaluation import REPORT, evaluate
+  logging.set_verbosity(logging.WARNING)
+  workdir = _WORKDIR.value
+  config = _CONFIG.value or session.load_workdir_config(workdir)
+  res = evaluate(config, workdir, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value,
+                 max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value)
+  for name in ("tuned", "base"):
+    if name in res:
+      m = res[name]
+      print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
+            f"{m['exact_match']:.3f}, normalised match {m['normalized_match']:.3f}", flush=True)
+  print(f"wrote {os.path.join(workdir, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
+
+
+def main():
+  flags.mark_flags_as_required(["workdir"])
+  cli.run(_main)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,190 @@
+"""Evaluation of a trained workdir on held-out data, beside the base model alone.
+
+`evaluate(config, workdir)` writes, atomically:
+  WORKDIR/eval.json      loss and perplexity on the target tokens of data.eval, token counts, and for
+                         rows with a reference answer the exact-match and normalised-match accuracy
+                         of the greedy answer; for the tuned model and for the base model alone;
+  WORKDIR/samples.jsonl  one row per example with a reference: prompt, reference, base and tuned
+                         answers and whether each matched;
+  WORKDIR/eval_report.md the same side by side, for a person to read.
+
+A reference answer is the last assistant message of a chat row, the output of an alpaca row or the
+completion of a completion row; text and tokens rows count towards the loss only. The loss is the
+trainer's `evaluate_loss` (same batches, same target mask as the eval_loss logged in training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import string
+
+import jax
+from absl import logging
+
+from jaxft.errors import ConfigError
+from jaxft.inference import Prompt
+
+REPORT = "eval_report.md"
+
+
+@dataclasses.dataclass
+class Reference:
+  prompt: Prompt
+  answer: str
+
+
+def references(spec: str, fmt: str) -> list[Reference]:
+  """The rows of `spec` that have a reference answer, as (prompt, answer) pairs."""
+  from jaxft.data import formats, sources
+  out = []
+  for origin, row in sources.read_rows(spec):
+    kind = formats.detect(origin, row) if fmt == "auto" else fmt
+    if kind in ("chat", "alpaca"):
+      msgs = formats.to_messages(origin, row, kind)
+      last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+      prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:last]]
+      if prompt:
+        out.append(Reference(Prompt(origin, prompt), msgs[last]["content"]))
+    elif kind == "completion":
+      out.append(Reference(Prompt(origin, text=formats._field(origin, row, "prompt")),
+                           formats._field(origin, row, "completion")))
+  return out
+
+
+def normalize(text: str) -> str:
+  """Lower case, no punctuation, no articles (a, an, the), single spaces (SQuAD's normalisation)."""
+  text = text.lower()
+  text = "".join(ch for ch in text if ch not in string.punctuation)
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def exact_match(answer: str, reference: str) -> bool:
+  return answer.strip() == reference.strip()
+
+
+def normalized_match(answer: str, reference: str) -> bool:
+  return normalize(answer) == normalize(reference)
+
+
+def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
+  import optax
+  from jaxft.step import make_steps
+  from jaxft.trainer import evaluate_loss
+  # Only the eval step is used: the optimizer and schedule are placeholders.
+  steps = make_steps(cfg, method, optax.identity(), lambda step: 0.0, False, dropout=False)
+  m = evaluate_loss(jax.jit(steps.eval), trainable, frozen, examples, config, mesh)
+  return {"loss": m["eval_loss"], "perplexity": m["eval_ppl"], "target_tokens": int(m["eval_tokens"])}
+
+
+def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
+  n = max(len(refs), 1)
+  return {"exact_match": sum(exact_match(a, r.answer) for a, r in zip(answers, refs)) / n,
+          "normalized_match": sum(normalized_match(a, r.answer) for a, r in zip(answers, refs)) / n}
+
+
+def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
+             max_examples: int = 0, compare_base: bool = True) -> dict:
+  """Evaluates WORKDIR's latest checkpoint (and the base model) on config.data.eval; writes
+  eval.json, samples.jsonl and eval_report.md into WORKDIR and returns the eval.json object.
+
+  Raises ConfigError when data.eval is unset, CheckpointError when WORKDIR has no checkpoint,
+  DataError for bad rows or a prompt that does not fit the model's context."""
+  from jaxft import inference, peft, session
+  from jaxft.data import pipeline
+  if not config.data.eval:
+    raise ConfigError("data.eval is empty: set it to held-out data (e.g. --config.data.eval=FILE)")
+  enc = session.encoder(config, workdir)
+  cfg = session.model_config(config)
+  ds = pipeline.load_examples(config.data.eval, enc, config.data.format, config.data.max_len,
+                              cfg.vocab_size)
+  refs = references(config.data.eval, config.data.format)
+  if max_examples:
+    refs = refs[:max_examples]
+  if refs:
+    inference.check_lengths(config, enc, [r.prompt for r in refs])
+  if not max_new_tokens:
+    longest = max((len(enc.tok(r.answer, add_special_tokens=False)["input_ids"]) for r in refs),
+                  default=0)
+    max_new_tokens = longest + 16
+
+  trained = session.restore_trained(workdir, config)
+  model = trained.model
+  tuned_dec = inference.Decoder(model.cfg, model.method, trained.params, trained.step)
+  prompts = [r.prompt for r in refs]
+  result = {"workdir": os.path.abspath(workdir), "step": trained.step, "data": config.data.eval,
+            "examples": len(ds.examples), "examples_with_reference": len(refs),
+            "truncated_examples": ds.truncated,
+            "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens}}
+  answers = {}
+  runs = [("tuned", tuned_dec, trained.trainable, trained.frozen)]
+  if compare_base:
+    # The base alone: the frozen base as the config builds it (for full fine-tuning, the initial
+    # weights, which load_model rebuilt before the checkpoint replaced them), with no method.
+    runs.append(("base", inference.Decoder(model.cfg, peft.Method(), model.base, None), {},
+                 model.base))
+  for name, dec, trainable, frozen in runs:
+    metrics = _loss(model.cfg, dec.adapter, trainable, frozen, ds.examples, config, model.mesh)
+    out = inference.answer(dec, enc, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers[name] = [o["answer"] for o in out]
+    metrics.update(_accuracy(answers[name], refs))
+    result[name] = metrics
+    logging.info("%s: loss %.4f, exact match %.3f", name, metrics["loss"], metrics["exact_match"])
+  if jax.process_index() == 0:
+    _write(workdir, result, refs, answers)
+  return result
+
+
+def _write(workdir: str, result: dict, refs: list[Reference], answers: dict) -> None:
+  from jaxft.trainer import write_json_atomic
+  rows = []
+  for i, r in enumerate(refs):
+    row = {"index": i, "origin": r.prompt.origin, "prompt": r.prompt.display, "reference": r.answer}
+    for name, ans in answers.items():
+      row[name] = ans[i]
+      row[f"{name}_exact_match"] = exact_match(ans[i], r.answer)
+      row[f"{name}_normalized_match"] = normalized_match(ans[i], r.answer)
+    rows.append(row)
+  _write_text(os.path.join(workdir, "samples.jsonl"),
+              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  _write_text(os.path.join(workdir, REPORT), report(result, rows, list(answers)))
+  write_json_atomic(os.path.join(workdir, "eval.json"), result)
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _cell(text: str) -> str:
+  """Text safe inside a Markdown table cell."""
+  text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+  return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+
+
+def report(result: dict, rows: list[dict], models: list[str]) -> str:
+  """The Markdown report: a summary table, then prompt, reference and answers side by side."""
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  lines = [f"# Evaluation of {result['workdir']} (step {result['step']})", "",
+           f"Data: `{result['data']}`: {result['examples']} examples, "
+           f"{result['examples_with_reference']} with a reference answer; greedy answers of at most "
+           f"{result['generation']['max_new_tokens']} tokens.", "",
+           "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+  for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match"):
+    lines.append(f"| {key} | " + " | ".join(fmt(result[m][key]) for m in models) + " |")
+  lines += ["", "Marks: = exact match, ~ normalised match only, x neither.", "",
+            "| # | prompt | reference | " + " | ".join(models) + " |",
+            "|---" * (len(models) + 3) + "|"]
+  for r in rows:
+    cells = []
+    for m in models:
+      mark = "=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"] else "x"
+      cells.append(f"{mark} {_cell(r[m])}")
+    lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['reference'])} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
