@@ -1,0 +1,173 @@
+"""Exact resume after preemption, damaged checkpoints, non-finite steps, checkpoint size, and bad
+input that must leave an existing workdir intact."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+
+QUICK = ["--config=configs/quickstart.py", "--config.train.progress=False", "--config.train.log_every=1"]
+TINY = QUICK + ["--config.model.preset=tiny"]
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def trained_leaves(workdir):
+  from jaxft import session
+  t = session.restore_trained(workdir)
+  return t.step, jax.tree.map(np.asarray, t.trainable)
+
+
+def tree_bytes(path):
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  args = QUICK + ["--config.train.steps=20", "--config.checkpoint.every=5"]
+  r = run_cli("jaxft.train", *args, f"--workdir={straight}")
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args, f"--workdir={split}"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(split, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and any(s >= 8 for s in losses(split)):
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  stopped = max(losses(split))
+  assert stopped < 20, "the run finished before the signal arrived"
+  assert f"stopped by SIGTERM at step {stopped}" in out
+  assert "Run the same command to resume" in out
+
+  r = run_cli("jaxft.train", *args, f"--workdir={split}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert losses(split) == losses(straight)  # exactly equal, every step
+  (s1, a), (s2, b) = trained_leaves(straight), trained_leaves(split)
+  assert s1 == s2 == 20
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
+  wd = str(tmp_path / "wd")
+  args = TINY + ["--config.checkpoint.every=2", "--config.checkpoint.keep=5"]
+  r = run_cli("jaxft.train", *args, f"--workdir={wd}", "--config.train.steps=6")
+  assert r.returncode == 0, r.stderr[-3000:]
+  ckpts = os.path.join(wd, "checkpoints")
+  assert sorted(os.listdir(ckpts), key=int) == ["2", "4", "6"]
+  # Damage step 6's array files; and leave an interrupted async save (a tmp dir) for step 7.
+  for d, _, files in os.walk(os.path.join(ckpts, "6", "state")):
+    for f in files:
+      with open(os.path.join(d, f), "r+b") as fh:
+        fh.truncate(3)
+  os.makedirs(os.path.join(ckpts, "7.orbax-checkpoint-tmp", "state"))
+  r = run_cli("jaxft.train", *args, f"--workdir={wd}", "--config.train.steps=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "checkpoint step 6" in r.stderr and "cannot be restored" in r.stderr
+  assert "resuming from step 4" in r.stderr
+  assert sorted(losses(wd)) == list(range(1, 9))
+  step, leaves = trained_leaves(wd)
+  assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(leaves))
+
+
+def test_peft_checkpoint_holds_trainable_and_optimizer_state_only(tmp_path):
+  wd = str(tmp_path / "wd")
+  r = run_cli("jaxft.train", *QUICK, f"--workdir={wd}", "--config.train.steps=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  from jaxft import peft, session
+  t = session.restore_trained(wd)
+  trainable = peft.count_params(t.trainable) * 4
+  base = peft.count_params(t.frozen) * 4
+  size = tree_bytes(os.path.join(wd, "checkpoints", "2"))
+  # params + two Adam moments (+ small metadata); the 36 MB base is not in it.
+  assert size < 3 * trainable * 1.1 + 256 * 1024, (size, trainable)
+  assert size < base / 10
+
+
+def _nan_at(step_k):
+  """Wraps make_steps so that the loss of step k (1-based) is NaN."""
+  from jaxft import step as step_mod
+
+  def make(*a, **kw):
+    fns = step_mod.make_steps(*a, **kw)
+
+    def train(state, batch, frozen):
+      poison = jax.numpy.where(state["step"] == step_k - 1, jax.numpy.nan, 1.0)
+      return fns.train(state, dict(batch, weights=batch["weights"] * poison), frozen)
+
+    return step_mod.StepFns(train, fns.eval)
+
+  return make
+
+
+def tiny_config(**over):
+  from jaxft import configlib
+  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c.model.preset = "tiny"
+  c.train.progress = False
+  c.train.log_every = 1
+  for k, v in over.items():
+    node, *_ = k.split(".")
+    c[node][k.split(".", 1)[1]] = v
+  return c
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  from jaxft import trainer
+  monkeypatch.setattr(trainer, "make_steps", _nan_at(5))
+  wd = str(tmp_path / "wd")
+  with pytest.raises(trainer.NonFiniteError, match="step 5: loss or gradients are not finite"):
+    trainer.train(tiny_config(**{"train.steps": 10, "checkpoint.every": 2}), wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int) == ["2", "4"]
+  step, leaves = trained_leaves(wd)
+  assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(leaves))
+
+
+def test_skip_nonfinite_finishes_and_counts_the_skipped_step(tmp_path, monkeypatch):
+  from jaxft import trainer
+  monkeypatch.setattr(trainer, "make_steps", _nan_at(3))
+  wd = str(tmp_path / "wd")
+  out = trainer.train(tiny_config(**{"train.steps": 6, "train.skip_nonfinite": True}), wd)
+  assert out["step"] == 6 and out["skipped_steps"] == 1
+  _, leaves = trained_leaves(wd)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(leaves))
+
+
+def test_bad_input_leaves_an_existing_workdir_intact(tmp_path):
+  wd = tmp_path / "wd"
+  r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  snapshot = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+              for d, _, fs in os.walk(wd / "checkpoints") for f in fs}
+  bad_utf8 = tmp_path / "latin1.jsonl"
+  bad_utf8.write_bytes(b'{"text": "caf\xe9"}\n')
+  malformed = tmp_path / "m.jsonl"
+  malformed.write_text('{"text": "ok"}\n{oops}\n')
+  cases = [([f"--config.data.train={bad_utf8}"], "latin1.jsonl:1: not UTF-8"),
+           ([f"--config.data.train={malformed}"], "m.jsonl:2: malformed JSON"),
+           ([f"--config.model.path={tmp_path / 'nope'}"], "nope"),
+           (["--config.optim.lrr=1"], "lrr")]
+  for extra, needle in cases:
+    r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=4", *extra)
+    assert r.returncode == 2, (extra, r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("jaxft: error:") and needle in last, last
+  after = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+           for d, _, fs in os.walk(wd / "checkpoints") for f in fs}
+  assert after == snapshot
