@@ -59,6 +59,7 @@ def get_config(arg=None):
   c.train.eval_batches = 0        # 0 = the whole eval set
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
+  c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1 = the devices the other axes leave

@@ -40,10 +40,13 @@ class MetricsWriter:
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
 
-  def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
+  def progress(self, step: int, loss: float, tokens_per_sec: float, mfu: float | None = None) -> None:
+    """Updates the bar: loss, tokens/s and, when the device's peak is known, MFU."""
     if self._bar is not None:
       self._bar.n = step
-      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+      extra = {} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}
+      self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", **extra,
+                            refresh=False)
       self._bar.refresh()
 
   def close(self) -> None:
