@@ -18,7 +18,6 @@ import os
 import shutil
 
 import jax
-import numpy as np
 from absl import flags, logging
 
 from jaxft import cli, session
@@ -87,22 +86,6 @@ def _export_dtype(config, cfg, dtype: str) -> str:
   return cfg.param_dtype
 
 
-def _shards(entries, max_bytes: int):
-  """Groups (name, shape, dtype, fetch) entries in order into shards of at most max_bytes
-  (a tensor larger than that gets a shard of its own)."""
-  shards, cur, size = [], [], 0
-  for e in entries:
-    n = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
-    if cur and size + n > max_bytes:
-      shards.append(cur)
-      cur, size = [], 0
-    cur.append(e)
-    size += n
-  if cur:
-    shards.append(cur)
-  return shards
-
-
 def _write_tokenizer(config, workdir: str, out: str) -> None:
   """Copies the tokenizer files and records the chat template training rendered with, when it
   is not the tokenizer's own (data.chat_template, or jaxft's default for a template-less one)."""
@@ -150,17 +133,17 @@ def export_hf(workdir: str, out: str, *, max_shard_mb: float = 5000, dtype: str 
   trained = session.restore_trained(workdir, step=step)
   config, cfg = trained.config, trained.model.cfg
   dtype = _export_dtype(config, cfg, dtype)
-  hf_cfg = hf.hf_config(cfg, dtype)  # fails early for what HF cannot express
+  hf.hf_config(cfg, dtype)  # fails early, before merging, for what HF cannot express
   merged = _merged_params(trained)
   del trained
-  np_dtype = np.dtype(jax.numpy.dtype(dtype))
-  entries = [(name, shape, np_dtype, lambda p=path, i=layer: hf.host_tensor(merged, p, i, dtype))
-             for name, path, layer, shape in hf.export_names(cfg)]
-  shards = _shards(entries, int(max_shard_mb * 2**20))
   main = jax.process_index() == 0
   tmp = _tmp_dir(out) if main else None
   try:
-    _write_hf(tmp, shards, hf_cfg, config, cfg, workdir)
+    shards = hf.write_checkpoint(tmp, cfg, merged, dtype, max_shard_mb)
+    if main:
+      with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(_generation_config(config, cfg), f, indent=2)
+      _write_tokenizer(config, workdir, tmp)
   except BaseException:
     if tmp:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -168,33 +151,8 @@ def export_hf(workdir: str, out: str, *, max_shard_mb: float = 5000, dtype: str 
   if main:
     _publish(tmp, out)
     logging.info("exported %s merged (%s, %d shard(s)) to %s", config.peft.method, dtype,
-                 len(shards), out)
+                 shards, out)
   return out
-
-
-def _write_hf(tmp, shards, hf_cfg, config, cfg, workdir) -> None:
-  """Writes the shards (all processes gather, process 0 writes), index, configs and tokenizer."""
-  main = tmp is not None
-  weight_map, total = {}, 0
-  for k, shard in enumerate(shards):
-    fname = ("model.safetensors" if len(shards) == 1
-             else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
-    if main:
-      total += hf.write_safetensors(os.path.join(tmp, fname), shard)
-    else:  # the other processes take part in gathering each tensor
-      for e in shard:
-        e[3]()
-    weight_map.update({e[0]: fname for e in shard})
-  if not main:
-    return
-  if len(shards) > 1:
-    with open(os.path.join(tmp, hf.INDEX), "w", encoding="utf-8") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_cfg, f, indent=2)
-  with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump(_generation_config(config, cfg), f, indent=2)
-  _write_tokenizer(config, workdir, tmp)
 
 
 def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | None = None,

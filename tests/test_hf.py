@@ -1,5 +1,6 @@
-"""HF checkpoints in: config.json spellings, logits parity with transformers, sharded and bf16
-safetensors, streaming memory, quantization on load, and every refusal."""
+"""HF checkpoints in (and straight back out): config.json spellings, logits parity with
+transformers, sharded and bf16 safetensors, streaming memory, quantization on load, and every
+refusal."""
 
 import json
 import os
@@ -43,12 +44,23 @@ def _load(d, cfg=None, **kw):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_logits_match_transformers(tiny, kind):
+def test_logits_match_transformers(tiny, kind, tmp_path, capfd):
+  import transformers
   d, model = tiny(kind)
   ids = _ids()
   ref = torch_logits(model, ids)
   cfg, params = _load(d)
   assert rel_err(jaxft_logits(cfg, params, ids), ref) < 1e-4
+  # ... and written back, transformers reads the same model, with no weight left out or over.
+  hf.write_checkpoint(str(tmp_path), cfg, params, "float32")
+  assert hf.read_config(str(tmp_path)) == cfg
+  capfd.readouterr()
+  back, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype="float32",
+                                                                  output_loading_info=True)
+  assert type(back) is type(model)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert "LOAD REPORT" not in capfd.readouterr().err
+  assert rel_err(torch_logits(back.eval(), ids), ref) < 1e-6
   # The feature each architecture brings is exercised: without it the logits would differ.
   if kind == "llama":
     assert cfg.num_kv_heads < cfg.num_heads and dict(cfg.rope_scaling)["rope_type"] == "llama3"

@@ -357,33 +357,40 @@ def _quantizer(kind: str):
   return functools.partial(fn, kind=kind)
 
 
-def _stacked_leaf_shardings(abstract, sharding: NamedSharding):
-  """Shardings of a quantized stacked value's leaves: the kernel's spec on the dims they keep."""
-  from jaxft import quant
-  fn = getattr(quant, "leaf_shardings", None)
-  if fn is not None:
-    return fn(abstract, sharding)
-  spec = tuple(sharding.spec) + (None,) * 3
-  return jax.tree.map(
-      lambda a: NamedSharding(sharding.mesh, P(*[spec[0]] + [None] * (a.ndim - 1))), abstract)
+@functools.lru_cache(maxsize=None)
+def _stacked_fns(shape: tuple, dtype: str, kind: str, sharding: NamedSharding, transpose: bool):
+  """(allocate, write) of a stacked layer leaf, jitted once per shape/dtype/sharding/quant kind
+  (q_proj and o_proj, gate_proj and up_proj share theirs).
 
-
-def _writer(transpose: bool, dtype: str, quantize, out_shardings):
-  """Jitted (stacked, layer tensor, i) -> stacked with slice i replaced; `stacked` is donated, so
-  the stacked value exists once on the devices and never on the host."""
+  allocate() -> the zero (or quantized zero) stacked value on its shardings.
+  write(stacked, x, i) -> stacked with slice i replaced by layer tensor x (HF layout: transposed,
+  cast, quantized here); `stacked` is donated, so the stack exists once on the devices and never
+  on the host."""
+  quantize = _quantizer(kind)
+  if quantize is None:
+    out_sh = sharding
+    make = lambda: jnp.zeros(shape, dtype)
+  else:
+    from jaxft import quant
+    abstract = jax.eval_shape(quantize, jax.ShapeDtypeStruct(shape, dtype))
+    out_sh = quant.leaf_shardings(abstract, sharding)
+    make = lambda: quantize(jnp.zeros(shape, dtype))
 
   def write(stacked, x, i):
-    x = x.T if transpose else x
-    if quantize is not None:
-      new = jax.tree.leaves(quantize(x.astype(dtype)[None]))  # as quant.init_base does
-    else:
-      new = [x.astype(dtype)[None]]
+    x = (x.T if transpose else x).astype(dtype)[None]
+    new = jax.tree.leaves(quantize(x)) if quantize is not None else [x]  # as quant.init_base does
     leaves, treedef = jax.tree.flatten(stacked)
     leaves = [jax.lax.dynamic_update_slice_in_dim(s, n.astype(s.dtype), i, 0)
               for s, n in zip(leaves, new)]
     return jax.tree.unflatten(treedef, leaves)
 
-  return jax.jit(write, donate_argnums=0, out_shardings=out_shardings)
+  return (jax.jit(make, out_shardings=out_sh),
+          jax.jit(write, donate_argnums=0, out_shardings=out_sh))
+
+
+@functools.lru_cache(maxsize=None)
+def _convert_fn(dtype: str, sharding: NamedSharding, transpose: bool):
+  return jax.jit(lambda a: (a.T if transpose else a).astype(dtype), out_shardings=sharding)
 
 
 def _to_device(x: np.ndarray, sharding: NamedSharding, spec_dims: tuple) -> jax.Array:
@@ -415,27 +422,18 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
     raise CheckpointError(f"{file}: unexpected tensor {name} (config.json describes "
                           f"{cfg.architecture} with {cfg.num_layers} layers; jaxft has no such "
                           "parameter)")
-  quantize = _quantizer(quant_kind)
+  _quantizer(quant_kind)  # fails before any work when quantization is unavailable
   dtype = jnp.dtype(cfg.param_dtype).name
   flat_sh = {tuple(k.key for k in kp): s for kp, s in
              jax.tree_util.tree_flatten_with_path(shardings)[0]}
   specs = _flat_specs(cfg)
   out: dict[tuple[str, ...], Any] = {}
-  writers = {}
+  fns = {}
   for path, spec in specs.items():  # stacked layer leaves: allocated once, filled slice by slice
-    if path[0] != "layers":
-      continue
-    sh = flat_sh[path]
-    zeros = jax.ShapeDtypeStruct(spec.shape, dtype)
-    if quantize is not None and path[-1] == "kernel":
-      abstract = jax.eval_shape(quantize, zeros)
-      leaf_sh = _stacked_leaf_shardings(abstract, sh)
-      out[path] = jax.jit(lambda: quantize(jnp.zeros(spec.shape, dtype)), out_shardings=leaf_sh)()
-    else:
-      out[path] = jax.jit(lambda s=spec.shape: jnp.zeros(s, dtype), out_shardings=sh)()
-    q = quantize if path[-1] == "kernel" else None
-    writers[path] = _writer(_transposed(path), dtype, q,
-                            jax.tree.map(lambda a: a.sharding, out[path]))
+    if path[0] == "layers":
+      kind = quant_kind if path[-1] == "kernel" else "none"
+      fns[path] = _stacked_fns(spec.shape, dtype, kind, flat_sh[path], _transposed(path))
+      out[path] = fns[path][0]()
   # Read in file order, so a sharded checkpoint's files are each visited once.
   for name in sorted(expected, key=lambda n: (files[n], n)):
     path, layer, shape = expected[name]
@@ -444,12 +442,10 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
     spec = tuple(sh.spec) + (None,) * (len(specs[path].shape) - len(sh.spec))
     if layer is None:
       dims = spec[::-1] if _transposed(path) else spec
-      convert = jax.jit(lambda a, t=_transposed(path): (a.T if t else a).astype(dtype),
-                        out_shardings=sh)
-      out[path] = convert(_to_device(x, sh, dims))
+      out[path] = _convert_fn(dtype, sh, _transposed(path))(_to_device(x, sh, dims))
     else:
       dims = spec[1:][::-1] if _transposed(path) else spec[1:]
-      out[path] = writers[path](out[path], _to_device(x, sh, dims), jnp.int32(layer))
+      out[path] = fns[path][1](out[path], _to_device(x, sh, dims), jnp.int32(layer))
     del x
   tree: dict = {}
   for path, v in out.items():
@@ -525,3 +521,51 @@ def write_safetensors(file: str, entries, metadata: dict | None = None) -> int:
                          f"{np.dtype(dtype)}{list(shape)}")
       f.write(a.reshape(-1).view(np.uint8).data)
   return offset
+
+
+def _shards(entries, max_bytes: int) -> list[list]:
+  """Groups (name, shape, dtype, fetch) entries in order into shards of at most max_bytes
+  (a tensor larger than that gets a shard of its own)."""
+  shards, cur, size = [], [], 0
+  for e in entries:
+    n = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
+    if cur and size + n > max_bytes:
+      shards.append(cur)
+      cur, size = [], 0
+    cur.append(e)
+    size += n
+  if cur:
+    shards.append(cur)
+  return shards
+
+
+def write_checkpoint(directory: str | None, cfg: ModelConfig, params, dtype: str,
+                     max_shard_mb: float = 5000) -> int:
+  """Writes params (the decoder's tree, quantized kernels allowed) as an HF checkpoint into
+  `directory`: config.json and safetensors in `dtype`, sharded with model.safetensors.index.json
+  above max_shard_mb. Tensors go to the host one at a time (one layer's slice of a stacked leaf).
+  With several processes every one must call this (tensors are gathered); only the one whose
+  `directory` is not None writes. Returns the number of safetensors files."""
+  hf_cfg = hf_config(cfg, dtype)
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  entries = [(name, shape, np_dtype, lambda p=path, i=layer: host_tensor(params, p, i, dtype))
+             for name, path, layer, shape in export_names(cfg)]
+  shards = _shards(entries, int(max_shard_mb * 2**20))
+  weight_map, total = {}, 0
+  for k, shard in enumerate(shards):
+    fname = ("model.safetensors" if len(shards) == 1
+             else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+    if directory is not None:
+      total += write_safetensors(os.path.join(directory, fname), shard)
+    else:  # take part in gathering each tensor
+      for e in shard:
+        e[3]()
+    weight_map.update({e[0]: fname for e in shard})
+  if directory is None:
+    return len(shards)
+  if len(shards) > 1:
+    with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_cfg, f, indent=2)
+  return len(shards)
