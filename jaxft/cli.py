@@ -16,6 +16,8 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:  # a value of the wrong type, a missing flag, an unknown flag
     _fail(str(e))
+  except JaxftError as e:  # raised by a config file itself (a bad variant argument)
+    _fail(str(e))
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.KEY (locked config)
     text = str(e)
     key = re.search(r"'(\w+)", text)

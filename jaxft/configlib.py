@@ -35,3 +35,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """Sets peft.method and model.quant for a variant name: lora, qlora, int8, full (or any
+  peft.method name)."""
+  shortcuts = {"qlora": ("lora", "nf4"), "int8": ("lora", "int8")}
+  c.peft.method, quant = shortcuts.get(method, (method, "none"))
+  c.model.quant = quant
