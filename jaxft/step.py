@@ -101,7 +101,8 @@ def make_steps(cfg: ModelConfig, method: Method, tx: optax.GradientTransformatio
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
     metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": n,
-               "lr": schedule(state["step"]), "finite": finite}
+               "lr": schedule(state["step"]), "finite": finite,
+               "skipped": new_state["skipped"] + 0}
     return new_state, metrics
 
   def eval_step(trainable, frozen, batch):
