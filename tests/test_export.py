@@ -71,16 +71,19 @@ def run(tmp_path_factory):
   config.train.progress = False
   workdir = str(root / "work")
   train(config, workdir)
+  # the run rendered its chats with the checkpoint directory's own chat template
+  assert session.encoder(config, workdir).template == TEMPLATE
   trained = session.restore_trained(workdir)
   tuned = jaxft_logits(trained.model.cfg, trained.params, ids, trained.model.method)
   return dict(root=root, base=base, adapter=adapter, workdir=workdir, ids=ids, peft_ref=peft_ref,
               tuned=tuned, config=config, method=trained.model.method)
 
 
-def test_init_from_peft_adapter_gives_peft_logits(run):
+def test_init_from_peft_adapter_gives_peft_logits(run, caplog):
   model = session.load_model(run["config"])
   assert (model.method.rank, model.method.alpha, model.method.targets) == (
       4, 8.0, ("q_proj", "v_proj", "down_proj"))
+  assert "taking from the adapter: peft.lora.rank=4 (config: 8)" in caplog.text
   trainable, frozen = model.method.split(model.base, session.init_added(model, 0))
   from jaxft.peft import merge_trees
   got = jaxft_logits(model.cfg, merge_trees(frozen, trainable), run["ids"], model.method)
