@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints: config.json <-> `ModelConfig`, and safetensors <-> the param tree.
+"""Hugging Face checkpoints <-> jaxft's param tree: the public API of HF interop (config.json in
+hf_config.py, the files in safetensors_io.py).
 
 Loading streams one tensor at a time: each is read from its safetensors file (the file is opened
 and closed around every tensor, so the operating system's mapping of it never piles up in the
@@ -33,186 +34,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import llama
 from jaxft.models.config import ModelConfig
+from jaxft.models.hf_config import ARCHITECTURES, checkpoint_dtype, hf_config, read_config
+from jaxft.models.safetensors_io import (INDEX, read_tensor, refuse_pickle, shard_entries,
+                                        tensor_files, write_safetensors)
 
-# architecture -> model_type
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2"}
-INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+__all__ = ["ARCHITECTURES", "INDEX", "read_config", "checkpoint_dtype", "hf_config", "load_params",
+           "write_checkpoint", "tensor_files", "refuse_pickle", "write_safetensors",
+           "expected_names", "export_names", "hf_name", "host_tensor"]
+
 # Buffers that old checkpoints saved beside the weights; they are recomputed, not loaded.
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
-                "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32",
-                "half": "float16"}
-
-
-# -- config.json -------------------------------------------------------------------------------
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      out = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(out, dict):
-    raise CheckpointError(f"{path}: expected a JSON object")
-  return out
-
-
-def _config_json(path: str) -> tuple[str, dict]:
-  if not os.path.isdir(path):
-    raise CheckpointError(f"model.path={path!r}: not a directory (expected an HF checkpoint "
-                          "directory with config.json and *.safetensors)")
-  file = os.path.join(path, "config.json")
-  if not os.path.isfile(file):
-    raise CheckpointError(f"{path}: no config.json (expected an HF checkpoint directory, as "
-                          "save_pretrained writes it)")
-  return file, _read_json(file)
-
-
-def _rope(file: str, c: dict) -> tuple[float, tuple | None]:
-  """(rope_theta, rope_scaling pairs) from transformers 5's rope_parameters or 4's rope_theta +
-  rope_scaling."""
-  params = c.get("rope_parameters")
-  if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-    raise ConfigError(f"{file}: rope_parameters per layer type are not supported")
-  params = dict(params or {})
-  theta = params.pop("rope_theta", None)
-  if theta is None:
-    theta = c.get("rope_theta", 10000.0)
-  scaling = params or dict(c.get("rope_scaling") or {})
-  scaling.pop("rope_theta", None)
-  if "type" in scaling and "rope_type" not in scaling:
-    scaling["rope_type"] = scaling.pop("type")
-  kind = scaling.get("rope_type", "default")
-  if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ConfigError(f"{file}: partial_rotary_factor is not supported")
-  if kind == "default":
-    return float(theta), None
-  scaling = {k: v for k, v in scaling.items() if not isinstance(v, (list, dict)) and v is not None}
-  return float(theta), tuple(sorted(scaling.items()))
-
-
-def _sliding_window(file: str, arch: str, c: dict, num_layers: int) -> int | None:
-  window = c.get("sliding_window")
-  if arch == "MistralForCausalLM":
-    return int(window) if window else None
-  if arch == "LlamaForCausalLM":
-    return None
-  # Qwen2: use_sliding_window switches it on, for the layers from max_window_layers on.
-  types = c.get("layer_types")
-  if types is None:
-    on = bool(c.get("use_sliding_window")) and window
-    first = int(c.get("max_window_layers", 0)) if on else num_layers
-    types = ["sliding_attention" if on and i >= first else "full_attention"
-             for i in range(num_layers)]
-  kinds = set(types)
-  if kinds == {"full_attention"}:
-    return None
-  if kinds == {"sliding_attention"} and window:
-    return int(window)
-  raise ConfigError(f"{file}: layer_types mixes sliding and full attention across layers "
-                    f"({sorted(kinds)}); jaxft needs one kind for every layer")
-
-
-def read_config(path: str) -> ModelConfig:
-  """The ModelConfig of an HF checkpoint directory (its config.json).
-
-  Reads LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM configs in both transformers 4
-  and 5 spellings. dtype/param_dtype/remat keep their defaults (the caller sets them). Raises
-  CheckpointError when there is no readable config.json, ConfigError (naming the file and key)
-  for an architecture or setting jaxft does not implement.
-  """
-  file, c = _config_json(path)
-  archs = c.get("architectures") or []
-  arch = next((a for a in archs if a in ARCHITECTURES), None)
-  if arch is None and not archs:
-    arch = {v: k for k, v in ARCHITECTURES.items()}.get(c.get("model_type"))
-  if arch is None:
-    raise ConfigError(f"{file}: architecture {archs or c.get('model_type')!r} is not supported; "
-                      f"expected one of {', '.join(ARCHITECTURES)}")
-  if c.get("hidden_act", "silu") != "silu":
-    raise ConfigError(f"{file}: hidden_act={c['hidden_act']!r} is not supported (silu)")
-  for key in ("attention_bias", "mlp_bias"):  # Llama's attention_bias also biases o_proj
-    if arch == "LlamaForCausalLM" and c.get(key):
-      raise ConfigError(f"{file}: {key}=true is not supported for {arch}")
-  try:
-    hidden, heads, layers = int(c["hidden_size"]), int(c["num_attention_heads"]), int(c["num_hidden_layers"])
-    theta, scaling = _rope(file, c)
-    eos = c.get("eos_token_id")
-    cfg = ModelConfig(
-        vocab_size=int(c["vocab_size"]), hidden_size=hidden,
-        intermediate_size=int(c["intermediate_size"]), num_layers=layers, num_heads=heads,
-        num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or hidden // heads),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
-        qkv_bias=arch == "Qwen2ForCausalLM",
-        sliding_window=_sliding_window(file, arch, c, layers),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)), architecture=arch,
-        bos_token_id=c.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=c.get("pad_token_id"),
-        initializer_range=float(c.get("initializer_range", 0.02)))
-  except KeyError as e:
-    raise ConfigError(f"{file}: missing key {e.args[0]!r}") from None
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"{file}: {e}") from None
-  from jaxft.models.rope import inverse_frequencies
-  try:
-    inverse_frequencies(cfg)
-  except (ConfigError, KeyError) as e:
-    raise ConfigError(f"{file}: rope scaling {dict(scaling or ())}: {e}") from None
-  return cfg
-
-
-def checkpoint_dtype(path: str) -> str | None:
-  """The dtype config.json records for the weights (`dtype` or `torch_dtype`), or None."""
-  file, c = _config_json(path)
-  del file
-  name = c.get("dtype") or c.get("torch_dtype")
-  return _DTYPE_NAMES.get(str(name).replace("torch.", "")) if name else None
-
-
-def hf_config(cfg: ModelConfig, dtype: str) -> dict:
-  """config.json for `cfg` in transformers 5's spelling, plus the transformers 4 keys
-  (rope_theta, rope_scaling, torch_dtype) that older readers (vLLM, TGI, llama.cpp) look for."""
-  arch = cfg.architecture
-  if arch not in ARCHITECTURES:
-    raise ConfigError(f"architecture {arch!r} cannot be exported; expected one of {', '.join(ARCHITECTURES)}")
-  if cfg.qkv_bias != (arch == "Qwen2ForCausalLM"):
-    raise ConfigError(f"{arch} cannot express qkv_bias={cfg.qkv_bias}")
-  if cfg.sliding_window and arch == "LlamaForCausalLM":
-    raise ConfigError(f"{arch} cannot express sliding_window={cfg.sliding_window}")
-  scaling = dict(cfg.rope_scaling or ())
-  rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **scaling}
-  eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
-  out = {
-      "architectures": [arch], "model_type": ARCHITECTURES[arch],
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_parameters": rope, "rope_theta": cfg.rope_theta,
-      "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
-      "eos_token_id": eos, "pad_token_id": cfg.pad_token_id,
-      "initializer_range": cfg.initializer_range, "attention_dropout": 0.0, "use_cache": True,
-      "dtype": dtype, "torch_dtype": dtype,
-  }
-  if scaling:
-    out["rope_scaling"] = scaling
-  if arch == "LlamaForCausalLM":
-    out.update(attention_bias=False, mlp_bias=False)
-  elif arch == "MistralForCausalLM":
-    out["sliding_window"] = cfg.sliding_window
-  else:
-    w = cfg.sliding_window
-    out.update(use_sliding_window=bool(w), sliding_window=w,
-               max_window_layers=0 if w else cfg.num_layers,
-               layer_types=["sliding_attention" if w else "full_attention"] * cfg.num_layers)
-  return out
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -234,21 +65,6 @@ def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
   if path[0] == "layers":
     return f"model.layers.{layer}.{_OURS_TO_LAYER[path[1:]]}"
   return {v: k for k, v in _TOP_NAMES.items()}[path]
-
-
-def _parse_name(name: str, cfg: ModelConfig):
-  """(our path, layer or None) of an HF tensor name; None when jaxft has no such parameter."""
-  m = _LAYER.match(name)
-  if m:
-    sub = _LAYER_NAMES.get(m.group(2))
-    layer = int(m.group(1))
-    if sub is None or layer >= cfg.num_layers or (sub[1] == "bias" and not cfg.qkv_bias):
-      return None
-    return ("layers",) + sub, layer
-  path = _TOP_NAMES.get(name)
-  if path is None or (path[0] == "lm_head" and cfg.tie_embeddings):
-    return None
-  return path, None
 
 
 def _transposed(path: tuple[str, ...]) -> bool:
@@ -275,72 +91,6 @@ def _flat_specs(cfg: ModelConfig) -> dict[tuple[str, ...], llama.ParamSpec]:
 
 
 # -- files ---------------------------------------------------------------------------------------
-
-def refuse_pickle(path: str) -> None:
-  """CheckpointError when `path` (a directory) holds only pickle weights, naming the file."""
-  names = sorted(os.listdir(path))
-  if any(n.endswith(".safetensors") for n in names):
-    return
-  for n in names:
-    if n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json"):
-      raise CheckpointError(
-          f"{os.path.join(path, n)}: pickle checkpoints are refused (loading one can run "
-          "arbitrary code); convert it to safetensors (transformers: "
-          "model.save_pretrained(dir, safe_serialization=True)) and point at that")
-
-
-def tensor_files(path: str) -> dict[str, str]:
-  """{tensor name: safetensors file} of a checkpoint directory, from the index or the file(s).
-
-  Raises CheckpointError for no weights, pickle-only weights, an index naming a missing file.
-  """
-  from safetensors import safe_open
-  refuse_pickle(path)
-  index = os.path.join(path, INDEX)
-  if os.path.isfile(index):
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise CheckpointError(f"{index}: no weight_map")
-    out = {}
-    for name, f in weight_map.items():
-      file = os.path.join(path, f)
-      if not os.path.isfile(file):
-        raise CheckpointError(f"{index}: tensor {name} is in {f}, which does not exist")
-      out[name] = file
-    return out
-  single = os.path.join(path, "model.safetensors")
-  files = [single] if os.path.isfile(single) else sorted(
-      os.path.join(path, n) for n in os.listdir(path)
-      if n.endswith(".safetensors") and not n.startswith("consolidated"))
-  if not files:
-    raise CheckpointError(f"{path}: no *.safetensors weights (and no {INDEX})")
-  out = {}
-  for file in files:
-    try:
-      with safe_open(file, framework="numpy") as f:
-        for name in f.keys():
-          out[name] = file
-    except Exception as e:  # a truncated or foreign file
-      raise CheckpointError(f"{file}: cannot read as safetensors ({e})") from None
-  return out
-
-
-def _read(file: str, name: str, want: tuple[int, ...]) -> np.ndarray:
-  """One tensor from a safetensors file, its shape checked before it is read."""
-  from safetensors import safe_open
-  # Open and close around each tensor: safetensors maps the file, and touched pages of a mapping
-  # count in the process's resident memory until it is unmapped.
-  with safe_open(file, framework="numpy") as f:
-    sl = f.get_slice(name)
-    shape = tuple(sl.get_shape())
-    if shape != want:
-      raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, expected "
-                            f"{list(want)} (from config.json)")
-    if sl.get_dtype() not in ("F32", "BF16", "F16", "F64"):
-      raise CheckpointError(f"{file}: tensor {name} has dtype {sl.get_dtype()}; expected a float "
-                            "tensor (quantized checkpoints are not supported)")
-    return f.get_tensor(name)
-
 
 # -- loading -------------------------------------------------------------------------------------
 
@@ -437,7 +187,7 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
   # Read in file order, so a sharded checkpoint's files are each visited once.
   for name in sorted(expected, key=lambda n: (files[n], n)):
     path, layer, shape = expected[name]
-    x = _read(files[name], name, shape)
+    x = read_tensor(files[name], name, shape)
     sh = flat_sh[path]
     spec = tuple(sh.spec) + (None,) * (len(specs[path].shape) - len(sh.spec))
     if layer is None:
@@ -490,55 +240,6 @@ def _slicer(layered: bool, transpose: bool, dtype: str):
   return jax.jit(fn)
 
 
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
-              "int32": "I32", "int64": "I64", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
-def write_safetensors(file: str, entries, metadata: dict | None = None) -> int:
-  """Writes a safetensors file tensor by tensor, so only one tensor is on the host at a time.
-
-  entries: (name, shape, numpy dtype, fetch) with fetch() returning that array when its turn
-  comes. metadata defaults to {"format": "pt"}, which transformers requires. Returns the bytes
-  of tensor data written.
-  """
-  import struct
-  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-  offset = 0
-  for name, shape, dtype, _ in entries:
-    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": _ST_DTYPES[np.dtype(dtype).name], "shape": list(shape),
-                    "data_offsets": [offset, offset + size]}
-    offset += size
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-  with open(file, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    for name, shape, dtype, fetch in entries:
-      a = np.ascontiguousarray(fetch())
-      if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
-        raise ValueError(f"{file}: tensor {name} is {a.dtype}{list(a.shape)}, declared "
-                         f"{np.dtype(dtype)}{list(shape)}")
-      f.write(a.reshape(-1).view(np.uint8).data)
-  return offset
-
-
-def _shards(entries, max_bytes: int) -> list[list]:
-  """Groups (name, shape, dtype, fetch) entries in order into shards of at most max_bytes
-  (a tensor larger than that gets a shard of its own)."""
-  shards, cur, size = [], [], 0
-  for e in entries:
-    n = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
-    if cur and size + n > max_bytes:
-      shards.append(cur)
-      cur, size = [], 0
-    cur.append(e)
-    size += n
-  if cur:
-    shards.append(cur)
-  return shards
-
-
 def write_checkpoint(directory: str | None, cfg: ModelConfig, params, dtype: str,
                      max_shard_mb: float = 5000) -> int:
   """Writes params (the decoder's tree, quantized kernels allowed) as an HF checkpoint into
@@ -550,7 +251,7 @@ def write_checkpoint(directory: str | None, cfg: ModelConfig, params, dtype: str
   np_dtype = np.dtype(jnp.dtype(dtype))
   entries = [(name, shape, np_dtype, lambda p=path, i=layer: host_tensor(params, p, i, dtype))
              for name, path, layer, shape in export_names(cfg)]
-  shards = _shards(entries, int(max_shard_mb * 2**20))
+  shards = shard_entries(entries, int(max_shard_mb * 2**20))
   weight_map, total = {}, 0
   for k, shard in enumerate(shards):
     fname = ("model.safetensors" if len(shards) == 1
