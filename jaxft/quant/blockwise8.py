@@ -55,7 +55,7 @@ class Blockwise8(QTensor):
   offset: jax.Array
   block: int = dataclasses.field(default=256, metadata=dict(static=True))
 
-  _AXES = {"codes": (-2, -1), "absmax": (-2, None), "offset": ()}
+  _AXES = {"codes": (-2, -1), "absmax": (-2, -1), "offset": ()}
   kind = "blockwise8"
 
   @property
