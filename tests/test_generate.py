@@ -175,3 +175,22 @@ def test_bad_prompts_are_clear_errors():
     decode.generate(small, peft.Method(), base, [np.arange(3, 23)], max_new_tokens=4)
   with pytest.raises(ConfigError, match="top_p"):
     decode.Sampling(top_p=0.0)
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  r = run_cli("jaxft.generate", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+              f"--prompts_file={empty}")
+  assert r.returncode == 2 and "the prompts file is empty" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = run_cli("jaxft.generate", "--config=configs/quickstart.py", "--config.model.preset=tiny",
+              f"--workdir={tmp_path}", "--prompt=" + "word " * 2100, "--base")
+  assert r.returncode == 2 and "--prompt 1: the prompt has" in r.stderr
+  assert "context is 2048" in r.stderr
+  for module in ("jaxft.generate", "jaxft.evaluate"):
+    r = run_cli(module, "--config=configs/quickstart.py", "--config.model.preset=tiny",
+                f"--workdir={tmp_path / 'never_trained'}", "--prompt=hi"
+                if module == "jaxft.generate" else "--max_examples=1")
+    assert r.returncode == 2, (module, r.stderr[-2000:])
+    assert "no checkpoint" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,139 @@
+"""The quickstart end to end: train (configs/quickstart.py as shipped), then `python -m
+jaxft.evaluate`, then `python -m jaxft.generate` on the same workdir. One trained workdir is shared
+by the tests of this file (training is most of their time)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from conftest import ROOT, run_cli
+from jaxft import configlib, curves, evaluation, flops, inference, session
+from jaxft.models.config import preset
+
+
+_PEAK_TFLOPS = 0.01  # a made-up device peak, so that the CPU run logs an MFU too
+
+
+def _quickstart_config():
+  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c.train.progress = False
+  c.train.peak_tflops = _PEAK_TFLOPS
+  return c
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+  from jaxft.trainer import train
+  wd = str(tmp_path_factory.mktemp("quickstart"))
+  train(_quickstart_config(), wd)
+  r = run_cli("jaxft.evaluate", "--config=configs/quickstart.py", f"--workdir={wd}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd, r.stdout
+
+
+def _read_json(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_quickstart_tuned_beats_base(quickstart):
+  wd, stdout = quickstart
+  res = _read_json(os.path.join(wd, "eval.json"))
+  tuned, base = res["tuned"], res["base"]
+  print("quickstart eval:", json.dumps({k: res[k] for k in ("tuned", "base")}))
+  assert res["step"] == 150 and res["examples_with_reference"] == 80
+  assert tuned["exact_match"] > base["exact_match"]
+  assert tuned["exact_match"] >= 0.5  # the capitals are learnable in 150 steps (~0.99 seen)
+  assert tuned["normalized_match"] >= tuned["exact_match"]
+  assert tuned["loss"] < base["loss"]
+  for m in (tuned, base):
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6)
+    assert m["target_tokens"] == tuned["target_tokens"] > 0
+  # The tuned loss is the eval_loss the trainer logged at the last step (same function, same data).
+  rows = curves.read_metrics(wd)
+  last_eval = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+  assert tuned["loss"] == pytest.approx(last_eval, rel=1e-4)
+  assert f"exact match {tuned['exact_match']:.3f}" in stdout
+
+
+def test_quickstart_writes_samples_report_and_curve(quickstart):
+  wd, _ = quickstart
+  with open(os.path.join(wd, "samples.jsonl"), encoding="utf-8") as f:
+    samples = [json.loads(line) for line in f]
+  assert len(samples) == 80
+  first = samples[0]
+  assert first["prompt"] == "user: Give the capital of Spain." and first["reference"] == "Madrid."
+  assert {"base", "tuned", "tuned_exact_match", "base_exact_match"} <= set(first)
+  eval_json = _read_json(os.path.join(wd, "eval.json"))
+  assert sum(s["tuned_exact_match"] for s in samples) / 80 == pytest.approx(
+      eval_json["tuned"]["exact_match"])
+  with open(os.path.join(wd, evaluation.REPORT), encoding="utf-8") as f:
+    report = f.read()
+  assert "| exact_match |" in report
+  assert f"| 0 | user: Give the capital of Spain. | Madrid. | " in report
+  with open(os.path.join(wd, curves.LOSS_CURVE), "rb") as f:
+    png = f.read()
+  assert png.startswith(b"\x89PNG") and len(png) > 5000
+  train_rows = [r for r in curves.read_metrics(wd) if "loss" in r]
+  assert len(train_rows) == 15
+  for r in train_rows:
+    assert r["tflops_per_sec"] > 0
+    assert r["mfu"] == pytest.approx(r["tflops_per_sec"] / _PEAK_TFLOPS, rel=1e-6)
+
+
+def test_generate_cli_on_the_trained_workdir(quickstart, tmp_path):
+  wd, _ = quickstart
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("\n".join([
+      json.dumps("What is the capital of France?"),
+      json.dumps({"prompt": "Give the capital of Japan."}),
+      "",
+      json.dumps({"messages": [{"role": "user", "content": "Capital of Italy?"}]}),
+  ]) + "\n")
+  out = tmp_path / "answers.jsonl"
+  r = run_cli("jaxft.generate", "--config=configs/quickstart.py", f"--workdir={wd}",
+              f"--prompts_file={prompts}", "--prompt=Capital of Spain?", f"--output={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(out, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert [row["answer"] for row in rows] == ["Madrid.", "Paris.", "Tokyo.", "Rome."]
+  assert all(row["finish"] == "eos" for row in rows)
+  assert "=> Paris." in r.stdout
+
+
+def test_base_switch_decodes_the_base_alone(quickstart):
+  wd, _ = quickstart
+  config = _quickstart_config()
+  enc = session.encoder(config, wd)
+  prompts = [inference.Prompt("p", [{"role": "user", "content": "Give the capital of Spain."}])]
+  n = _read_json(os.path.join(wd, "eval.json"))["generation"]["max_new_tokens"]
+  base_dec = inference.load_decoder(config, wd, base=True)
+  base = inference.answer(base_dec, enc, prompts, max_new_tokens=n)
+  with open(os.path.join(wd, "samples.jsonl"), encoding="utf-8") as f:
+    first = json.loads(f.readline())
+  # The same base answer evaluate got for this prompt (decoded there in a batch of 32); the tuned
+  # model answers it right (samples.jsonl, and the generate CLI test).
+  assert base_dec.step is None and base[0]["answer"] == first["base"] != "Madrid."
+
+
+def test_flop_count_full_versus_frozen_base():
+  cfg = preset("quickstart")
+  n = flops.matmul_params(cfg)
+  # 4 layers x (q 128x128, k/v 128x64, o 128x128, gate/up/down 128x352) + lm_head 128x32000.
+  assert n == 4 * (128 * 128 * 2 + 2 * 128 * 64 + 3 * 128 * 352) + 128 * 32000
+  seg = [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]]
+  assert flops.attended_keys(seg) == (1 + 2 + 3) + (1 + 2) + 21
+  assert flops.attended_keys(seg, window=2) == (1 + 2 + 2) + (1 + 2) + (1 + 2 * 5)
+  attn = 3 * 4 * cfg.num_layers * cfg.q_size * 10.0
+  assert flops.train_flops_per_token(cfg, True, 0, 10.0) == 6 * n + attn
+  assert flops.train_flops_per_token(cfg, False, 1000, 10.0) == 4 * n + 6 * 1000 + attn
+  counter = flops.FlopCounter(cfg, False, 1000, peak_tflops=2.0, devices=[object()] * 4)
+  counter.observe(seg)
+  per_token = flops.train_flops_per_token(cfg, False, 1000, 30 / 11)
+  m = counter.metrics(1e6)
+  assert m["tflops_per_sec"] == pytest.approx(per_token * 1e6 / 1e12)
+  assert m["mfu"] == pytest.approx(per_token * 1e6 / (4 * 2e12))
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops("cpu") is None
