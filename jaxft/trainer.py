@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxft import checkpoint, optim, peft, session, sharding
+from jaxft import checkpoint, curves, flops, optim, peft, session, sharding
 from jaxft.data import pipeline
 from jaxft.errors import CheckpointError, ConfigError, JaxftError
 from jaxft.metrics import MetricsWriter
@@ -150,6 +150,9 @@ def train(config, workdir: str) -> dict:
   writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
   total = config.train.steps
   last: dict = {}
+  flop_counter = flops.FlopCounter(  # tokens/s -> TFLOP/s and MFU; the count is in jaxft/flops.py
+      cfg, method.trains_base, 0 if method.trains_base else peft.count_params(state["trainable"]),
+      config.train.peak_tflops)
 
   def do_eval(step):
     if eval_ds is None:
@@ -173,6 +176,7 @@ def train(config, workdir: str) -> dict:
   with _Stop() as stop:
     while step < total and stop.signal is None:
       batch, pos = stream.batch_at(pos)
+      flop_counter.observe(batch["segment_ids"])
       tokens = int((batch["segment_ids"] > 0).sum())
       state, metrics = train_step(state, put_batch(batch, mesh, accum), frozen)
       step += 1
@@ -189,8 +193,9 @@ def train(config, workdir: str) -> dict:
         row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                "tokens_per_sec": tokens_since / max(dt, 1e-9),
                "skipped_steps": int(state["skipped"])}
+        row.update(flop_counter.metrics(row["tokens_per_sec"]))
         writer.write(step, row)
-        writer.progress(step, row["loss"], row["tokens_per_sec"])
+        writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"))
         last.update(row)
         t_last, tokens_since = time.time(), 0
       if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
@@ -208,5 +213,10 @@ def train(config, workdir: str) -> dict:
       logging.warning("%s at step %d: checkpoint saved; run the same command to resume", stop.signal, step)
       print(f"stopped by {stop.signal} at step {step}; checkpoint saved. Resume with the same "
             "command.", flush=True)
+  if jax.process_index() == 0:
+    try:
+      curves.write_loss_curve(workdir)
+    except Exception as e:  # a picture must never fail a finished run
+      logging.warning("could not write the loss curve: %s", e)
   last["step"] = step
   return last
