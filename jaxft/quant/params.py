@@ -7,6 +7,8 @@ Quantized: the decoder layers' linear kernels, `layers/{q,k,v,o,gate,up,down}_pr
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -117,33 +119,49 @@ def init_base(cfg: ModelConfig, rng: jax.Array, kind: str, shardings) -> dict:
   if kind == "none":
     return jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(cfg, rng)
   out_sh = base_shardings(cfg, kind, shardings)
+  base = jax.block_until_ready(_rest_init(cfg, *_hashable(shardings))(rng))
+  specs = llama.param_specs(cfg)
+  paths = [path for path, _ in _flat(specs)]
+  keys = jax.random.split(rng, len(paths))  # the leaf keys of llama.init_params
+  for idx, path in enumerate(paths):
+    if quantizable(path):
+      fn = _kernel_init(_get(specs, path).shape, cfg.param_dtype, cfg.initializer_range, kind,
+                        *_hashable(_get(out_sh, path)))
+      _, name, leaf = path.split("/")
+      base["layers"][name][leaf] = jax.block_until_ready(fn(keys[idx]))
+  return base
+
+
+# The jitted inits are cached on (shapes, dtypes, shardings): kernels of one shape share one
+# (q/o, gate/up), and loading the same model again in a process (restore_trained, a test) does not
+# compile again.
+def _hashable(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return tuple(leaves), treedef
+
+
+@functools.lru_cache(maxsize=16)
+def _rest_init(cfg: ModelConfig, sh_leaves, sh_def):
+  """jitted rng -> the base without the quantizable kernels (None in their place)."""
+  rest_sh = _map_paths(lambda path, s: None if quantizable(path) else s,
+                       jax.tree.unflatten(sh_def, sh_leaves))
 
   def rest(r):
     p = llama.init_params(cfg, r)  # XLA drops the kernels nobody returns
     return _map_paths(lambda path, x: None if quantizable(path) else x, p)
+  return jax.jit(rest, out_shardings=rest_sh)
 
-  rest_sh = _map_paths(lambda path, s: None if quantizable(path) else s, shardings)
-  base = jax.block_until_ready(jax.jit(rest, out_shardings=rest_sh)(rng))
-  specs = llama.param_specs(cfg)
-  paths = [path for path, _ in _flat(specs)]
-  keys = jax.random.split(rng, len(paths))  # the leaf keys of llama.init_params
-  dtype = jnp.dtype(cfg.param_dtype)
-  compiled = {}  # kernels of one shape and sharding share a compiled init (q/o, gate/up, ...)
-  for idx, path in enumerate(paths):
-    if not quantizable(path):
-      continue
-    shape, sh = _get(specs, path).shape, _get(out_sh, path)
-    cache_key = (shape, tuple(jax.tree.leaves(sh)))
-    if cache_key not in compiled:
-      def make(key, shape=shape):
-        def layer(i):
-          w = cfg.initializer_range * jax.random.normal(jax.random.fold_in(key, i), shape[1:])
-          return quantize(w.astype(dtype), kind)
-        return jax.lax.map(layer, jnp.arange(shape[0]))
-      compiled[cache_key] = jax.jit(make, out_shardings=sh)
-    _, name, leaf = path.split("/")
-    base["layers"][name][leaf] = jax.block_until_ready(compiled[cache_key](keys[idx]))
-  return base
+
+@functools.lru_cache(maxsize=64)
+def _kernel_init(shape, dtype: str, std: float, kind: str, sh_leaves, sh_def):
+  """jitted key -> a quantized random kernel [L, in, out], drawn and quantized layer by layer."""
+
+  def make(key):
+    def layer(i):
+      w = std * jax.random.normal(jax.random.fold_in(key, i), shape[1:])
+      return quantize(w.astype(dtype), kind)
+    return jax.lax.map(layer, jnp.arange(shape[0]))
+  return jax.jit(make, out_shardings=jax.tree.unflatten(sh_def, sh_leaves))
 
 
 def _flat(specs):
