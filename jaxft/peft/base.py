@@ -59,7 +59,9 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 
 def count_params(tree) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
+  """Number of parameters; a quantized kernel counts its logical size, not its codes."""
+  from jaxft import quant  # local: quant imports nothing of peft
+  return int(sum(x.size for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized)))
 
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -125,6 +127,12 @@ class Method:
     del cfg
     return {}
 
+  def init_from_base(self, cfg: ModelConfig, base: Params, added: Params) -> Params:
+    """The added leaves completed from the base weights, once, after `init` (DoRA: magnitudes =
+    the base kernels' column norms). Default: `added` unchanged."""
+    del cfg, base
+    return added
+
   @property
   def trains_base(self) -> bool:
     return self.name == "full"
@@ -136,6 +144,13 @@ class Method:
     return added, base
 
   # -- decoder hooks (traced inside the step) --------------------------------------------------
+  def layer_params(self, cfg: ModelConfig, params: Params) -> Params:
+    """The per-layer tree the decoder scans over (leaves with a leading layer axis). A method may
+    derive per-layer leaves from the whole tree here, once per forward pass (prefix tuning's MLP
+    computes every layer's prefixes)."""
+    del cfg
+    return params["layers"]
+
   def linear(self, name: str, p: Params, x, dtype, rng):
     del name, rng
     return base_linear(p, x, dtype)
