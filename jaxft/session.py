@@ -80,9 +80,10 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
     method = peft_io.adopt_settings(config.peft.init_from, method, cfg)
   mesh = mesh or sharding.make_mesh(config.mesh)
   sharding.check_model_fits(mesh, cfg)
+  rules = sharding.rules_from_config(config.mesh)
   specs = llama.param_specs(cfg)
-  base_sh = sharding.tree_shardings(specs, mesh)
-  added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh)
+  base_sh = sharding.tree_shardings(specs, mesh, rules)
+  added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules)
   if config.model.quant not in quant.KINDS:
     raise ConfigError(f"model.quant={config.model.quant!r}: expected one of {', '.join(quant.KINDS)}")
   if config.model.quant != "none" and method.trains_base:

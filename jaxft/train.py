@@ -1,11 +1,14 @@
-"""python -m jaxft.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]"""
+"""python -m jaxft.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+
+Several hosts: run the same command on each (see launch/README.md); --coordinator, --num_processes
+and --process_id (or JAXFT_* variables) join them, SLURM and Cloud TPU VMs are detected."""
 
 from __future__ import annotations
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxft import cli
+from jaxft import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -14,8 +17,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics g
 
 def _main(argv):
   del argv
-  from jaxft.trainer import train
   logging.set_verbosity(logging.INFO)
+  distributed.initialize_from_flags()  # before anything touches a device
+  from jaxft.trainer import train
   result = train(_CONFIG.value, _WORKDIR.value)
   keys = ("step", "loss", "eval_loss")
   print("done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jaxft import checkpoint, curves, flops, optim, peft, session, sharding
 from jaxft.data import pipeline
 from jaxft.errors import CheckpointError, ConfigError, JaxftError
 from jaxft.metrics import MetricsWriter
-from jaxft.step import make_steps
+from jaxft.step import StepFns, make_steps
 
 
 class NonFiniteError(JaxftError):
@@ -45,15 +46,86 @@ def check_config(config) -> None:
 
 
 def put_batch(batch: dict, mesh, accum: int) -> dict:
-  """Global numpy batch [rows, T] -> device arrays [accum, rows/accum, T] sharded over rows.
+  """Global numpy batch [rows, T] (the same on every process) -> device arrays
+  [accum, rows/accum, T] sharded over rows; each device gets only its rows."""
+  rows = next(iter(batch.values())).shape[0]
+  ids = sharding.local_rows(mesh, rows, accum)
+  return sharding.put_local_batch({k: v[ids] for k, v in batch.items()}, ids, mesh, rows, accum)
 
-  Each process materialises only the rows of its own devices."""
-  out = {}
-  sh = sharding.batch_sharding(mesh, 3, leading=1)
-  for k, v in batch.items():
-    v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
-    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
-  return out
+
+def state_shardings(tx, trainable_shardings, mesh) -> dict:
+  """Shardings of the train state: trainable params as given, optimizer state like the params it
+  tracks, step/rng/counters replicated."""
+  rep = sharding.replicated(mesh)
+  return {"step": rep, "trainable": trainable_shardings,
+          "opt_state": sharding.optimizer_shardings(tx, trainable_shardings, mesh),
+          "rng": rep, "skipped": rep}
+
+
+def init_state(tx, trainable, seed: int, shardings: dict) -> dict:
+  """The train state around `trainable` (already on the mesh); the optimizer state and counters
+  are created directly on their shardings."""
+
+  def fresh(tr):
+    return {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(tr),
+            "rng": jax.random.key_data(jax.random.key(seed)), "skipped": jnp.zeros((), jnp.int32)}
+
+  out_sh = {k: v for k, v in shardings.items() if k != "trainable"}
+  return dict(jax.jit(fresh, out_shardings=out_sh)(trainable), trainable=trainable)
+
+
+def jit_train_step(steps, mesh, state_sh: dict, frozen_sh):
+  """`steps.train` jitted once with explicit shardings: (state, batch, frozen) -> (state, metrics).
+
+  The state is donated; batches [accum, rows, T] are sharded on rows over (data, fsdp); metrics
+  (with `tokens`, the non-padding tokens of the global batch, and the `skipped` count) come back
+  replicated."""
+
+  def _train_step(state, batch, frozen):
+    s, m = steps.train(dict(state, rng=jax.random.wrap_key_data(state["rng"])), batch, frozen)
+    # Read from the metrics, never from the (donated) state after the next step was dispatched.
+    m = dict(m, tokens=jnp.sum(batch["segment_ids"] > 0), skipped=s["skipped"])
+    return dict(s, rng=jax.random.key_data(s["rng"])), m
+
+  rep = sharding.replicated(mesh)
+  return jax.jit(_train_step, donate_argnums=0,
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh, 3, leading=1), frozen_sh),
+                 out_shardings=(state_sh, rep))
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A model on the mesh made ready to train: the frozen tree, the sharded train state (trainable
+  params, optimizer state, counters), their shardings and the step functions."""
+  frozen: dict
+  state: dict
+  state_shardings: dict
+  frozen_shardings: Any
+  steps: StepFns
+  train_step: Callable  # jitted (state, batch [accum, rows, T], frozen) -> (state, metrics)
+
+
+def prepare(config, model: session.Model) -> Prepared:
+  """Splits the model into trainable and frozen leaves, builds the optimizer and its state on the
+  shardings of the params it tracks, and jits the train step with explicit shardings."""
+  method, mesh = model.method, model.mesh
+  added = session.init_added(model, config.train.seed)
+  trainable, frozen = method.split(model.base, added)
+  n_train, n_frozen = peft.count_params(trainable), peft.count_params(frozen)
+  logging.info("trainable params: %d of %d (%.4f%%)", n_train, n_train + n_frozen,
+               100.0 * n_train / max(n_train + n_frozen, 1))
+  logging.info("%s", sharding.describe((trainable, frozen), mesh))
+  # The same partition applied to the declared shardings (LoRA A/B follow their kernel's axes).
+  trainable_sh, frozen_sh = method.split(model.base_shardings, model.added_shardings)
+  trainable_sh = sharding.value_shardings(trainable, trainable_sh)
+  frozen_sh = sharding.value_shardings(frozen, frozen_sh)
+  tx, schedule = optim.make(config.optim, config.train.steps)
+  steps = make_steps(model.cfg, method, tx, schedule, config.train.skip_nonfinite,
+                     dropout=getattr(method, "dropout", 0.0) > 0)
+  state_sh = state_shardings(tx, trainable_sh, mesh)
+  state = init_state(tx, trainable, config.train.seed, state_sh)
+  return Prepared(frozen, state, state_sh, frozen_sh, steps,
+                  jit_train_step(steps, mesh, state_sh, frozen_sh))
 
 
 def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0) -> dict:
@@ -99,30 +171,21 @@ def train(config, workdir: str) -> dict:
   workdir has a checkpoint. Returns the last logged metrics. Raises JaxftError subclasses for bad
   configs, data and checkpoints, before anything is written."""
   check_config(config)
-  enc = session.encoder(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any data is read
+  sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
   model_cfg = session.model_config(config)
+  sharding.check_model_fits(mesh, model_cfg)
+  enc = session.encoder(config, workdir)
   fmt, max_len = config.data.format, config.data.max_len
   train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
   eval_ds = (pipeline.load_examples(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size)
              if config.data.eval else None)
-  model = session.load_model(config)
-  cfg, method, mesh = model.cfg, model.method, model.mesh
+  model = session.load_model(config, mesh)
+  cfg, method = model.cfg, model.method
 
-  added = session.init_added(model, config.train.seed)
-  trainable, frozen = method.split(model.base, added)
-  n_train, n_frozen = peft.count_params(trainable), peft.count_params(frozen)
-  logging.info("trainable params: %d of %d (%.4f%%)", n_train, n_train + n_frozen,
-               100.0 * n_train / max(n_train + n_frozen, 1))
-
-  tx, schedule = optim.make(config.optim, config.train.steps)
+  run = prepare(config, model)
+  frozen, steps, state = run.frozen, run.steps, run.state
   accum = config.optim.accum_steps
-  steps = make_steps(cfg, method, tx, schedule, config.train.skip_nonfinite,
-                     dropout=getattr(method, "dropout", 0.0) > 0)
-  state = {"step": jnp.zeros((), jnp.int32),
-           "trainable": trainable,
-           "opt_state": jax.jit(tx.init)(trainable),
-           "rng": jax.random.key_data(jax.random.key(config.train.seed)),
-           "skipped": jnp.zeros((), jnp.int32)}
   stream = pipeline.TrainStream(train_ds.examples, max_len=max_len, packing=config.data.packing,
                                 rows_per_batch=config.data.batch_size, seed=config.train.seed,
                                 shuffle=config.data.shuffle)
@@ -141,11 +204,7 @@ def train(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
-  def _train_step(state, batch, frozen):
-    s, m = steps.train(dict(state, rng=jax.random.wrap_key_data(state["rng"])), batch, frozen)
-    return dict(s, rng=jax.random.key_data(s["rng"])), m
-
-  train_step = jax.jit(_train_step, donate_argnums=0)
+  train_step = run.train_step
   eval_step = jax.jit(steps.eval)
   writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
   total = config.train.steps

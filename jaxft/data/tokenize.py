@@ -35,14 +35,18 @@ def write_quickstart_tokenizer(directory: str) -> str:
   if not os.path.isfile(src):
     raise ConfigError(f"mistral-common does not ship {src}; reinstall mistral-common")
   os.makedirs(directory, exist_ok=True)
+  # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
+  # then atomic renames, so no one ever reads a half-written file.
   if not os.path.isfile(os.path.join(directory, "tokenizer.model")):
-    tmp = os.path.join(directory, "tokenizer.model.tmp")
+    tmp = os.path.join(directory, f"tokenizer.model.tmp{os.getpid()}")
     shutil.copyfile(src, tmp)
     os.replace(tmp, os.path.join(directory, "tokenizer.model"))
   cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+  tmp = os.path.join(directory, f"tokenizer_config.json.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
     json.dump(cfg, f, indent=1)
+  os.replace(tmp, os.path.join(directory, "tokenizer_config.json"))
   return directory
 
 
