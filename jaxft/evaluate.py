@@ -36,8 +36,9 @@ def _main(argv):
   for name in ("tuned", "base"):
     if name in res:
       m = res[name]
+      acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
       print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
-            f"{m['exact_match']:.3f}, normalised match {m['normalized_match']:.3f}", flush=True)
+            f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}", flush=True)
   print(f"wrote {os.path.join(workdir, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
 
 

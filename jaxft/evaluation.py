@@ -81,7 +81,7 @@ def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
 
 
 def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
-  n = max(len(refs), 1)
+  n = len(refs)
   return {"exact_match": sum(exact_match(a, r.answer) for a, r in zip(answers, refs)) / n,
           "normalized_match": sum(normalized_match(a, r.answer) for a, r in zip(answers, refs)) / n}
 
@@ -97,6 +97,7 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
   from jaxft.data import pipeline
   if not config.data.eval:
     raise ConfigError("data.eval is empty: set it to held-out data (e.g. --config.data.eval=FILE)")
+  inference.require_checkpoint(workdir)
   enc = session.encoder(config, workdir)
   cfg = session.model_config(config)
   ds = pipeline.load_examples(config.data.eval, enc, config.data.format, config.data.max_len,
@@ -128,11 +129,15 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
                  model.base))
   for name, dec, trainable, frozen in runs:
     metrics = _loss(model.cfg, dec.adapter, trainable, frozen, ds.examples, config, model.mesh)
-    out = inference.answer(dec, enc, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # Rows without a reference (text, tokens) count towards the loss only; with none at all the
+    # accuracies are null rather than a misleading 0.
+    out = (inference.answer(dec, enc, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+           if refs else [])
     answers[name] = [o["answer"] for o in out]
-    metrics.update(_accuracy(answers[name], refs))
+    metrics.update(_accuracy(answers[name], refs) if refs else
+                   {"exact_match": None, "normalized_match": None})
     result[name] = metrics
-    logging.info("%s: loss %.4f, exact match %.3f", name, metrics["loss"], metrics["exact_match"])
+    logging.info("%s: loss %.4f, exact match %s", name, metrics["loss"], metrics["exact_match"])
   if jax.process_index() == 0:
     _write(workdir, result, refs, answers)
   return result
@@ -169,7 +174,7 @@ def _cell(text: str) -> str:
 
 def report(result: dict, rows: list[dict], models: list[str]) -> str:
   """The Markdown report: a summary table, then prompt, reference and answers side by side."""
-  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
   lines = [f"# Evaluation of {result['workdir']} (step {result['step']})", "",
            f"Data: `{result['data']}`: {result['examples']} examples, "
            f"{result['examples_with_reference']} with a reference answer; greedy answers of at most "

@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from jaxft import cli, decode
 from jaxft.errors import DataError
-from jaxft.inference import Prompt, answer, check_lengths, load_decoder, read_prompts
+from jaxft.inference import (Prompt, answer, check_lengths, load_decoder, read_prompts,
+                             require_checkpoint)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:ARG]); default: the workdir's config.json.",
@@ -54,6 +55,8 @@ def _main(argv):
   if not prompts:
     raise DataError("no prompts: pass --prompt=TEXT (repeatable) or --prompts_file=FILE")
   sampling = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  if not _BASE.value:
+    require_checkpoint(workdir)
   encoder = session.encoder(config, workdir)
   check_lengths(config, encoder, prompts)
   decoder = load_decoder(config, workdir, _BASE.value)

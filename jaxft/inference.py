@@ -53,13 +53,18 @@ def _prompt_from_row(origin: str, row, raw: bool) -> Prompt:
 
 
 def read_prompts(path: str, raw: bool = False) -> list[Prompt]:
-  """Prompts of a file: JSONL (.jsonl/.json: strings or objects, see the module doc) or plain text
-  (one prompt per non-blank line). Raises DataError for a missing or empty file or a bad row."""
+  """Prompts of a file. A .jsonl/.json file holds one row per line: a JSON string, {"prompt": ...},
+  {"messages": [...]} (the conversation so far) or {"instruction", "input"?} (alpaca); any other
+  file holds one prompt per non-blank line. Strings are user turns of the chat template unless
+  `raw`. Raises DataError for a missing, non-UTF-8 or empty file, or a bad row (file:line)."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such prompts file")
   out = []
-  with open(path, encoding="utf-8", errors="strict") as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding="utf-8", errors="strict") as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
   jsonl = path.endswith((".jsonl", ".json"))
   for lineno, line in enumerate(lines, 1):
     if not line.strip():
@@ -107,6 +112,12 @@ class Decoder:
   step: int | None  # the checkpoint step; None for the base model
 
 
+def require_checkpoint(workdir: str) -> int:
+  """The latest checkpoint step of WORKDIR; CheckpointError (before any weights load) when none."""
+  from jaxft import checkpoint
+  return checkpoint.read_meta(workdir)[0]
+
+
 def load_decoder(config, workdir: str, base: bool) -> Decoder:
   """The tuned model of WORKDIR's latest checkpoint, or (base=True) the base model alone: the
   frozen base as `config` builds it (model.path, or the preset and seed), with no method.
@@ -120,8 +131,8 @@ def load_decoder(config, workdir: str, base: bool) -> Decoder:
 
 
 def answer(decoder: Decoder, encoder, prompts: list[Prompt], *, max_new_tokens: int,
-        sampling: decode.Sampling = decode.Sampling(), seed: int = 0, stop=(), batch_size: int = 16
-        ) -> list[dict]:
+           sampling: decode.Sampling = decode.Sampling(), seed: int = 0, stop=(),
+           batch_size: int = 16) -> list[dict]:
   """Decodes `prompts`; returns one dict per prompt: origin, prompt, answer, tokens, finish."""
   ids = [prompt_ids(encoder, p) for p in prompts]
   detok = lambda t: encoder.tok.decode(list(map(int, t)), skip_special_tokens=True)

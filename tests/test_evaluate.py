@@ -118,6 +118,24 @@ def test_base_switch_decodes_the_base_alone(quickstart):
   assert base_dec.step is None and base[0]["answer"] == first["base"] != "Madrid."
 
 
+def test_evaluate_rows_without_reference_count_for_loss_only(quickstart, tmp_path):
+  import shutil
+  wd = str(tmp_path / "copy")
+  shutil.copytree(quickstart[0], wd)
+  data = tmp_path / "text.jsonl"
+  data.write_text("".join(json.dumps({"text": f"The capital of {c} is {k}."}) + "\n"
+                          for c, k in [("Spain", "Madrid"), ("Peru", "Lima")]))
+  config = _quickstart_config()
+  config.data.eval = str(data)
+  res = evaluation.evaluate(config, wd, compare_base=False)
+  assert res["examples"] == 2 and res["examples_with_reference"] == 0 and "base" not in res
+  assert res["tuned"]["exact_match"] is None and res["tuned"]["target_tokens"] > 10
+  assert math.isfinite(res["tuned"]["loss"])
+  assert _read_json(os.path.join(wd, "eval.json")) == json.loads(json.dumps(res))
+  with open(os.path.join(wd, evaluation.REPORT), encoding="utf-8") as f:
+    assert "| exact_match | n/a |" in f.read()
+
+
 def test_flop_count_full_versus_frozen_base():
   cfg = preset("quickstart")
   n = flops.matmul_params(cfg)

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, run_cli
 import ml_collections
 
-from jaxft import configlib, decode, peft, quant, sharding
+from jaxft import configlib, decode, peft, quant, session, sharding
 from jaxft.errors import ConfigError, DataError
 from jaxft.models import llama
 from jaxft.models.config import preset
@@ -185,12 +185,25 @@ def test_cli_bad_input_exits_2(tmp_path):
   assert r.returncode == 2 and "the prompts file is empty" in r.stderr
   assert "Traceback" not in r.stderr
   r = run_cli("jaxft.generate", "--config=configs/quickstart.py", "--config.model.preset=tiny",
-              f"--workdir={tmp_path}", "--prompt=" + "word " * 2100, "--base")
-  assert r.returncode == 2 and "--prompt 1: the prompt has" in r.stderr
-  assert "context is 2048" in r.stderr
-  for module in ("jaxft.generate", "jaxft.evaluate"):
-    r = run_cli(module, "--config=configs/quickstart.py", "--config.model.preset=tiny",
-                f"--workdir={tmp_path / 'never_trained'}", "--prompt=hi"
-                if module == "jaxft.generate" else "--max_examples=1")
-    assert r.returncode == 2, (module, r.stderr[-2000:])
-    assert "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+              f"--workdir={tmp_path / 'never_trained'}", "--prompt=hi")
+  assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_workdir_and_prompt_errors_name_the_problem(tmp_path):
+  from jaxft import evaluation, inference
+  from jaxft.errors import CheckpointError
+  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c.model.preset = "tiny"
+  enc = session.encoder(c, str(tmp_path))
+  long = inference.Prompt("prompts.txt:3", text="word " * 2100)
+  with pytest.raises(DataError, match=r"prompts.txt:3: the prompt has 210\d tokens but the "
+                                      r"model's context is 2048"):
+    inference.check_lengths(c, enc, [inference.Prompt("prompts.txt:1", text="hi"), long])
+  with pytest.raises(CheckpointError, match="no checkpoint"):
+    evaluation.evaluate(c, str(tmp_path / "never_trained"), max_examples=1)
+  with pytest.raises(DataError, match="no such prompts file"):
+    inference.read_prompts(str(tmp_path / "missing.txt"))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('"ok"\n{"messages": [{"role": "robot", "content": "x"}]}\n')
+  with pytest.raises(DataError, match=r"bad.jsonl:2: messages\[0\]"):
+    inference.read_prompts(str(bad))
