@@ -207,3 +207,37 @@ def test_bad_workdir_and_prompt_errors_name_the_problem(tmp_path):
   bad.write_text('"ok"\n{"messages": [{"role": "robot", "content": "x"}]}\n')
   with pytest.raises(DataError, match=r"bad.jsonl:2: messages\[0\]"):
     inference.read_prompts(str(bad))
+
+
+_SHARDED = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.getcwd())
+import jax, ml_collections, numpy as np
+from jaxft import decode, peft, sharding
+from jaxft.models import llama
+from jaxft.models.config import preset
+cfg = preset("tiny").replace(vocab_size=256)
+params = llama.init_params(cfg, jax.random.key(0))
+mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 2, "tensor": 2}))
+sharded = jax.device_put(params, sharding.tree_shardings(llama.param_specs(cfg), mesh))
+assert len(sharded["layers"]["q_proj"]["kernel"].sharding.device_set) == 4
+prompts = [np.arange(3, 3 + n, dtype=np.int32) for n in (4, 11, 7)]
+run = lambda p, s: [g.tokens.tolist() for g in decode.generate(
+    cfg, peft.Method(), p, prompts, max_new_tokens=6, sampling=s, seed=3, batch_size=2)]
+s = decode.Sampling(temperature=1.0, top_k=20)
+one = jax.device_put(params, jax.devices()[0])
+print(json.dumps({"sharded": [run(sharded, decode.Sampling()), run(sharded, s)],
+                  "single": [run(one, decode.Sampling()), run(one, s)]}))
+"""
+
+
+def test_decoding_with_params_sharded_over_a_mesh():
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["sharded"] == out["single"]
