@@ -43,3 +43,13 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
   shortcuts = {"qlora": ("lora", "nf4"), "int8": ("lora", "int8")}
   c.peft.method, quant = shortcuts.get(method, (method, "none"))
   c.model.quant = quant
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """configs/base.py's defaults (the schema), found next to the package or in the working tree."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for root in (here, os.getcwd()):
+    path = os.path.join(root, "configs", "base.py")
+    if os.path.isfile(path):
+      return sibling(path, "base").get_config()
+  raise ConfigError("configs/base.py not found: run from the jaxft checkout")

@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+from absl import logging
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
@@ -106,16 +107,39 @@ def init_added(model: Model, seed: int):
     return peft_io.read_lora_weights(model.init_from, model.cfg, model.method,
                                      model.added_shardings)
   fn = jax.jit(model.method.init, static_argnums=0, out_shardings=model.added_shardings)
-  return fn(model.cfg, jax.random.fold_in(jax.random.key(seed), 1))
+  added = fn(model.cfg, jax.random.fold_in(jax.random.key(seed), 1))
+  # Leaves that depend on the base (DoRA's magnitudes), computed where they will live.
+  complete = jax.jit(model.method.init_from_base, static_argnums=0,
+                     out_shardings=model.added_shardings, donate_argnums=2)
+  return complete(model.cfg, model.base, added)
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote to WORKDIR/config.json, as a locked ConfigDict."""
+  """The resolved config a training run wrote to WORKDIR/config.json, laid over today's defaults
+  (configs/base.py's schema, so a workdir from before a key existed still loads), locked.
+
+  Keys the saved config has that the schema lacks are ignored with a warning."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"{workdir}: no config.json (is this a jaxft workdir? train first)")
-  with open(path, encoding="utf-8") as f:
-    c = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: not valid JSON ({e})") from None
+  from jaxft import configlib
+  c = configlib.base_config()
+
+  def overlay(node, values, prefix):
+    for k, v in values.items():
+      if k not in node:
+        logging.warning("%s: ignoring unknown key %s%s", path, prefix, k)
+      elif isinstance(v, dict) and isinstance(node[k], ml_collections.ConfigDict):
+        overlay(node[k], v, f"{prefix}{k}.")
+      else:
+        node[k] = v
+
+  overlay(c, saved, "")
   c.lock()
   return c
 
