@@ -21,13 +21,20 @@ def get_config(arg=None):
 
   c.peft = ml_collections.ConfigDict()
   c.peft.method = "lora"          # full | lora | dora | adapter | prefix
-  c.peft.targets = "q_proj,v_proj"  # names, all-linear, or regexes over paths like layers/q_proj/kernel
+  c.peft.targets = "q_proj,v_proj"  # (lora, dora) names, all-linear, or regexes over paths like layers/q_proj/kernel
   c.peft.init_from = ""           # a PEFT LoRA adapter directory to start from
   c.peft.lora = ml_collections.ConfigDict()
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0
   c.peft.lora.dropout = 0.0
   c.peft.lora.rslora = False      # scale by alpha / sqrt(rank) instead of alpha / rank
+  c.peft.adapter = ml_collections.ConfigDict()  # bottleneck adapters (peft.method=adapter)
+  c.peft.adapter.size = 64        # bottleneck width
+  c.peft.adapter.placement = "houlsby"  # houlsby: after attention and MLP | pfeiffer: after MLP
+  c.peft.adapter.activation = "relu"    # relu | gelu | silu | tanh
+  c.peft.prefix = ml_collections.ConfigDict()   # prefix tuning (peft.method=prefix)
+  c.peft.prefix.length = 16       # virtual tokens (key/value prefixes) per layer
+  c.peft.prefix.mlp_hidden = 0    # > 0: reparameterise the prefixes by an MLP of this width
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""               # JSONL / Parquet file, HF dataset name, or tfds:NAME[/CONFIG]:SPLIT
@@ -57,6 +64,7 @@ def get_config(arg=None):
   c.train.log_every = 10
   c.train.eval_every = 50         # 0 = only at step 0 and at the end
   c.train.eval_batches = 0        # 0 = the whole eval set
+  c.train.eval_accuracy = False   # also greedy exact-match accuracy on data.eval at eval points
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)

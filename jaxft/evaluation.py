@@ -86,6 +86,18 @@ def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
           "normalized_match": sum(normalized_match(a, r.answer) for a, r in zip(answers, refs)) / n}
 
 
+def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, prefix: str = "",
+                    batch_size: int = 32) -> dict:
+  """Greedy exact-match and normalised-match accuracy of a model held in memory (what training
+  logs at its eval points with train.eval_accuracy=True)."""
+  from jaxft import inference
+  longest = max(len(encoder.tok(r.answer, add_special_tokens=False)["input_ids"]) for r in refs)
+  dec = inference.Decoder(cfg, method, params, None)
+  out = inference.answer(dec, encoder, [r.prompt for r in refs], max_new_tokens=longest + 16,
+                         batch_size=batch_size)
+  return {prefix + k: v for k, v in _accuracy([o["answer"] for o in out], refs).items()}
+
+
 def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
              max_examples: int = 0, compare_base: bool = True) -> dict:
   """Evaluates WORKDIR's latest checkpoint (and the base model) on config.data.eval; writes

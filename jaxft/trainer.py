@@ -142,6 +142,35 @@ def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches:
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
 
 
+def resume(mngr, state, config, model, workdir: str):
+  """Restores the newest complete checkpoint onto `state`'s shardings: (step, state, meta).
+
+  Refuses (CheckpointError) a checkpoint made with other shape-defining config keys or on another
+  base; metrics rows of steps after the restored one (a crash after logging) are dropped."""
+  try:
+    saved_config = checkpoint.read_meta(workdir)[1].get("config", {})
+  except Exception:  # a damaged newest checkpoint: restore_latest_good below says which
+    saved_config = {}
+  changed = checkpoint.changed_shape_keys(saved_config, config.to_dict()) if saved_config else []
+  if changed:
+    raise CheckpointError(f"{workdir}: cannot resume: the config changed keys that fix the saved "
+                          f"state's shapes: {', '.join(changed)}. Use a new workdir.")
+  start, state, meta = checkpoint.restore_latest_good(mngr, checkpoint.abstract(state))
+  if meta.get("base_fingerprint") != model.fingerprint and not model.method.trains_base:
+    raise CheckpointError(f"{workdir}: its checkpoints were trained on another base model "
+                          "(model.path, preset, seed or quant changed)")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() == 0 and os.path.isfile(metrics_path):
+    with open(metrics_path, encoding="utf-8") as f:
+      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+    tmp = metrics_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(rows)
+    os.replace(tmp, metrics_path)
+  logging.info("resuming from step %d", start)
+  return start, state, meta
+
+
 class _Stop:
   """Turns SIGTERM/SIGINT into a flag checked between steps."""
 
@@ -175,6 +204,7 @@ def train(config, workdir: str) -> dict:
   sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
   model_cfg = session.model_config(config)
   sharding.check_model_fits(mesh, model_cfg)
+  sharding.rules_from_config(config.mesh)  # so is a bad mesh.rules
   enc = session.encoder(config, workdir)
   fmt, max_len = config.data.format, config.data.max_len
   train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
@@ -194,17 +224,17 @@ def train(config, workdir: str) -> dict:
   mngr = checkpoint.manager(workdir, config.checkpoint.keep)
   start = 0
   if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, checkpoint.abstract(state))
-    if meta.get("base_fingerprint") != model.fingerprint and not method.trains_base:
-      raise CheckpointError(f"{workdir}: its checkpoints were trained on another base model "
-                            "(model.path, preset, seed or quant changed)")
+    start, state, meta = resume(mngr, state, config, model, workdir)
     pos = pipeline.Position(**meta["data_position"])
-    start = int(state["step"])
-    logging.info("resuming from step %d", start)
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
   train_step = run.train_step
+  rows = config.data.batch_size
+  local_ids = sharding.local_rows(mesh, rows, accum)  # this process builds only these rows
+  if jax.process_count() > 1:
+    logging.info("process %d builds %d of the %d rows of each batch", jax.process_index(),
+                 len(local_ids), rows)
   eval_step = jax.jit(steps.eval)
   writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
   total = config.train.steps
@@ -213,65 +243,96 @@ def train(config, workdir: str) -> dict:
       cfg, method.trains_base, 0 if method.trains_base else peft.count_params(state["trainable"]),
       config.train.peak_tflops)
 
+  eval_refs = []
+  if eval_ds is not None and config.train.eval_accuracy:
+    from jaxft import evaluation
+    eval_refs = evaluation.references(config.data.eval, config.data.format)
+
   def do_eval(step):
     if eval_ds is None:
       return
     m = evaluate_loss(eval_step, state["trainable"], frozen, eval_ds.examples, config, mesh,
                       config.train.eval_batches)
+    if config.train.eval_accuracy and eval_refs:
+      from jaxft import evaluation
+      m.update(evaluation.answer_accuracy(cfg, method, peft.merge_trees(frozen, state["trainable"]),
+                                          enc, eval_refs, prefix="eval_"))
     writer.write(step, m)
     last.update(m)
     logging.info("step %d: eval_loss %.4f", step, m["eval_loss"])
 
   def do_save(step):
     meta = {"data_position": dataclasses.asdict(pos), "base_fingerprint": model.fingerprint,
-            "method": method.name, "step": step}
+            "method": method.name, "step": step, "config": config.to_dict()}
     checkpoint.save(mngr, step, state, meta)
+
+  def record(step, m, tokens, t_last):
+    """Host side of one finished step: non-finite check, logging. Returns the new t_last."""
+    if not bool(m["finite"]):
+      if not config.train.skip_nonfinite:
+        raise NonFiniteError(f"step {step}: loss or gradients are not finite (loss {m['loss']}); "
+                             "stopped; the last good checkpoint is kept "
+                             "(train.skip_nonfinite=True skips such updates instead)")
+      logging.warning("step %d: non-finite loss or gradients; update skipped", step)
+    if step % config.train.log_every == 0 or step == total:
+      dt = time.time() - t_last
+      row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+             "tokens_per_sec": tokens / max(dt, 1e-9), "skipped_steps": int(m["skipped"])}
+      row.update(flop_counter.metrics(row["tokens_per_sec"]))
+      writer.write(step, row)
+      writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"))
+      last.update(row)
+      return time.time(), True
+    return t_last, False
 
   if start == 0:
     do_eval(0)
-  pending = None  # metrics of the previous step, read one step late so the device never idles
-  t_last, tokens_since = time.time(), 0
   step = start
-  with _Stop() as stop:
-    while step < total and stop.signal is None:
-      batch, pos = stream.batch_at(pos)
-      flop_counter.observe(batch["segment_ids"])
-      tokens = int((batch["segment_ids"] > 0).sum())
-      state, metrics = train_step(state, put_batch(batch, mesh, accum), frozen)
-      step += 1
-      tokens_since += tokens
-      m = jax.device_get(metrics)
-      if not bool(m["finite"]):
-        if not config.train.skip_nonfinite:
-          raise NonFiniteError(f"step {step}: loss or gradients are not finite (loss {m['loss']}); "
-                               "stopped, the last good checkpoint is kept "
-                               "(train.skip_nonfinite=True skips such steps)")
-        logging.warning("step %d: non-finite loss or gradients; update skipped", step)
-      if step % config.train.log_every == 0 or step == total:
-        dt = time.time() - t_last
-        row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_sec": tokens_since / max(dt, 1e-9),
-               "skipped_steps": int(state["skipped"])}
-        row.update(flop_counter.metrics(row["tokens_per_sec"]))
-        writer.write(step, row)
-        writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"))
-        last.update(row)
-        t_last, tokens_since = time.time(), 0
-      if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
-        do_eval(step)
-      if config.checkpoint.every and step % config.checkpoint.every == 0 and step != total:
+  try:
+    with _Stop() as stop:
+      # Metrics are read one step late, so the host prepares batch k+1 while step k runs.
+      pending = None  # (step, device metrics)
+      t_last, tokens_since = time.time(), 0
+
+      def flush():
+        nonlocal pending, t_last, tokens_since
+        if pending is not None:
+          k, dm = pending
+          pending = None
+          dm = jax.device_get(dm)
+          tokens_since += int(dm["tokens"])  # global count (this process builds only its rows)
+          t_last, logged = record(k, dm, tokens_since, t_last)
+          if logged:
+            tokens_since = 0
+
+      while step < total and stop.signal is None:
+        batch, pos = stream.batch_at(pos, select=local_ids)
+        flop_counter.observe(batch["segment_ids"])
+        device_batch = sharding.put_local_batch(batch, local_ids, mesh, rows, accum)
+        state, metrics = train_step(state, device_batch, frozen)
+        flush()
+        step += 1
+        pending = (step, metrics)
+        boundary = step == total or stop.signal is not None
+        if config.train.eval_every and step % config.train.eval_every == 0 and not boundary:
+          flush()
+          do_eval(step)
+        if config.checkpoint.every and step % config.checkpoint.every == 0 and not boundary:
+          flush()
+          do_save(step)
+      flush()
+      if step > start or start == 0:
+        if step == total:
+          do_eval(step)
         do_save(step)
-    del pending
-    if step == total:
-      do_eval(step)
-    do_save(step)
+      if stop.signal is not None and step < total:
+        logging.warning("%s at step %d: checkpoint saved", stop.signal, step)
+        print(f"stopped by {stop.signal} at step {step}; checkpoint saved. Run the same command "
+              "to resume.", flush=True)
+  finally:
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-    if stop.signal is not None and step < total:
-      logging.warning("%s at step %d: checkpoint saved; run the same command to resume", stop.signal, step)
-      print(f"stopped by {stop.signal} at step {step}; checkpoint saved. Resume with the same "
-            "command.", flush=True)
   if jax.process_index() == 0:
     try:
       curves.write_loss_curve(workdir)

@@ -73,3 +73,13 @@ def test_bad_data_exits_2_and_writes_no_checkpoint(tmp_path, content, needle):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("jaxft: error:") and needle in last, last
   assert not (wd / "checkpoints").exists()
+
+
+def test_eval_accuracy_is_logged_at_eval_points(tmp_path):
+  wd = str(tmp_path / "acc")
+  r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=2",
+              "--config.train.eval_accuracy=True", "--config.train.eval_every=1")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [m for m in read_metrics(wd) if "eval_exact_match" in m]
+  assert [m["step"] for m in rows] == [0, 1, 2]
+  assert all(0.0 <= m["eval_exact_match"] <= m["eval_normalized_match"] <= 1.0 for m in rows)
