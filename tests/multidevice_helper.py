@@ -163,14 +163,17 @@ def bad_meshes(workdir):
     except ConfigError as e:
       out[name] = str(e)
     out[name + ":written"] = os.path.exists(wd) and sorted(os.listdir(wd))
-  c = base_config("lora", (8, 1, 1))
-  c.data.batch_size = 4  # 4 rows over data*fsdp=8 devices
-  c.data.train = bundled.path("capitals_train.jsonl")
-  try:
-    trainer.train(c, os.path.join(workdir, "bad-rows"))
-    out["rows"] = None
-  except ConfigError as e:
-    out["rows"] = str(e)
+  for name, key, value in (("rows", "data.batch_size", 4),  # 4 rows over data*fsdp=8 devices
+                           ("rules", "mesh.rules", "embed=model")):
+    c = base_config("lora", (8, 1, 1))
+    c.data.train = bundled.path("capitals_train.jsonl")
+    section, field = key.split(".")
+    c[section][field] = value
+    try:
+      trainer.train(c, os.path.join(workdir, "bad-" + name))
+      out[name] = None
+    except ConfigError as e:
+      out[name] = str(e)
   return out
 
 

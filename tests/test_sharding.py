@@ -198,6 +198,7 @@ def test_bad_meshes_are_config_errors_before_anything_is_written(runs):
   assert "uses 3 devices, but there are 8" in bad["data=3"]
   assert "does not divide the 8 devices" in bad["fsdp=3,data=-1"]
   assert "data.batch_size=4" in bad["rows"] and "data*fsdp=8" in bad["rows"]
+  assert "config.mesh.rules" in bad["rules"] and "'model' is not a mesh axis" in bad["rules"]
   assert not any(bad[k + ":written"] for k in ("tensor=8", "data=3", "fsdp=3,data=-1"))
 
 
@@ -221,4 +222,7 @@ def test_two_processes_match_one_process(runs):
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # written once, by process 0
   np.testing.assert_allclose(losses, runs["lora"]["multihost"], rtol=RTOL)
   assert "in 2 processes" in local["stderr"]
+  for i in (0, 1):  # each process builds only the rows of its own devices
+    assert f"[p{i}] " in local["stderr"] and f"process {i} builds 8 of the 16 rows" in local["stderr"]
+  assert len(os.listdir(os.path.join(local["workdir"], "tensorboard"))) == 1  # process 0 only
   assert os.listdir(os.path.join(local["workdir"], "checkpoints")) == ["5"]
