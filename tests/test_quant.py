@@ -143,6 +143,12 @@ def test_node_passes_through_jit_scan_and_per_layer_stacking(kind):
   for i in range(3):
     np.testing.assert_allclose(ys[i], x @ full[i], rtol=1e-5, atol=1e-6)
   assert quant.dequantize(q, jnp.bfloat16).dtype == jnp.bfloat16
+  # Donation: a loader writes layer slices into a donated stack (no second copy of the stack).
+  write = jax.jit(lambda s, new: jax.tree.map(lambda a, b: a.at[0].set(b), s, new),
+                  donate_argnums=0)
+  q2 = write(q, quant.quantize(w[2], kind))
+  assert all(x.is_deleted() for x in jax.tree.leaves(q))
+  np.testing.assert_array_equal(q2.dequantize()[0], full[2])
 
 
 def test_orbax_saves_and_restores_a_quantized_tree(tmp_path):
