@@ -193,6 +193,19 @@ def value_shardings(values, shardings):
                       shardings, values)
 
 
+def place(tree, shardings, what: str = "params"):
+  """`tree` on `shardings` (a tree from `value_shardings`). Leaves already there are returned as
+  they are (no copy); others, e.g. from a loader that placed them its own way, are moved once with
+  a warning. The jitted step insists on its declared shardings, so this is where they must agree."""
+  pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+  off = sum(not x.sharding.is_equivalent_to(sh, x.ndim) for x, sh in pairs)
+  if not off:
+    return tree
+  from absl import logging
+  logging.warning("%d %s arrays were not on the shardings of the rules table; moving them", off, what)
+  return jax.device_put(tree, shardings)
+
+
 def optimizer_shardings(tx, trainable_shardings, mesh: Mesh):
   """Shardings of `tx.init(trainable)`: every copy of the trainable tree inside the optimizer state
   (Adam's mu and nu, ...) is sharded like the trainable params; counters are replicated."""

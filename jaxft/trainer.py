@@ -119,6 +119,8 @@ def prepare(config, model: session.Model) -> Prepared:
   trainable_sh, frozen_sh = method.split(model.base_shardings, model.added_shardings)
   trainable_sh = sharding.value_shardings(trainable, trainable_sh)
   frozen_sh = sharding.value_shardings(frozen, frozen_sh)
+  trainable = sharding.place(trainable, trainable_sh, "trainable")
+  frozen = sharding.place(frozen, frozen_sh, "frozen")
   tx, schedule = optim.make(config.optim, config.train.steps)
   steps = make_steps(model.cfg, method, tx, schedule, config.train.skip_nonfinite,
                      dropout=getattr(method, "dropout", 0.0) > 0)
