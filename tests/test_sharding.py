@@ -202,8 +202,13 @@ def test_bad_meshes_are_config_errors_before_anything_is_written(runs):
   assert not any(bad[k + ":written"] for k in ("tensor=8", "data=3", "fsdp=3,data=-1"))
 
 
+def test_params_placed_elsewhere_are_moved_onto_the_rules(runs):
+  before, after, untouched = runs["full"]["place"]
+  assert before == [] and after == ["fsdp", "tensor"] and untouched
+
+
 def test_quantized_base_is_sharded_consistently(runs):
-  nf4 = runs["lora"]["nf4"]
+  nf4 = runs["full"]["nf4"]
   np.testing.assert_allclose(nf4["fsdp=4,tensor=2"], nf4["1"], rtol=RTOL)
   q = nf4["layout"]["layers/q_proj/kernel"]  # codes and scales of one column on one device
   assert isinstance(q, dict) and len(q) >= 2
