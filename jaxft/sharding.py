@@ -10,7 +10,7 @@ own devices hold (`local_rows`).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
