@@ -1,11 +1,14 @@
-"""python -m jaxft.export --workdir=W --format=hf|peft --out=OUT
+"""python -m jaxft.export --workdir=W --format=hf|peft|adapter --out=OUT
 
 `hf`: the trained method merged into the base (float32 math, then cast), written as an HF
 checkpoint: config.json, generation_config.json, safetensors (sharded with an index above
 --max_shard_mb) and the tokenizer files with the chat template training used. transformers, vLLM,
 TGI and llama.cpp's converter read it.
 `peft`: adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` (and
-vLLM's LoRA support) load on the base model.
+vLLM's LoRA support) load on the base model: LoRA, DoRA (use_dora) and prefix tuning (the
+reparameterising MLP folded away).
+`adapter`: bottleneck adapters (no PEFT format; they cannot be merged either) as
+adapter_config.json + adapter_model.safetensors in jaxft's documented layout (docs/methods.md).
 
 Output is written into a temporary directory beside OUT and renamed at the end, so OUT is either
 absent or complete.
@@ -25,7 +28,7 @@ from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
 from jaxft.peft import peft_io
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "adapter")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json")
@@ -163,8 +166,9 @@ def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | Non
   _check_out(out, overwrite)
   config = session.load_workdir_config(workdir)
   if config.peft.method not in peft_io.WRITERS:
+    other = "--format=adapter" if config.peft.method == "adapter" else "--format=hf"
     raise ConfigError(f"peft.method={config.peft.method!r} has no PEFT adapter format; use "
-                      f"--format=hf. PEFT formats: {', '.join(peft_io.WRITERS)}")
+                      f"{other}. PEFT formats: {', '.join(peft_io.WRITERS)}")
   trained = session.restore_trained(workdir, config, step=step)
   main = jax.process_index() == 0
   tmp = _tmp_dir(out) if main else ""
@@ -181,24 +185,52 @@ def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | Non
   return out
 
 
+def export_adapter(workdir: str, out: str, *, base_model: str = "", step: int | None = None,
+                   overwrite: bool = False) -> str:
+  """Writes WORKDIR's trained bottleneck adapters (peft.method=adapter) to OUT in jaxft's adapter
+  format (adapter_config.json + adapter_model.safetensors; see jaxft/peft/adapter.py and
+  docs/methods.md). Returns OUT. Raises ConfigError for another method."""
+  from jaxft.peft import adapter
+  _check_out(out, overwrite)
+  config = session.load_workdir_config(workdir)
+  if config.peft.method != "adapter":
+    raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
+                      f"peft.method={config.peft.method!r} (use --format=peft or --format=hf)")
+  trained = session.restore_trained(workdir, config, step=step)
+  main = jax.process_index() == 0
+  tmp = _tmp_dir(out) if main else ""
+  try:
+    adapter.write(tmp, trained.model.method, trained.model.cfg, trained.trainable,
+                  base_model or config.model.path)
+  except BaseException:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if main:
+    _publish(tmp, out)
+    logging.info("exported bottleneck adapters to %s", out)
+  return out
+
+
 def export(workdir: str, fmt: str, out: str, **kw) -> str:
-  """export_hf or export_peft by `fmt`."""
+  """export_hf, export_peft or export_adapter by `fmt`."""
   if fmt not in FORMATS:
     raise ConfigError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
   if fmt == "hf":
     return export_hf(workdir, out, **kw)
   kw.pop("max_shard_mb", None)
   kw.pop("dtype", None)
-  return export_peft(workdir, out, **kw)
+  return (export_peft if fmt == "peft" else export_adapter)(workdir, out, **kw)
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "hf: merged model; peft: adapter only.")
+_FORMAT = flags.DEFINE_enum("format", "hf", FORMATS, "hf: merged model; peft: adapter only; "
+                            "adapter: bottleneck adapters (peft.method=adapter).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not exist, unless --overwrite).")
 _SHARD = flags.DEFINE_float("max_shard_mb", 5000, "hf: largest safetensors file before sharding.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", DTYPES, "hf: weight dtype; auto = the source's.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BASE = flags.DEFINE_string("base_model", "", "peft: base_model_name_or_path to record "
+_BASE = flags.DEFINE_string("base_model", "", "peft, adapter: base_model_name_or_path to record "
                             "(default: model.path).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 

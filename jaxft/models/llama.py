@@ -206,7 +206,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
     return _layer(cfg, adapter, inv_freq, x, p, ctx)
 
   layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-  x, new_kv = jax.lax.scan(_remat(cfg, body), x, (params["layers"], rngs, layer_caches))
+  layers = adapter.layer_params(cfg, params)  # params["layers"], or derived by the method
+  x, new_kv = jax.lax.scan(_remat(cfg, body), x, (layers, rngs, layer_caches))
   x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
   new_cache = None if cache is None else {"k": new_kv["k"], "v": new_kv["v"], "seg": kv_seg}
   return x, new_cache

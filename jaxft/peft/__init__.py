@@ -6,9 +6,12 @@ from jaxft.errors import ConfigError
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import (Method, count_params, flatten, match_targets, merge_trees,
                              unflatten)
+from jaxft.peft.adapter import BottleneckAdapter, check as _check_adapter
+from jaxft.peft.dora import DoRA
 from jaxft.peft.lora import LoRA
+from jaxft.peft.prefix import Prefix
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "dora", "adapter", "prefix")
 
 
 def from_config(peft_cfg, model_cfg: ModelConfig) -> Method:
@@ -16,16 +19,31 @@ def from_config(peft_cfg, model_cfg: ModelConfig) -> Method:
   name = peft_cfg.method
   if name == "full":
     return Method()
-  if name == "lora":
+  if name in ("lora", "dora"):
     lc = peft_cfg.lora
     if lc.rank < 1:
       raise ConfigError(f"peft.lora.rank={lc.rank}: must be >= 1")
     if not 0.0 <= lc.dropout < 1.0:
       raise ConfigError(f"peft.lora.dropout={lc.dropout}: must be in [0, 1)")
-    return LoRA(targets=match_targets(peft_cfg.targets, model_cfg), rank=int(lc.rank),
-                alpha=float(lc.alpha), dropout=float(lc.dropout), rslora=bool(lc.rslora))
+    cls = LoRA if name == "lora" else DoRA
+    return cls(targets=match_targets(peft_cfg.targets, model_cfg), rank=int(lc.rank),
+               alpha=float(lc.alpha), dropout=float(lc.dropout), rslora=bool(lc.rslora))
+  if name == "adapter":
+    ac = peft_cfg.adapter
+    _check_adapter(ac.size, ac.placement, ac.activation)
+    return BottleneckAdapter(size=int(ac.size), placement=ac.placement, activation=ac.activation)
+  if name == "prefix":
+    pc = peft_cfg.prefix
+    if pc.length < 1:
+      raise ConfigError(f"peft.prefix.length={pc.length}: must be >= 1")
+    if pc.mlp_hidden < 0:
+      raise ConfigError(f"peft.prefix.mlp_hidden={pc.mlp_hidden}: must be >= 0 (0 = no MLP)")
+    if pc.length >= model_cfg.max_position_embeddings:
+      raise ConfigError(f"peft.prefix.length={pc.length}: takes every position of the model's "
+                        f"{model_cfg.max_position_embeddings}-token context")
+    return Prefix(length=int(pc.length), mlp_hidden=int(pc.mlp_hidden))
   raise ConfigError(f"peft.method={name!r}: expected one of {', '.join(METHODS)}")
 
 
-__all__ = ["Method", "LoRA", "from_config", "merge_trees", "flatten", "unflatten", "count_params",
-           "match_targets", "METHODS"]
+__all__ = ["Method", "LoRA", "DoRA", "BottleneckAdapter", "Prefix", "from_config", "merge_trees",
+           "flatten", "unflatten", "count_params", "match_targets", "METHODS"]

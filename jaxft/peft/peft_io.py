@@ -7,7 +7,9 @@ module path in the wrapped model plus the leaf, e.g.
 while jaxft stacks layers: layers/q_proj/lora_a [L, in, r], layers/q_proj/lora_b [L, r, out].
 
 Writing dispatches on the method name through `WRITERS` (method name -> function returning the
-adapter_config.json entries and the tensors), so other methods add themselves beside LoRA.
+adapter_config.json entries and the tensors): LoRA, DoRA (LoRA with use_dora=true and
+`...q_proj.lora_magnitude_vector` [out]) and prefix tuning (peft_type PREFIX_TUNING,
+`prompt_embeddings` [num_virtual_tokens, layers*2*kv_heads*head_dim]).
 Reading supports LoRA adapters (`peft.init_from`).
 """
 
@@ -53,7 +55,7 @@ def parse_key(key: str) -> tuple[str, int, str] | None:
   return m.group(3), int(m.group(1)), m.group(4)
 
 
-def _host(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
   """A whole (small) trainable leaf on the host, gathered across processes when needed."""
   if not x.is_fully_addressable:
     from jax.experimental import multihost_utils
@@ -67,24 +69,61 @@ def _alpha(a: float):
   return int(a) if float(a).is_integer() else float(a)
 
 
+# What PEFT's LoraConfig writes beside the method's own entries (the LoRA family only).
+_LORA_DEFAULTS = {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+                  "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+                  "alpha_pattern": {}, "init_lora_weights": True}
+
+
 def _lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
-  """adapter_config.json entries and (name, array) tensors of a LoRA method's trainable tree."""
-  config = {"peft_type": "LORA", "r": method.rank, "lora_alpha": _alpha(method.alpha),
-            "lora_dropout": float(method.dropout), "target_modules": sorted(method.targets),
-            "use_rslora": bool(method.rslora), "use_dora": False}
+  """adapter_config.json entries and (name, array) tensors of a LoRA or DoRA method's trainable
+  tree. DoRA adds `...q_proj.lora_magnitude_vector` [out] and use_dora=true."""
+  dora = method.name == "dora"
+  config = {**_LORA_DEFAULTS, "peft_type": "LORA", "r": method.rank,
+            "lora_alpha": _alpha(method.alpha), "lora_dropout": float(method.dropout),
+            "target_modules": sorted(method.targets), "use_rslora": bool(method.rslora),
+            "use_dora": dora}
 
   def tensors():
     for n in method.targets:
-      a, b = _host(trainable["layers"][n]["lora_a"]), _host(trainable["layers"][n]["lora_b"])
+      leaves = trainable["layers"][n]
+      a, b = host_array(leaves["lora_a"]), host_array(leaves["lora_b"])
+      m = host_array(leaves["magnitude"]) if dora else None
       for i in range(cfg.num_layers):
         yield f"{module_key(n, i)}.lora_A.weight", np.ascontiguousarray(a[i].T)
         yield f"{module_key(n, i)}.lora_B.weight", np.ascontiguousarray(b[i].T)
+        if dora:
+          yield f"{module_key(n, i)}.lora_magnitude_vector", np.ascontiguousarray(m[i])
+
+  return config, tensors()
+
+
+def _prefix_tensors(method, cfg: ModelConfig,
+                    trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
+  """PEFT prefix tuning: `prompt_embeddings` [P, L*2*kv_heads*head_dim], each row ordered (layer,
+  key|value, kv head, head_dim), the reparameterising MLP folded away (prefix_projection=false).
+  PEFT loads it as past_key_values and starts the real tokens' positions after the prefix, as
+  jaxft does."""
+  kv = cfg.num_kv_heads * cfg.head_dim
+  config = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": method.length,
+            "num_layers": cfg.num_layers, "token_dim": kv, "num_attention_heads": cfg.num_kv_heads,
+            "encoder_hidden_size": kv, "num_transformer_submodules": 1,
+            "prefix_projection": False, "modules_to_save": None}
+
+  def tensors():
+    folded = method.fold(cfg, trainable)["layers"]["prefix"]
+    k, v = host_array(folded["key"]), host_array(folded["value"])  # [L, P, K, hd]
+    both = np.stack([k, v], axis=1)  # [L, 2, P, K, hd]
+    rows = np.transpose(both, (2, 0, 1, 3, 4)).reshape(method.length, -1)
+    yield "prompt_embeddings", np.ascontiguousarray(rows.astype(np.float32))
 
   return config, tensors()
 
 
 WRITERS: dict[str, Callable[..., tuple[dict, Iterator[tuple[str, np.ndarray]]]]] = {
     "lora": _lora_tensors,
+    "dora": _lora_tensors,
+    "prefix": _prefix_tensors,
 }
 
 
@@ -98,10 +137,7 @@ def write_adapter(directory: str, method, cfg: ModelConfig, trainable, base_mode
                       f"--format=hf (a merged model) instead. PEFT formats: {', '.join(WRITERS)}")
   entries, tensors = writer(method, cfg, trainable)
   config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
-            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
-            "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
-            "revision": None, **entries}
+            "inference_mode": True, "revision": None, **entries}
   arrays = list(tensors)
   if jax.process_index() != 0:
     return
