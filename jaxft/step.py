@@ -9,6 +9,7 @@ of the whole accumulated batch, so accumulation equals one large batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -22,34 +23,155 @@ from jaxft.peft.base import Method, merge_trees
 State = dict[str, Any]
 
 
-def token_losses(cfg: ModelConfig, params, h, targets, chunk: int = 2048):
-  """Per-token cross-entropy [B, T] in float32, computed in chunks of tokens so that the full
-  [B*T, vocab] float32 logits never exist at once (each chunk is rematerialised in the backward)."""
+# Cross-entropy chunking: tokens per outer chunk, and the target width of a vocabulary chunk (the
+# chunk actually used divides the vocabulary when a divisor lies near it). On CPU, dots over ~4k
+# vocabulary columns run several times faster than one over a 32k-128k vocabulary.
+LOSS_CHUNK_TOKENS = 8192
+LOSS_CHUNK_VOCAB = 4096
+# The backward needs softmax - onehot for every (token, vocabulary) pair. Up to this many bytes
+# (in the compute dtype, over the whole micro-batch) it is kept from the forward; beyond, each
+# chunk's logits are recomputed in the backward (one more output-projection matmul: about a fifth
+# of a small model's step) so that only a [tokens, vocabulary chunk] block ever exists.
+LOSS_SAVE_BYTES = 1 << 30
+
+
+def _vocab_chunk(vocab: int, target: int) -> int:
+  """A chunk width that tiles `vocab`: the largest divisor in [target/2, target], else `target`
+  (the vocabulary is then padded with masked columns)."""
+  if vocab <= target:
+    return vocab
+  for c in range(target, target // 2, -1):
+    if vocab % c == 0:
+      return c
+  return target
+
+
+def _split_vocab(w, vc: int, layout: str):
+  """The output weights as [chunks, vc, D] ("vd") or [chunks, D, vc] ("dv"), 16-bit floats bit-cast
+  to integers so that the scan slices them natively (see llama.pack_16bit)."""
+  if layout == "vd":
+    chunks = w.reshape(-1, vc, w.shape[1])
+  else:
+    chunks = jnp.moveaxis(w.reshape(w.shape[0], -1, vc), 1, 0)
+  return llama.pack_16bit(chunks)
+
+
+def _join_vocab(dw_chunks, layout: str):
+  if layout == "vd":
+    return dw_chunks.reshape(-1, dw_chunks.shape[-1])
+  return jnp.moveaxis(dw_chunks, 0, 1).reshape(dw_chunks.shape[1], -1)
+
+
+def _chunk_logits(h, wc, c, vc, vocab, layout):
+  """Float32 logits [N, vc] of vocabulary chunk c (weights wc, still packed), the chunk's weights in
+  h's dtype and the chunk's column ids [1, vc]."""
+  wc = llama.unpack_16bit(wc).astype(h.dtype)
+  lg = jnp.einsum("nd,dv->nv" if layout == "dv" else "nd,vd->nv", h, wc,
+                  preferred_element_type=jnp.float32)
+  col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
+  if vocab % vc:  # padded columns never win the softmax
+    lg = jnp.where(col < vocab, lg, -jnp.inf)
+  return lg, wc, col
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _cross_entropy(h, w, targets, vc: int, vocab: int, layout: str, save: bool):
+  """Per-token cross-entropy [N] (float32) of h [N, D] against w ([D, V'] "dv" or [V', D] "vd",
+  V' a multiple of vc), one vocabulary chunk at a time with an online log-sum-exp. `save` keeps
+  softmax - onehot for the backward instead of recomputing the logits."""
+  return _ce_fwd(h, w, targets, vc, vocab, layout, save)[0]
+
+
+def _ce_fwd(h, w, targets, vc, vocab, layout, save):
+  n = h.shape[0]
+
+  def body(carry, xs):
+    c, wc = xs
+    m, s, tl = carry
+    lg, _, col = _chunk_logits(h, wc, c, vc, vocab, layout)
+    m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
+    s = s * jnp.exp(m - m2) + jnp.sum(jnp.exp(lg - m2[:, None]), axis=-1)
+    tl = tl + jnp.sum(jnp.where(col == targets[:, None], lg, 0.0), axis=-1)
+    return (m2, s, tl), (lg if save else None)
+
+  chunks = _split_vocab(w, vc, layout)
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+          jnp.zeros((n,), jnp.float32))
+  (m, s, tl), lg = jax.lax.scan(body, init, (jnp.arange(chunks.shape[0]), chunks))
+  lse = m + jnp.log(s)
+  if save:  # softmax - onehot, [chunks, N, vc] in h's dtype (packed for the backward's scan)
+    col = (jnp.arange(chunks.shape[0])[:, None, None] * vc
+           + jax.lax.broadcasted_iota(jnp.int32, (1, 1, vc), 2))
+    d = jnp.exp(lg - lse[None, :, None]) - (col == targets[None, :, None])
+    return lse - tl, (h, w, None, None, llama.pack_16bit(d.astype(h.dtype)))
+  return lse - tl, (h, w, targets, lse, None)
+
+
+def _ce_bwd(vc, vocab, layout, save, res, g):
+  # d loss / d logits = (softmax - onehot) * g, one vocabulary chunk at a time (saved or rebuilt);
+  # the dots take it in h's dtype with float32 accumulation.
+  h, w, targets, lse, saved = res
+
+  def body(dh, xs):
+    c, wc, d = xs
+    if save:
+      wc = llama.unpack_16bit(wc).astype(h.dtype)
+      d = llama.unpack_16bit(d).astype(jnp.float32)
+    else:
+      lg, wc, col = _chunk_logits(h, wc, c, vc, vocab, layout)
+      d = jnp.exp(lg - lse[:, None]) - (col == targets[:, None])
+    d = (d * g[:, None]).astype(h.dtype)
+    dh = dh + jnp.einsum("nv,dv->nd" if layout == "dv" else "nv,vd->nd", d, wc,
+                         preferred_element_type=jnp.float32)
+    dwc = jnp.einsum("nd,nv->dv" if layout == "dv" else "nd,nv->vd", h, d,
+                     preferred_element_type=jnp.float32)
+    return dh, dwc.astype(w.dtype)
+
+  chunks = _split_vocab(w, vc, layout)
+  idx = jnp.arange(chunks.shape[0])
+  dh, dw = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (idx, chunks, saved))
+  return dh.astype(h.dtype), _join_vocab(dw, layout), None
+
+
+_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+
+
+def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                 chunk_vocab: int = LOSS_CHUNK_VOCAB):
+  """Per-token cross-entropy [B, T] in float32 of final hidden states h [B, T, D].
+
+  The logits are made `chunk_tokens` x ~`chunk_vocab` at a time with an online log-sum-exp, and the
+  output-projection dots run in cfg.dtype with float32 accumulation. The backward's softmax - onehot
+  is kept from the forward in cfg.dtype when it fits in LOSS_SAVE_BYTES, else rebuilt chunk by
+  chunk, so that beyond that size the full [B*T, vocab] logits never exist."""
   B, T, D = h.shape
-  hf = h.reshape(B * T, D)
-  tf = targets.reshape(B * T)
   n = B * T
-  chunk = min(chunk, n)
-  pad = (-n) % chunk
-  if pad:
-    hf = jnp.pad(hf, ((0, pad), (0, 0)))
-    tf = jnp.pad(tf, (0, pad))
-  kernel = llama.output_kernel(cfg, params)
-
-  @jax.checkpoint
-  def one(args):
-    hc, tc = args
-    lg = jax.lax.dot_general(hc.astype(cfg.dtype), kernel.astype(cfg.dtype), (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(lg, axis=-1)
-    return lse - jnp.take_along_axis(lg, tc[:, None], axis=-1)[:, 0]
-
-  losses = jax.lax.map(one, (hf.reshape(-1, chunk, D), tf.reshape(-1, chunk)))
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.tie_embeddings:
+    w, layout = params["embed"]["embedding"], "vd"
+  else:
+    w, layout = params["lm_head"]["kernel"], "dv"
+  vocab = cfg.vocab_size
+  vc = _vocab_chunk(vocab, chunk_vocab)
+  if vocab % vc:
+    pad = [(0, 0), (0, (-vocab) % vc)] if layout == "dv" else [(0, (-vocab) % vc), (0, 0)]
+    w = jnp.pad(w, pad)
+  hf = h.reshape(n, D).astype(dtype)
+  tf = targets.reshape(n).astype(jnp.int32)
+  save = n * w.size // D * dtype.itemsize <= LOSS_SAVE_BYTES
+  if n <= chunk_tokens:
+    return _cross_entropy(hf, w, tf, vc, vocab, layout, save).reshape(B, T)
+  pad = (-n) % chunk_tokens
+  hf = jnp.pad(hf, ((0, pad), (0, 0))).reshape(-1, chunk_tokens, D)
+  tf = jnp.pad(tf, (0, pad)).reshape(-1, chunk_tokens)
+  losses = jax.lax.map(lambda a: _cross_entropy(a[0], w, a[1], vc, vocab, layout, save), (hf, tf))
   return losses.reshape(-1)[:n].reshape(B, T)
 
 
 def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
   """(sum of target-token losses, number of target tokens) of one micro-batch."""
+  if "layers" in frozen:  # the frozen base is never differentiated: scan it as integers on CPU
+    frozen = {**frozen, "layers": llama.pack_16bit(frozen["layers"])}
   params = merge_trees(frozen, trainable)
   h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
                              positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)

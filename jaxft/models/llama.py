@@ -18,6 +18,7 @@ leaves in the same tree (e.g. layers/q_proj/lora_a).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -96,25 +97,124 @@ def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
   return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def mixed_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype=None) -> jnp.ndarray:
+  """A two-operand einsum in the operands' dtype (both the same) with float32 accumulation,
+  returning `out_dtype` (default: the operands'); its backward rounds the cotangent to the
+  operands' dtype and runs its dots in that dtype, accumulating in float32.
+
+  With plain `einsum(..., preferred_element_type=float32).astype(bf16)` the transpose of the cast
+  hands the dots a float32 cotangent, so every backward dot runs in float32 with an upcast copy of
+  its bf16 operand: about 3x slower on CPU and 2x the memory traffic on accelerators. Every index of
+  an operand must appear in the other operand or in the output (true of matmuls and attention).
+  """
+  out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  return out.astype(out_dtype or a.dtype)
+
+
+def _mixed_einsum_fwd(spec, a, b, out_dtype):
+  return mixed_einsum(spec, a, b, out_dtype), (a, b)
+
+
+def _mixed_einsum_bwd(spec, out_dtype, res, g):
+  a, b = res
+  (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  g = g.astype(a.dtype)
+  da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
 def matmul(x: jnp.ndarray, w: jnp.ndarray, dtype) -> jnp.ndarray:
-  """x[..., in] @ w[in, out] in `dtype` with float32 accumulation (fast on CPU and accelerators)."""
-  out = jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-  return out.astype(dtype)
+  """x[..., in] @ w[in, out] in `dtype` with float32 accumulation (fast on CPU and accelerators),
+  backward dots in `dtype` too (see `mixed_einsum`)."""
+  dtype = jnp.dtype(dtype)
+  return mixed_einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
 
 
-def _attend(q, k, v, mask, dtype):
-  """q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H*hd]. Softmax in float32."""
+ATTENTION = ("auto", "einsum", "xla", "cudnn")
+
+
+def attention_impl(cfg: ModelConfig, plain: bool = True) -> str:
+  """The attention implementation `cfg.attention` (model.attention) resolves to.
+
+  `plain`: no KV cache and no prefix keys, so queries and keys share positions (causal is the
+  usual lower triangle). auto: cuDNN's fused (flash) attention through
+  `jax.nn.dot_product_attention` on GPUs in bf16/fp16 for plain attention, else jaxft's einsum
+  path, which serves every case (packed segments, sliding windows, KV caches, prefix keys) and on
+  CPU measured as fast as the XLA implementation of `jax.nn.dot_product_attention`."""
+  if not plain:
+    return "einsum"
+  if cfg.attention != "auto":
+    return cfg.attention
+  if (jax.default_backend() == "gpu"
+      and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0
+      and cfg.head_dim <= 128):
+    return "cudnn"
+  return "einsum"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q, k, v, bias, scale: float):
+  """softmax(q k^T * scale + bias) v for q [B,K,Q,hd], k/v [B,K,S,hd] (all in the compute dtype),
+  bias [B,1,Q,S] float32 (0 or a large negative number). Scores and softmax in float32, dots in
+  the compute dtype with float32 accumulation.
+
+  Its backward is the one flash attention uses: dS = P * (dP - rowsum(dO * O)), from the saved
+  probabilities P, in a handful of passes over the [Q, S] scores (autodiff of softmax makes several
+  more, with transposes between them)."""
+  return _softmax_attention_fwd(q, k, v, bias, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, bias, scale):
+  s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale + bias
+  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+  p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
+  out = jnp.einsum("bkqs,bksd->bkqd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
+  # 16-bit residuals bit-cast to integers: a scan stacks them natively on CPU (see pack_16bit).
+  return out, pack_16bit((q, k, v, p, out))
+
+
+def _softmax_attention_bwd(scale, res, g):
+  q, k, v, p, out = unpack_16bit(res)
+  dt = q.dtype
+  g = g.astype(dt)
+  f32 = jnp.float32
+  dp = jnp.einsum("bkqd,bksd->bkqs", g, v, preferred_element_type=f32)
+  delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+  ds = (p.astype(f32) * (dp - delta) * scale).astype(dt)
+  dq = jnp.einsum("bkqs,bksd->bkqd", ds, k, preferred_element_type=f32).astype(dt)
+  dk = jnp.einsum("bkqs,bkqd->bksd", ds, q, preferred_element_type=f32).astype(dt)
+  dv = jnp.einsum("bkqs,bkqd->bksd", p, g, preferred_element_type=f32).astype(dt)
+  return dq, dk, dv, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def _attend(q, k, v, mask, dtype, impl: str = "einsum"):
+  """q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H*hd] in `dtype`. Softmax in float32.
+
+  einsum: the G = H/K query heads that share a key/value head become rows of one [G*T, S] score
+  matrix per (batch, kv head), so every dot is a plain batched matmul (GQA without repeating keys),
+  and the mask enters as an additive bias."""
   B, T, H, hd = q.shape
-  K = k.shape[2]
-  q = q.reshape(B, T, K, H // K, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(dtype), k.astype(dtype),
-                      preferred_element_type=jnp.float32) / np.sqrt(hd).astype(np.float32)
-  scores = jnp.where(mask[:, None, None], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype),
-                   preferred_element_type=jnp.float32)
-  return out.reshape(B, T, H * hd).astype(dtype)
+  S, K = k.shape[1], k.shape[2]
+  G = H // K
+  if impl in ("xla", "cudnn"):  # plain attention only (see attention_impl): causal is exact
+    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                       mask=mask[:, None], is_causal=True, implementation=impl)
+    return out.reshape(B, T, H * hd)
+  qh = q.astype(dtype).reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+  kh = k.astype(dtype).transpose(0, 2, 1, 3)
+  vh = v.astype(dtype).transpose(0, 2, 1, 3)
+  bias = jnp.where(mask, 0.0, _NEG).astype(jnp.float32)
+  bias = jnp.broadcast_to(bias[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+  out = _softmax_attention(qh, kh, vh, bias, float(1.0 / np.sqrt(hd)))
+  return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
 def attention_mask(cfg: ModelConfig, q_idx, q_seg, kv_idx, kv_seg):
@@ -153,7 +253,8 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
     k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), mask], axis=-1)
-  attn = _attend(q, k, v, mask, dtype)
+  impl = attention_impl(cfg, plain=ctx["cache"] is None and prefix is None)
+  attn = _attend(q, k, v, mask, dtype, impl)
   attn = lin("o_proj", attn)
   x = x + adapter.block_output("attn", p, attn, dtype)
 
@@ -161,6 +262,34 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   mlp = lin("down_proj", jax.nn.silu(lin("gate_proj", h)) * lin("up_proj", h))
   x = x + adapter.block_output("mlp", p, mlp, dtype)
   return x, new_cache
+
+
+_PACKED = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float16): jnp.dtype(jnp.int16)}
+_UNPACKED = {v: k for k, v in _PACKED.items()}
+
+
+def pack_16bit(tree):
+  """Bit-casts the 16-bit float leaves of a tree (or one array) to 16-bit integers (bf16 -> uint16,
+  fp16 -> int16); `unpack_16bit` casts them back. Only for values that are NOT differentiated
+  through the cast (the frozen base, or inside a custom VJP).
+
+  Why: XLA's CPU backend has no bf16 dynamic-slice, so a scan over bf16 weights upcasts the whole
+  stacked array to float32 once per step, then slices and re-rounds it per layer (2x the weights'
+  bytes written, 3x read). An integer slice is native everywhere and the casts are free bit-casts."""
+  def one(x):
+    if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _PACKED:
+      return jax.lax.bitcast_convert_type(x, _PACKED[jnp.dtype(x.dtype)])
+    return x
+  return jax.tree.map(one, tree)
+
+
+def unpack_16bit(tree):
+  """The inverse of `pack_16bit`: uint16 leaves become bf16, int16 leaves fp16."""
+  def one(x):
+    if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _UNPACKED:
+      return jax.lax.bitcast_convert_type(x, _UNPACKED[jnp.dtype(x.dtype)])
+    return x
+  return jax.tree.map(one, tree)
 
 
 def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
@@ -201,6 +330,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
 
   def body(x, xs):
     p, layer_rng, layer_cache = xs
+    p = unpack_16bit(p)  # the frozen base may come packed (see pack_16bit)
     ctx = {"positions": positions, "mask": mask, "rng": None if rng is None else layer_rng,
            "cache": layer_cache, "cache_index": cache_index}
     return _layer(cfg, adapter, inv_freq, x, p, ctx)

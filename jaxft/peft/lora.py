@@ -17,6 +17,9 @@ from jaxft.models import llama
 from jaxft.peft.base import Method, Params, base_linear, linear_dims
 
 
+ADAPTER_DTYPE = jnp.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRA(Method):
   name: str = "lora"
@@ -40,14 +43,16 @@ class LoRA(Method):
 
   def init(self, cfg, rng):
     # A as PEFT: kaiming-uniform(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in)); B zero.
+    # A and B are float32 master weights whatever model.param_dtype stores the base in (as PEFT's
+    # autocast_adapter_dtype): AdamW steps on bf16 weights would mostly round away.
     out = {}
     for idx, n in enumerate(self.targets):
       i, o, _, _ = linear_dims(cfg, n)
       bound = 1.0 / math.sqrt(i)
       a = jax.random.uniform(jax.random.fold_in(rng, idx), (cfg.num_layers, i, self.rank),
                              jnp.float32, -bound, bound)
-      out[n] = {"lora_a": a.astype(cfg.param_dtype),
-                "lora_b": jnp.zeros((cfg.num_layers, self.rank, o), cfg.param_dtype)}
+      out[n] = {"lora_a": a.astype(ADAPTER_DTYPE),
+                "lora_b": jnp.zeros((cfg.num_layers, self.rank, o), ADAPTER_DTYPE)}
     return {"layers": out}
 
   def _dropout(self, name, x, rng):

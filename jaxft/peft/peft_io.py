@@ -245,15 +245,16 @@ def adopt_settings(directory: str, method, cfg: ModelConfig):
 
 def read_lora_weights(directory: str, cfg: ModelConfig, method, shardings) -> dict:
   """The adapter's A/B weights as jaxft's trainable tree (layers/NAME/lora_a [L, in, r], lora_b
-  [L, r, out]) in cfg.param_dtype, placed on `shardings`. `method` must carry the adapter's
-  settings (see `adopt_settings`)."""
+  [L, r, out]) in float32 (lora.ADAPTER_DTYPE, as a fresh LoRA), placed on `shardings`. `method`
+  must carry the adapter's settings (see `adopt_settings`)."""
   from safetensors import safe_open
   ad = read_lora_config(directory, cfg)
   if (ad.rank, ad.targets) != (method.rank, method.targets):
     raise ConfigError(f"{directory}: adapter r={ad.rank}, targets={ad.targets} differ from the "
                       f"method's r={method.rank}, targets={method.targets}")
   out: dict[str, Any] = {}
-  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  from jaxft.peft.lora import ADAPTER_DTYPE
+  dtype = np.dtype(ADAPTER_DTYPE)
   with safe_open(os.path.join(directory, WEIGHTS), framework="numpy") as f:
     for n in ad.targets:
       a = np.stack([f.get_tensor(f"{module_key(n, i)}.lora_A.weight").T
