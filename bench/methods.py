@@ -94,21 +94,25 @@ def main():
   if args.one:
     print("RESULT " + json.dumps(_one(args.one, args.steps, args.workdir)), flush=True)
     return
-  rows = []
+  rows, failed = [], []
   for method in filter(None, args.methods.split(",")):
     with tempfile.TemporaryDirectory(prefix=f"bench-{method}-") as wd:
       r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--one={method}",
                           f"--steps={args.steps}", f"--workdir={wd}"], cwd=ROOT,
                          capture_output=True, text=True)
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode or not lines:
-      sys.exit(f"{method}: failed (exit {r.returncode})\n{r.stderr[-3000:]}")
+    if r.returncode or not lines:  # report it, and go on with the other methods
+      print(f"{method}: failed (exit {r.returncode})\n{r.stderr[-3000:]}", file=sys.stderr)
+      failed.append(method)
+      continue
     rows.append(json.loads(lines[-1][len("RESULT "):]))
-    print(f"{method}: done in {rows[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    print(f"{method}: done in {rows[-1]['wall_s']:.0f} s: {lines[-1]}", file=sys.stderr, flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=2)
   print(table(rows))
+  if failed:
+    sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

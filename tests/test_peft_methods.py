@@ -116,6 +116,11 @@ def _logits(params, method, ids):
   return jaxft_logits(CFG, params, ids, method)
 
 
+def _logits_jnp(params, method, ids):
+  h, _ = llama.hidden_states(CFG, params, jnp.asarray(ids), adapter=method)
+  return llama.logits(CFG, params, h)
+
+
 @pytest.mark.parametrize("name,kw", [
     ("lora", {}), ("dora", {}), ("dora", {"lora.rslora": True}),
     ("adapter", {"adapter.placement": "houlsby", "adapter.activation": "gelu"}),
@@ -148,6 +153,12 @@ def test_dora_on_quantized_base():
   ref = _logits(deq, peft.Method(), ids)
   got = _logits(peft.merge_trees(qbase, added), m, ids)
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+  # it trains: gradients reach A, B and the magnitudes through the dequantized kernels
+  grads = jax.grad(lambda tr: jnp.sum(_logits_jnp(peft.merge_trees(qbase, tr), m, ids)[..., :8]))(
+      _perturbed(added, 6, scale=0.1))
+  for leaf in ("lora_a", "lora_b", "magnitude"):
+    g = np.asarray(grads["layers"]["v_proj"][leaf])
+    assert np.isfinite(g).all() and np.abs(g).max() > 0
   tuned = peft.merge_trees(qbase, _perturbed(added, 5))
   merged = m.merge(CFG, tuned)
   assert not quant.is_quantized(merged["layers"]["v_proj"]["kernel"])

@@ -26,6 +26,7 @@ from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import Method, Params
+from jaxft.peft.lora import ADAPTER_DTYPE
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 # gelu is the exact (erf) form, as torch.nn.GELU() and transformers' "gelu".
@@ -58,8 +59,9 @@ class BottleneckAdapter(Method):
 
   def init(self, cfg, rng):
     # down as LoRA's A (U(-1/sqrt(embed), 1/sqrt(embed))), the rest zero: the adapter adds nothing.
+    # Float32 master weights whatever the base's dtype, as LoRA's.
     specs = self.trainable_specs(cfg)["layers"]
-    dtype = jnp.dtype(cfg.param_dtype)
+    dtype = ADAPTER_DTYPE
     bound = 1.0 / math.sqrt(cfg.hidden_size)
     out = {}
     for idx, (block, leaves) in enumerate(specs.items()):

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.models import llama
-from jaxft.peft.base import Params, linear_dims
-from jaxft.peft.lora import LoRA
+from jaxft.peft.base import Params, base_linear, linear_dims
+from jaxft.peft.lora import ADAPTER_DTYPE, LoRA
 
 
 def _column_norms(w: jnp.ndarray) -> jnp.ndarray:
@@ -41,10 +41,11 @@ class DoRA(LoRA):
 
   def init(self, cfg, rng):
     # Placeholder ones: the magnitudes are the base's column norms, set by init_from_base.
+    # Float32 master weights, as LoRA's A and B.
     out = super().init(cfg, rng)
     for n in self.targets:
       _, o, _, _ = linear_dims(cfg, n)
-      out["layers"][n]["magnitude"] = jnp.ones((cfg.num_layers, o), cfg.param_dtype)
+      out["layers"][n]["magnitude"] = jnp.ones((cfg.num_layers, o), ADAPTER_DTYPE)
     return out
 
   def init_from_base(self, cfg, base: Params, added: Params) -> Params:
@@ -68,12 +69,13 @@ class DoRA(LoRA):
     from jaxft import quant
     if "lora_a" not in p:
       return super().linear(name, p, x, dtype, rng)
-    w = quant.materialize(p["kernel"], dtype)
-    # ||W + scale * A B||_c as a constant of the backward pass (DoRA section 4.3).
+    # ||W + scale * A B||_c as a constant of the backward pass (DoRA section 4.3): nothing of it
+    # is kept for the backward, and the base term below goes through the usual linear.
+    w = quant.materialize(p["kernel"], jnp.float32)  # as init_from_base: step 0 has factor 1
     a32, b32 = p["lora_a"].astype(jnp.float32), p["lora_b"].astype(jnp.float32)
-    norm = jax.lax.stop_gradient(_column_norms(w.astype(jnp.float32) + self.scale * (a32 @ b32)))
+    norm = jax.lax.stop_gradient(_column_norms(w + self.scale * (a32 @ b32)))
     factor = (p["magnitude"].astype(jnp.float32) / norm).astype(dtype)
-    y = llama.matmul(x, w, dtype) + self.delta(name, p, x, dtype, rng)
+    y = base_linear({"kernel": p["kernel"]}, x, dtype) + self.delta(name, p, x, dtype, rng)
     y = y * factor
     if "bias" in p:
       y = y + p["bias"].astype(dtype)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.peft.base import Method, Params
+from jaxft.peft.lora import ADAPTER_DTYPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,8 @@ class Prefix(Method):
 
   def init(self, cfg, rng):
     # PEFT's defaults: nn.Embedding ~ N(0, 1); nn.Linear ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    dtype = jnp.dtype(cfg.param_dtype)
+    # Float32 master weights whatever the base's dtype, as LoRA's.
+    dtype = ADAPTER_DTYPE
     specs = self.trainable_specs(cfg)
     if not self.mlp_hidden:
       shape = specs["layers"]["prefix"]["key"].shape
