@@ -35,8 +35,9 @@ def tree_bytes(path):
 
 
 def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
+  """30 steps straight, and: stop with SIGTERM mid-run, re-run the same command to step 30."""
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  args = QUICK + ["--config.train.steps=20", "--config.checkpoint.every=5"]
+  args = TINY + ["--config.train.steps=30", "--config.checkpoint.every=5"]
   r = run_cli("jaxft.train", *args, f"--workdir={straight}")
   assert r.returncode == 0, r.stderr[-3000:]
 
@@ -52,7 +53,7 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   stopped = max(losses(split))
-  assert stopped < 20, "the run finished before the signal arrived"
+  assert stopped < 30, "the run finished before the signal arrived"
   assert f"stopped by SIGTERM at step {stopped}" in out
   assert "Run the same command to resume" in out
 
@@ -60,7 +61,7 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert losses(split) == losses(straight)  # exactly equal, every step
   (s1, a), (s2, b) = trained_leaves(straight), trained_leaves(split)
-  assert s1 == s2 == 20
+  assert s1 == s2 == 30
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 

@@ -20,6 +20,8 @@ def _quickstart_config():
   c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
   c.train.progress = False
   c.train.peak_tflops = _PEAK_TFLOPS
+  c.train.steps = 80  # the shipped 150 steps learn more; 80 keep the suite short and still learn
+  c.train.eval_every = 40
   return c
 
 
@@ -43,9 +45,9 @@ def test_quickstart_tuned_beats_base(quickstart):
   res = _read_json(os.path.join(wd, "eval.json"))
   tuned, base = res["tuned"], res["base"]
   print("quickstart eval:", json.dumps({k: res[k] for k in ("tuned", "base")}))
-  assert res["step"] == 150 and res["examples_with_reference"] == 80
+  assert res["step"] == 80 and res["examples_with_reference"] == 80
   assert tuned["exact_match"] > base["exact_match"]
-  assert tuned["exact_match"] >= 0.5  # the capitals are learnable in 150 steps (~0.99 seen)
+  assert tuned["exact_match"] >= 0.5  # the capitals are learnable (~0.9 seen after 80 steps)
   assert tuned["normalized_match"] >= tuned["exact_match"]
   assert tuned["loss"] < base["loss"]
   for m in (tuned, base):
@@ -53,8 +55,9 @@ def test_quickstart_tuned_beats_base(quickstart):
     assert m["target_tokens"] == tuned["target_tokens"] > 0
   # The tuned loss is the eval_loss the trainer logged at the last step (same function, same data).
   rows = curves.read_metrics(wd)
-  last_eval = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
-  assert tuned["loss"] == pytest.approx(last_eval, rel=1e-4)
+  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+  assert tuned["loss"] == pytest.approx(evals[-1], rel=1e-4)
+  assert evals[-1] <= 0.5 * evals[0]  # the quickstart's promise: eval loss at least halves
   assert f"exact match {tuned['exact_match']:.3f}" in stdout
 
 
