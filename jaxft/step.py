@@ -28,10 +28,10 @@ State = dict[str, Any]
 # vocabulary columns run several times faster than one over a 32k-128k vocabulary.
 LOSS_CHUNK_TOKENS = 8192
 LOSS_CHUNK_VOCAB = 4096
-# The backward needs softmax - onehot for every (token, vocabulary) pair. Up to this many bytes
-# (in the compute dtype, over the whole micro-batch) it is kept from the forward; beyond, each
-# chunk's logits are recomputed in the backward (one more output-projection matmul: about a fifth
-# of a small model's step) so that only a [tokens, vocabulary chunk] block ever exists.
+# The backward needs the softmax of every (token, vocabulary) pair. Up to this many bytes (in the
+# compute dtype, over the whole micro-batch) the forward keeps exp(logits - running max) for it;
+# beyond, each chunk's logits are recomputed in the backward (one more output-projection matmul:
+# about a fifth of a small model's step) so that only a [tokens, vocabulary chunk] block exists.
 LOSS_SAVE_BYTES = 1 << 30
 
 
@@ -46,26 +46,13 @@ def _vocab_chunk(vocab: int, target: int) -> int:
   return target
 
 
-def _split_vocab(w, vc: int, layout: str):
-  """The output weights as [chunks, vc, D] ("vd") or [chunks, D, vc] ("dv"), 16-bit floats bit-cast
-  to integers so that the scan slices them natively (see llama.pack_16bit)."""
-  if layout == "vd":
-    chunks = w.reshape(-1, vc, w.shape[1])
-  else:
-    chunks = jnp.moveaxis(w.reshape(w.shape[0], -1, vc), 1, 0)
-  return llama.pack_16bit(chunks)
-
-
-def _join_vocab(dw_chunks, layout: str):
-  if layout == "vd":
-    return dw_chunks.reshape(-1, dw_chunks.shape[-1])
-  return jnp.moveaxis(dw_chunks, 0, 1).reshape(dw_chunks.shape[1], -1)
-
-
-def _chunk_logits(h, wc, c, vc, vocab, layout):
-  """Float32 logits [N, vc] of vocabulary chunk c (weights wc, still packed), the chunk's weights in
-  h's dtype and the chunk's column ids [1, vc]."""
-  wc = llama.unpack_16bit(wc).astype(h.dtype)
+def _chunk_logits(h, w, c, vc, vocab, layout):
+  """Float32 logits [N, vc] of vocabulary chunk c, the chunk's weights in h's dtype and its column
+  ids [1, vc]. Chunks are static slices: the loops over them are unrolled (a handful of chunks;
+  a scan would stack the saved chunks in zero-filled buffers and slice bf16 weights, which XLA's
+  CPU backend upcasts to float32)."""
+  wc = jax.lax.slice_in_dim(w, c * vc, (c + 1) * vc, axis=1 if layout == "dv" else 0)
+  wc = wc.astype(h.dtype)
   lg = jnp.einsum("nd,dv->nv" if layout == "dv" else "nd,vd->nv", h, wc,
                   preferred_element_type=jnp.float32)
   col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
@@ -78,59 +65,57 @@ def _chunk_logits(h, wc, c, vc, vocab, layout):
 def _cross_entropy(h, w, targets, vc: int, vocab: int, layout: str, save: bool):
   """Per-token cross-entropy [N] (float32) of h [N, D] against w ([D, V'] "dv" or [V', D] "vd",
   V' a multiple of vc), one vocabulary chunk at a time with an online log-sum-exp. `save` keeps
-  softmax - onehot for the backward instead of recomputing the logits."""
+  the exponentials for the backward instead of recomputing the logits."""
   return _ce_fwd(h, w, targets, vc, vocab, layout, save)[0]
+
+
+def _num_chunks(w, vc, layout):
+  return w.shape[1 if layout == "dv" else 0] // vc
 
 
 def _ce_fwd(h, w, targets, vc, vocab, layout, save):
   n = h.shape[0]
-
-  def body(carry, xs):
-    c, wc = xs
-    m, s, tl = carry
-    lg, _, col = _chunk_logits(h, wc, c, vc, vocab, layout)
+  m = jnp.full((n,), -jnp.inf, jnp.float32)
+  s = jnp.zeros((n,), jnp.float32)
+  saved = []
+  # The target's logit from its own weight column (a gather, not a pass over every chunk).
+  w_t = jnp.take(w, targets, axis=1 if layout == "dv" else 0).astype(h.dtype)
+  w_t = w_t.T if layout == "dv" else w_t
+  tl = jnp.sum(h.astype(jnp.float32) * w_t.astype(jnp.float32), axis=-1)
+  for c in range(_num_chunks(w, vc, layout)):
+    lg, _, _ = _chunk_logits(h, w, c, vc, vocab, layout)
     m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
-    s = s * jnp.exp(m - m2) + jnp.sum(jnp.exp(lg - m2[:, None]), axis=-1)
-    tl = tl + jnp.sum(jnp.where(col == targets[:, None], lg, 0.0), axis=-1)
-    return (m2, s, tl), (lg if save else None)
-
-  chunks = _split_vocab(w, vc, layout)
-  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-          jnp.zeros((n,), jnp.float32))
-  (m, s, tl), lg = jax.lax.scan(body, init, (jnp.arange(chunks.shape[0]), chunks))
+    e = jnp.exp(lg - m2[:, None])
+    s = s * jnp.exp(m - m2) + jnp.sum(e, axis=-1)
+    m = m2
+    if save:  # exp(logits - running max) in h's dtype and that max: softmax = e * exp(m - lse)
+      saved.append((e.astype(h.dtype), m2))
   lse = m + jnp.log(s)
-  if save:  # softmax - onehot, [chunks, N, vc] in h's dtype (packed for the backward's scan)
-    col = (jnp.arange(chunks.shape[0])[:, None, None] * vc
-           + jax.lax.broadcasted_iota(jnp.int32, (1, 1, vc), 2))
-    d = jnp.exp(lg - lse[None, :, None]) - (col == targets[None, :, None])
-    return lse - tl, (h, w, None, None, llama.pack_16bit(d.astype(h.dtype)))
-  return lse - tl, (h, w, targets, lse, None)
+  return lse - tl, (h, w, targets, lse, tuple(saved) if save else None)
 
 
 def _ce_bwd(vc, vocab, layout, save, res, g):
-  # d loss / d logits = (softmax - onehot) * g, one vocabulary chunk at a time (saved or rebuilt);
-  # the dots take it in h's dtype with float32 accumulation.
+  # d loss / d logits = (softmax - onehot) * g, one vocabulary chunk at a time (from the saved
+  # exponentials, or rebuilt); the dots take it in h's dtype with float32 accumulation.
   h, w, targets, lse, saved = res
-
-  def body(dh, xs):
-    c, wc, d = xs
+  dh = jnp.zeros(h.shape, jnp.float32)
+  dws = []
+  for c in range(_num_chunks(w, vc, layout)):
     if save:
-      wc = llama.unpack_16bit(wc).astype(h.dtype)
-      d = llama.unpack_16bit(d).astype(jnp.float32)
+      wc = jax.lax.slice_in_dim(w, c * vc, (c + 1) * vc, axis=1 if layout == "dv" else 0)
+      wc = wc.astype(h.dtype)
+      e, m = saved[c]
+      p = e.astype(jnp.float32) * jnp.exp(m - lse)[:, None]
+      col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
     else:
-      lg, wc, col = _chunk_logits(h, wc, c, vc, vocab, layout)
-      d = jnp.exp(lg - lse[:, None]) - (col == targets[:, None])
-    d = (d * g[:, None]).astype(h.dtype)
+      lg, wc, col = _chunk_logits(h, w, c, vc, vocab, layout)
+      p = jnp.exp(lg - lse[:, None])
+    d = ((p - (col == targets[:, None])) * g[:, None]).astype(h.dtype)
     dh = dh + jnp.einsum("nv,dv->nd" if layout == "dv" else "nv,vd->nd", d, wc,
                          preferred_element_type=jnp.float32)
-    dwc = jnp.einsum("nd,nv->dv" if layout == "dv" else "nd,nv->vd", h, d,
-                     preferred_element_type=jnp.float32)
-    return dh, dwc.astype(w.dtype)
-
-  chunks = _split_vocab(w, vc, layout)
-  idx = jnp.arange(chunks.shape[0])
-  dh, dw = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (idx, chunks, saved))
-  return dh.astype(h.dtype), _join_vocab(dw, layout), None
+    dws.append(jnp.einsum("nd,nv->dv" if layout == "dv" else "nd,nv->vd", h, d,
+                          preferred_element_type=jnp.float32).astype(w.dtype))
+  return dh.astype(h.dtype), jnp.concatenate(dws, axis=1 if layout == "dv" else 0), None
 
 
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd)
@@ -141,7 +126,7 @@ def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_
   """Per-token cross-entropy [B, T] in float32 of final hidden states h [B, T, D].
 
   The logits are made `chunk_tokens` x ~`chunk_vocab` at a time with an online log-sum-exp, and the
-  output-projection dots run in cfg.dtype with float32 accumulation. The backward's softmax - onehot
+  output-projection dots run in cfg.dtype with float32 accumulation. The softmax the backward needs
   is kept from the forward in cfg.dtype when it fits in LOSS_SAVE_BYTES, else rebuilt chunk by
   chunk, so that beyond that size the full [B*T, vocab] logits never exist."""
   B, T, D = h.shape
@@ -168,10 +153,21 @@ def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_
   return losses.reshape(-1)[:n].reshape(B, T)
 
 
+def _pack_kernels(layers):
+  """The frozen layer tree with its 16-bit float kernels bit-cast to integers (llama.pack_16bit):
+  XLA's CPU backend would otherwise upcast the whole stacked base to float32 every step to slice it
+  per layer. llama.matmul casts them back inside the layer."""
+  def one(v):  # quantized kernels (integer codes already) are left alone
+    if isinstance(v, dict) and isinstance(v.get("kernel"), jax.Array):
+      return {**v, "kernel": llama.pack_16bit(v["kernel"])}
+    return v
+  return {k: one(v) for k, v in layers.items()}
+
+
 def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
   """(sum of target-token losses, number of target tokens) of one micro-batch."""
-  if "layers" in frozen:  # the frozen base is never differentiated: scan it as integers on CPU
-    frozen = {**frozen, "layers": llama.pack_16bit(frozen["layers"])}
+  if "layers" in frozen:  # frozen kernels are never differentiated: scan them as integers
+    frozen = {**frozen, "layers": _pack_kernels(frozen["layers"])}
   params = merge_trees(frozen, trainable)
   h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
                              positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)

@@ -91,10 +91,59 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
+  """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype.
+
+  Custom VJP: the backward keeps x itself (in its own dtype, bit-cast when 16-bit) rather than
+  autodiff's float32 copies of x and of the normalised x, and recomputes the rest."""
+  return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+  return (x32 * scale.astype(jnp.float32)).astype(x.dtype), (pack_16bit(x), scale)
+
+
+def _rms_norm_bwd(eps, res, g):
+  x, scale = res
+  x = unpack_16bit(x)
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  xhat = x32 * r
+  g32 = g.astype(jnp.float32)
+  dscale = jnp.sum(g32 * xhat, axis=tuple(range(x.ndim - 1))).astype(scale.dtype)
+  dxhat = g32 * scale.astype(jnp.float32)
+  dx = r * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), dscale
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
+  """silu(gate) * up in float32, returned in gate's dtype; the backward keeps gate and up only
+  (bit-cast when 16-bit) instead of autodiff's several activation-sized intermediates."""
+  return _swiglu_fwd(gate, up)[0]
+
+
+def _swiglu_fwd(gate, up):
+  a = gate.astype(jnp.float32)
+  out = (a * jax.nn.sigmoid(a) * up.astype(jnp.float32)).astype(gate.dtype)
+  return out, pack_16bit((gate, up))
+
+
+def _swiglu_bwd(res, g):
+  gate, up = unpack_16bit(res)
+  a, b, g32 = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
+  sig = jax.nn.sigmoid(a)
+  da = g32 * b * sig * (1.0 + a * (1.0 - sig))
+  return da.astype(gate.dtype), (g32 * a * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -128,11 +177,47 @@ def _mixed_einsum_bwd(spec, out_dtype, res, g):
 mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
-def matmul(x: jnp.ndarray, w: jnp.ndarray, dtype) -> jnp.ndarray:
-  """x[..., in] @ w[in, out] in `dtype` with float32 accumulation (fast on CPU and accelerators),
-  backward dots in `dtype` too (see `mixed_einsum`)."""
+def matmul(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
+  """x[..., in] @ w[in, out] in `dtype` with float32 accumulation (fast on CPU and accelerators);
+  the backward's dots run in `dtype` too (see `mixed_einsum`).
+
+  w: a float array, a 16-bit kernel packed by `pack_16bit`, or a quantized kernel (jaxft.quant).
+  It is made a `dtype` array inside a custom VJP, so the backward keeps the stored kernel (a scan's
+  own slice, or the quantized codes) and redoes the cast or dequantization, instead of saving a
+  float copy of every layer's weights. Only a float w gets a gradient."""
   dtype = jnp.dtype(dtype)
-  return mixed_einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
+  return _linear(x.astype(dtype), w, dtype)
+
+
+def _weight(w, dtype):
+  from jaxft import quant  # local: quant imports this module
+  return quant.materialize(w, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x, w, dtype):
+  return mixed_einsum("...i,io->...o", x, _weight(w, dtype))
+
+
+def _linear_fwd(x, w, dtype):
+  # x is saved bit-cast when 16-bit, so that a scan stacks it natively on CPU (see pack_16bit).
+  return _linear(x, w, dtype), (pack_16bit(x), w)
+
+
+def _linear_bwd(dtype, res, g):
+  x, w = res
+  x = unpack_16bit(x)
+  g = g.astype(dtype)
+  wm = _weight(w, dtype)
+  dx = jnp.einsum("...o,io->...i", g, wm, preferred_element_type=jnp.float32).astype(dtype)
+  if isinstance(w, jax.Array) and jnp.issubdtype(w.dtype, jnp.floating):
+    dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  else:  # packed or quantized: a frozen kernel
+    dw = None
+  return dx, dw
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 ATTENTION = ("auto", "einsum", "xla", "cudnn")
@@ -163,32 +248,45 @@ def _softmax_attention(q, k, v, bias, scale: float):
   bias [B,1,Q,S] float32 (0 or a large negative number). Scores and softmax in float32, dots in
   the compute dtype with float32 accumulation.
 
-  Its backward is the one flash attention uses: dS = P * (dP - rowsum(dO * O)), from the saved
-  probabilities P, in a handful of passes over the [Q, S] scores (autodiff of softmax makes several
-  more, with transposes between them)."""
+  The backward is flash attention's: it keeps q, k, v, the output and the log-sum-exp of each row
+  (not the [Q, S] probabilities), rebuilds P with one more k q^T, and forms
+  dS = P * (dP - rowsum(dO * O)) in a single pass (autodiff of softmax saves P and makes several
+  passes with transposes between them)."""
   return _softmax_attention_fwd(q, k, v, bias, scale)[0]
 
 
+def _scores(q, k, bias, scale):
+  return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale + bias
+
+
 def _softmax_attention_fwd(q, k, v, bias, scale):
-  s = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale + bias
-  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-  p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
+  s = _scores(q, k, bias, scale)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bkqs,bksd->bkqd", (p / l).astype(q.dtype), v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
   # 16-bit residuals bit-cast to integers: a scan stacks them natively on CPU (see pack_16bit).
-  return out, pack_16bit((q, k, v, p, out))
+  return out, (pack_16bit((q, k, v, out)), bias, m + jnp.log(l))
 
 
 def _softmax_attention_bwd(scale, res, g):
-  q, k, v, p, out = unpack_16bit(res)
-  dt = q.dtype
+  # Worked on transposed [S, Q] blocks: then every dot is a plain [M, K] x [K, N] product (XLA's CPU
+  # backend runs dots contracting a leading dimension, like dS^T q, several times slower) and only
+  # dS needs one explicit transpose, for dq (the barrier stops XLA folding it back into the dot).
+  (q, k, v, out), bias, lse = unpack_16bit(res[0]), res[1], res[2]
+  dt, f32 = q.dtype, jnp.float32
   g = g.astype(dt)
-  f32 = jnp.float32
-  dp = jnp.einsum("bkqd,bksd->bkqs", g, v, preferred_element_type=f32)
-  delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-  ds = (p.astype(f32) * (dp - delta) * scale).astype(dt)
+  s_t = (jnp.einsum("bksd,bkqd->bksq", k, q, preferred_element_type=f32) * scale
+         + jnp.swapaxes(bias, 2, 3))
+  p_t = jnp.exp(s_t - jnp.swapaxes(lse, 2, 3))
+  dp_t = jnp.einsum("bksd,bkqd->bksq", v, g, preferred_element_type=f32)
+  delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1)[:, :, None, :]
+  ds_t = (p_t * (dp_t - delta) * scale).astype(dt)
+  dk = jnp.einsum("bksq,bkqd->bksd", ds_t, q, preferred_element_type=f32).astype(dt)
+  dv = jnp.einsum("bksq,bkqd->bksd", p_t.astype(dt), g, preferred_element_type=f32).astype(dt)
+  ds = jax.lax.optimization_barrier(jnp.swapaxes(ds_t, 2, 3))
   dq = jnp.einsum("bkqs,bksd->bkqd", ds, k, preferred_element_type=f32).astype(dt)
-  dk = jnp.einsum("bkqs,bkqd->bksd", ds, q, preferred_element_type=f32).astype(dt)
-  dv = jnp.einsum("bkqs,bkqd->bksd", p, g, preferred_element_type=f32).astype(dt)
   return dq, dk, dv, None
 
 
@@ -259,7 +357,7 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   x = x + adapter.block_output("attn", p, attn, dtype)
 
   h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-  mlp = lin("down_proj", jax.nn.silu(lin("gate_proj", h)) * lin("up_proj", h))
+  mlp = lin("down_proj", swiglu(lin("gate_proj", h), lin("up_proj", h)))
   x = x + adapter.block_output("mlp", p, mlp, dtype)
   return x, new_cache
 
@@ -330,7 +428,6 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
 
   def body(x, xs):
     p, layer_rng, layer_cache = xs
-    p = unpack_16bit(p)  # the frozen base may come packed (see pack_16bit)
     ctx = {"positions": positions, "mask": mask, "rng": None if rng is None else layer_rng,
            "cache": layer_cache, "cache_index": cache_index}
     return _layer(cfg, adapter, inv_freq, x, p, ctx)

@@ -102,9 +102,9 @@ def linear_dims(cfg: ModelConfig, name: str) -> tuple[int, int, str, str]:
 
 
 def base_linear(p: Params, x: jnp.ndarray, dtype) -> jnp.ndarray:
-  """x @ kernel (+ bias); a quantized kernel is dequantized here, inside the jitted computation."""
-  from jaxft import quant  # local: quant imports nothing of peft
-  y = llama.matmul(x, quant.materialize(p["kernel"], dtype), dtype)
+  """x @ kernel (+ bias); a quantized kernel is dequantized inside the jitted computation (by
+  llama.matmul, which keeps the stored kernel, not a float copy, for its backward)."""
+  y = llama.matmul(x, p["kernel"], dtype)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)
   return y

@@ -97,9 +97,13 @@ def is_quantized(x) -> bool:
 
 
 def materialize(w, dtype):
-  """The float weight of `w` in `dtype`: a cast for arrays, dequantization for quantized leaves."""
+  """The float weight of `w` in `dtype`: a cast for arrays, dequantization for quantized leaves.
+  A 16-bit float kernel bit-cast to uint16/int16 (the frozen base as the train step scans it, see
+  llama.pack_16bit) is cast back first."""
   if isinstance(w, QTensor):
     return w.dequantize(dtype)
+  if w.dtype in (jnp.uint16, jnp.int16):
+    w = jax.lax.bitcast_convert_type(w, jnp.bfloat16 if w.dtype == jnp.uint16 else jnp.float16)
   return w.astype(dtype)
 
 
