@@ -17,6 +17,7 @@ def get_config(arg=None):
   c.model.param_dtype = "float32" # storage dtype of float parameters
   c.model.quant = "none"          # none | int8 | nf4: how the frozen base kernels are stored
   c.model.remat = "none"          # none | full | dots: activation rematerialisation per layer
+  c.model.attention = "auto"      # auto | einsum | xla | cudnn (auto: cuDNN on GPUs in bf16)
   c.model.tokenizer = ""          # tokenizer directory; empty = model.path (or the quickstart one)
 
   c.peft = ml_collections.ConfigDict()

@@ -34,7 +34,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     base = hf.read_config(m.path)
   else:
     base = preset(m.preset)
-  return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+  return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                      attention=m.attention)
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft.models.config import ModelConfig
 from jaxft.models.rope import apply_rope, inverse_frequencies
@@ -186,7 +187,7 @@ def matmul(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
   own slice, or the quantized codes) and redoes the cast or dequantization, instead of saving a
   float copy of every layer's weights. Only a float w gets a gradient."""
   dtype = jnp.dtype(dtype)
-  return _linear(x.astype(dtype), w, dtype)
+  return checkpoint_name(_linear(x.astype(dtype), w, dtype), "linear")
 
 
 def _weight(w, dtype):
@@ -391,10 +392,14 @@ def unpack_16bit(tree):
 
 
 def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
+  """model.remat: none keeps every residual of a layer for the backward; full keeps only the layer's
+  input and recomputes the layer in the backward (least memory, about a third more FLOPs); dots
+  keeps the outputs of the linear layers (tagged "linear" by `matmul`) and recomputes the rest
+  (norms, activations, attention)."""
   if cfg.remat == "full":
     return jax.checkpoint(fn)
   if cfg.remat == "dots":
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names("linear"))
   return fn
 
 
