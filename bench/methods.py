@@ -79,7 +79,7 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     name = r["method"] + (f" ({r['quant']} base)" if r["quant"] != "none" else "")
     out.append(f"| {name} | {r['trainable']:,} | {r['peak_rss_mb']:.0f} | {r['step_ms']:.0f} | "
-               f"{r['eval_loss_0']:.2f} -> {r['eval_loss']:.3f} | {r['lr']:g} |")
+               f"{r['eval_loss_0']:.2f} -> {r['eval_loss']:.3g} | {r['lr']:g} |")
   return "\n".join(out)
 
 
