@@ -157,6 +157,7 @@ def worker_jaxft(args) -> None:
   config = jaxft_config(args.dtype, args.set)
   cfg = jaxft_model_config(config)
   run, batch = build_jaxft(config, cfg)
+  jax.block_until_ready((run.state, run.frozen, batch))  # random init runs asynchronously
   box = {"state": run.state}
   t0 = time.perf_counter()
   box["state"], m = run.train_step(box["state"], batch, run.frozen)
