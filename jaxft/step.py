@@ -208,6 +208,10 @@ def make_steps(cfg: ModelConfig, method: Method, tx: optax.GradientTransformatio
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     new_tr = optax.apply_updates(state["trainable"], updates)
     new_tr = jax.tree.map(lambda new, old: new.astype(old.dtype), new_tr, state["trainable"])
+    # Float32 gradients would promote bf16 moments (full fine-tuning with param_dtype=bfloat16):
+    # keep the state's dtypes, or the second step recompiles and the moments double in size.
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state,
+                             state["opt_state"])
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = finite | (not skip_nonfinite)  # by default a bad step is applied and the host stops
     pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)

@@ -160,3 +160,22 @@ def test_bf16_step_never_makes_a_float32_copy_of_the_frozen_base():
   _, m = jax.jit(steps.train)(state, batch, frozen)
   assert np.isfinite(float(m["loss"]))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))  # master weights
+
+
+def test_bf16_full_fine_tuning_keeps_the_state_dtypes():
+  # Float32 gradients must not promote bf16 weights or AdamW moments: the state that comes out
+  # must match the one that went in, or the second step recompiles and the moments double.
+  cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+  oc = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_steps=0,
+                                      min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
+                                      eps=1e-8, clip_norm=1.0, accum_steps=1))
+  params = llama.init_params(cfg, jax.random.key(0))
+  tx, sched = optim.make(oc, 10)
+  steps = make_steps(cfg, peft.Method(), tx, sched, skip_nonfinite=False, dropout=False)
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": params, "opt_state": tx.init(params),
+           "rng": jax.random.key(0), "skipped": jnp.zeros((), jnp.int32)}
+  _, _, batch, _ = _lora_step(CFG)
+  new, _ = jax.jit(steps.train)(state, batch, {})
+  dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
+  assert dtypes(new["trainable"]) == dtypes(state["trainable"])
+  assert dtypes(new["opt_state"]) == dtypes(state["opt_state"])
