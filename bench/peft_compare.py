@@ -250,7 +250,6 @@ def worker_matmul(args) -> None:
     b = jax.random.normal(jax.random.key(1), rs, jnp.float32).astype(dtype)
     f(a, b).block_until_ready()
     fns.append((name, count, flops, f, a, b))
-  per_shape: dict[str, list[float]] = {name: [] for name, *_ in fns}
 
   def one():
     # Time of all the step's dots, each shape timed alone (best of 3 per shape); returns seconds.
@@ -261,14 +260,12 @@ def worker_matmul(args) -> None:
         t = time.perf_counter()
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t)
-      per_shape[name].append(flops / best / 1e9)
       total += count * best
     return total
 
   one()
   info = {"side": "matmul", "shapes": [(n, c, fl) for n, c, _, _, _, fl in matmul_shapes()]}
   _serve(info, one)
-  # (per-shape rates are printed by the parent from the times; kept simple)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,8 +311,9 @@ def compare(args) -> dict:
   flops = step_flops()["total"]
   med = {k: statistics.median(v) for k, v in times.items()}
   res = {"dtype": args.dtype, "tokens_per_step": tokens, "step_gflop": flops / 1e9,
-         "median_s": med, "rss_mb": rss, "info": {k: w.info for k, w in workers.items()},
-         "samples": {k: len(v) for k, v in times.items()}}
+         "median_s": med, "min_s": {k: min(v) for k, v in times.items()}, "rss_mb": rss,
+         "info": {k: w.info for k, w in workers.items()},
+         "samples": {k: len(v) for k, v in times.items()}, "load_avg": os.getloadavg()[0]}
   res["matmul_gflops"] = flops / med["matmul"] / 1e9
   res["jaxft_gflops"] = flops / med["jaxft"] / 1e9
   res["jaxft_fraction_of_matmul"] = med["matmul"] / med["jaxft"]
@@ -331,10 +329,13 @@ def report(r: dict) -> None:
         f"{r['step_gflop']:.1f} GFLOP of matmuls; medians over {r['samples']}")
   for side in ("jaxft", "peft"):
     if side in m:
-      print(f"  {side:6s} {m[side]:.3f} s/step  {tok / m[side]:8.0f} tokens/s  "
-            f"peak RSS {r['rss_mb'][side]:7.0f} MB  (first step {r['info'][side]['first_step_s']:.1f} s)")
+      print(f"  {side:6s} {m[side]:.3f} s/step  {tok / m[side]:8.0f} tokens/s  (fastest step "
+            f"{r['min_s'][side]:.3f} s)  peak RSS {r['rss_mb'][side]:6.0f} MB  (first step "
+            f"{r['info'][side]['first_step_s']:.1f} s)")
   if "speedup" in r:
-    print(f"  jaxft / PEFT tokens/s: {r['speedup']:.2f}x")
+    print(f"  jaxft / PEFT tokens/s: {r['speedup']:.2f}x (medians), "
+          f"{r['min_s']['peft'] / r['min_s']['jaxft']:.2f}x (fastest steps); "
+          f"load average {r['load_avg']:.1f}")
   print(f"  matmul probe: the step's dots alone take {m['matmul']:.3f} s "
         f"({r['matmul_gflops']:.0f} GFLOP/s at the model's shapes, float32 accumulation)")
   print(f"  jaxft: {r['jaxft_gflops']:.0f} GFLOP/s = {100 * r['jaxft_fraction_of_matmul']:.0f}% "

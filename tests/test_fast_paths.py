@@ -57,8 +57,9 @@ def _reference_attention(q, k, v, mask):
   return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v).reshape(B, T, H * hd)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "xla"])
-def test_attention_matches_reference_with_gqa_packing_and_window(impl):
+@pytest.mark.parametrize("impl,blocks", [("einsum", 1), ("einsum", 3), ("xla", 1)])
+def test_attention_matches_reference_with_gqa_packing_and_window(impl, blocks):
+  # blocks=3: three query blocks, each against the keys up to its end (causal skipping).
   k = _keys(4)
   B, T, H, K, hd = 2, 9, 4, 2, 8
   q, kk, v = (jax.random.normal(k[i], (B, T, n, hd)) for i, n in enumerate((H, K, K)))
@@ -67,7 +68,7 @@ def test_attention_matches_reference_with_gqa_packing_and_window(impl):
   seg = jnp.array([[1] * 4 + [2] * 5, [1] * 9])  # row 0 packs two examples
   mask = llama.attention_mask(CFG.replace(sliding_window=3), idx, seg, idx, seg)
   ours = jax.value_and_grad(
-      lambda *a: jnp.sum(llama._attend(*a, mask, F32, impl) * ct), (0, 1, 2))(q, kk, v)
+      lambda *a: jnp.sum(llama._attend(*a, mask, F32, impl, blocks) * ct), (0, 1, 2))(q, kk, v)
   ref = jax.value_and_grad(
       lambda *a: jnp.sum(_reference_attention(*a, mask) * ct), (0, 1, 2))(q, kk, v)
   _close(ours, ref)
