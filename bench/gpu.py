@@ -1,4 +1,4 @@
-"""LoRA, QLoRA and full fine-tuning of a Llama-3-8B-shaped model on one accelerator: tokens/s and MFU.
+"""LoRA, QLoRA and full fine-tuning of a Llama-3-8B-shaped model on one accelerator: tokens/s, MFU.
 
     python bench/gpu.py                          # one H200 (or any GPU/TPU): about 5-8 minutes
     python bench/gpu.py --methods=qlora --batch=4 --seq=4096

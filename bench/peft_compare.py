@@ -1,23 +1,25 @@
-"""A LoRA training step in jaxft and in HF transformers + PEFT (PyTorch, CPU), on the same model and batch.
+"""A LoRA training step in jaxft and in HF transformers + PEFT (PyTorch, CPU), same model and batch.
 
-    python bench/peft_compare.py                    # float32 and bfloat16, about 5-8 minutes on 2 cores
-    python bench/peft_compare.py --dtypes=bfloat16 --rounds=3 --set model.remat=dots
+    python bench/peft_compare.py              # float32 and bfloat16: about 6-9 minutes on 2 cores
+    python bench/peft_compare.py --dtypes=bfloat16 --rounds=3 --set model.remat=full
 
-The model is a random Llama (hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 32000), the batch
-4 x 256 random token ids, LoRA rank 8 (alpha 16) on q_proj and v_proj, AdamW on the LoRA parameters
-only with global-norm clipping at 1.0 on both sides. A step is forward, backward and the optimizer
-update.
+The model is a random Llama (hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 32000), the
+batch 4 x 256 random token ids, LoRA rank 8 (alpha 16) on q_proj and v_proj, AdamW on the LoRA
+parameters only with global-norm clipping at 1.0 on both sides. A step is forward, backward and the
+optimizer update.
 
 Each side runs in its own subprocess (so each peak RSS is its own), and so does a probe that times
-XLA dots at the step's own shapes (float32 accumulation, as the model asks): the matmul rate the step
-is compared with. The parent interleaves the three: a round runs `--steps` steps of jaxft, then of
-PEFT, then the probe, and medians are taken over all rounds, so load from other jobs on the machine
-hits every side alike.
+XLA dots at the step's own shapes (float32 accumulation, as the model asks): the matmul rate the
+step is compared with. PEFT runs twice: with PyTorch's default threads (peft) and with one thread
+(peft1; on a machine shared with other jobs PyTorch's threads wait on each other at every op, and
+one thread can be faster). The parent interleaves them: a round runs `--steps` steps of jaxft, of
+each PEFT, then the probe; medians are taken over all rounds, so load from other jobs on the machine
+hits every side alike. The ratio is given against default PEFT and against the faster PEFT.
 
 jaxft runs its product path: the config schema of configs/base.py, `trainer.prepare` (make_steps +
-jaxft.optim, jitted once with a donated state, as the trainer does). In bfloat16 both sides store the
-frozen base in bfloat16 and keep the LoRA parameters (and AdamW moments) in float32 (PEFT's
-autocast_adapter_dtype; jaxft's model.param_dtype=bfloat16 with float32 PEFT parameters).
+jaxft.optim, jitted once with a donated state, as the trainer does). In bfloat16 both sides store
+the frozen base in bfloat16 and keep the LoRA parameters (and AdamW moments) in float32 (PEFT's
+autocast_adapter_dtype; jaxft's LoRA weights are always float32 master weights).
 """
 
 from __future__ import annotations
@@ -182,6 +184,8 @@ def worker_peft(args) -> None:
   import torch
   import transformers
   from peft import LoraConfig, get_peft_model
+  if args.worker == "peft1":  # PyTorch with one intra-op thread (see --peft-1thread)
+    torch.set_num_threads(1)
   torch.manual_seed(0)
   s = SHAPE
   hf = transformers.LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"],
@@ -212,13 +216,13 @@ def worker_peft(args) -> None:
   t0 = time.perf_counter()
   one()
   first = time.perf_counter() - t0
-  _serve({"side": "peft", "first_step_s": first, "loss": box["loss"],
+  _serve({"side": args.worker, "first_step_s": first, "loss": box["loss"],
           "threads": torch.get_num_threads(), "attn": model.config._attn_implementation,
           "lora_dtype": str(params[0].dtype)}, one)
 
 
 def matmul_shapes(s=SHAPE) -> list[tuple[str, int, tuple, tuple, tuple, int]]:
-  """(name, count per step, lhs shape, rhs shape, contracting dims, FLOPs of one) of the step's dots.
+  """(name, count per step, lhs shape, rhs shape, contracting dims, FLOPs of one) of each dot.
 
   Dense dots over the batch's tokens (forward x W, backward dy W^T) and the attention products per
   head (batched over batch x heads)."""
@@ -296,6 +300,8 @@ class Worker:
 
 def compare(args) -> dict:
   kinds = ["jaxft", "peft", "matmul"] if not args.jaxft_only else ["jaxft", "matmul"]
+  if args.peft_1thread and not args.jaxft_only:
+    kinds.insert(2, "peft1")
   workers = {}
   for k in kinds:  # set up one at a time: compiles and model init do not overlap
     workers[k] = Worker(k, args)
@@ -319,6 +325,9 @@ def compare(args) -> dict:
   res["jaxft_fraction_of_matmul"] = med["matmul"] / med["jaxft"]
   if "peft" in med:
     res["speedup"] = med["peft"] / med["jaxft"]
+    best = min((k for k in med if k.startswith("peft")), key=lambda k: med[k])
+    res["best_peft"] = best
+    res["speedup_vs_best_peft"] = med[best] / med["jaxft"]
   return res
 
 
@@ -327,7 +336,7 @@ def report(r: dict) -> None:
   m = r["median_s"]
   print(f"\n== {r['dtype']}: batch {SHAPE['batch']} x {SHAPE['seq']} tokens, step "
         f"{r['step_gflop']:.1f} GFLOP of matmuls; medians over {r['samples']}")
-  for side in ("jaxft", "peft"):
+  for side in ("jaxft", "peft", "peft1"):
     if side in m:
       print(f"  {side:6s} {m[side]:.3f} s/step  {tok / m[side]:8.0f} tokens/s  (fastest step "
             f"{r['min_s'][side]:.3f} s)  peak RSS {r['rss_mb'][side]:6.0f} MB  (first step "
@@ -336,6 +345,9 @@ def report(r: dict) -> None:
     print(f"  jaxft / PEFT tokens/s: {r['speedup']:.2f}x (medians), "
           f"{r['min_s']['peft'] / r['min_s']['jaxft']:.2f}x (fastest steps); "
           f"load average {r['load_avg']:.1f}")
+    if r["best_peft"] != "peft":
+      print(f"  jaxft / fastest PEFT configuration ({r['best_peft']}): "
+            f"{r['speedup_vs_best_peft']:.2f}x (medians)")
   print(f"  matmul probe: the step's dots alone take {m['matmul']:.3f} s "
         f"({r['matmul_gflops']:.0f} GFLOP/s at the model's shapes, float32 accumulation)")
   print(f"  jaxft: {r['jaxft_gflops']:.0f} GFLOP/s = {100 * r['jaxft_fraction_of_matmul']:.0f}% "
@@ -350,12 +362,17 @@ def main(argv=None) -> None:
   ap.add_argument("--set", action="append", default=[],
                   help="jaxft config override, e.g. --set model.remat=dots (repeatable)")
   ap.add_argument("--jaxft-only", action="store_true", help="skip PEFT (quick jaxft iterations)")
+  ap.add_argument("--peft-1thread", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time PEFT with torch.set_num_threads(1) (peft1): on a shared machine "
+                       "PyTorch's threads wait on each other at every op, and one thread can be "
+                       "the faster PEFT; the ratio is also given against the faster of the two")
   ap.add_argument("--json", default="", help="also write the results here")
   ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
   ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
-    {"jaxft": worker_jaxft, "peft": worker_peft, "matmul": worker_matmul}[args.worker](args)
+    {"jaxft": worker_jaxft, "peft": worker_peft, "peft1": worker_peft,
+     "matmul": worker_matmul}[args.worker](args)
     return
   t0 = time.time()
   print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",

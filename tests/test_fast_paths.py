@@ -1,6 +1,6 @@
-"""The hand-written backward passes (linear, attention, RMSNorm, SwiGLU, chunked cross-entropy) against
-plain autodiff, the attention implementations and remat policies against each other, and the bf16
-step keeping the frozen base in bf16 (no float32 copy of the stacked weights)."""
+"""The hand-written backward passes (linear, attention, RMSNorm, SwiGLU, chunked cross-entropy)
+against plain autodiff, the attention implementations and remat policies against each other, and the
+bf16 step keeping the frozen base in bf16 (no float32 copy of the stacked weights)."""
 
 import re
 
@@ -109,7 +109,8 @@ def test_chunked_cross_entropy_equals_full_logits(tied, chunks, monkeypatch):
 
   ours = jax.value_and_grad(
       lambda p, h: jnp.sum(token_losses(cfg, p, h, t, chunks[0], chunks[1]) * wts), (0, 1))
-  _close(ours(params, h), jax.value_and_grad(lambda p, h: jnp.sum(ref(p, h) * wts), (0, 1))(params, h))
+  theirs = jax.value_and_grad(lambda p, h: jnp.sum(ref(p, h) * wts), (0, 1))
+  _close(ours(params, h), theirs(params, h))
 
 
 def _lora_step(cfg):
@@ -125,8 +126,9 @@ def _lora_step(cfg):
   trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # B != 0: gradients reach A too
   tx, sched = optim.make(oc, 10)
   steps = make_steps(cfg, method, tx, sched, skip_nonfinite=False, dropout=False)
-  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-           "rng": jax.random.key(0), "skipped": jnp.zeros((), jnp.int32)}
+  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+           "opt_state": tx.init(trainable), "rng": jax.random.key(0),
+           "skipped": jnp.zeros((), jnp.int32)}
   T = 12
   ids = jax.random.randint(jax.random.key(2), (1, 2, T + 1), 0, cfg.vocab_size)
   batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "weights": jnp.ones((1, 2, T)),

@@ -382,7 +382,8 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   return x, new_cache
 
 
-_PACKED = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float16): jnp.dtype(jnp.int16)}
+_PACKED = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16),
+           jnp.dtype(jnp.float16): jnp.dtype(jnp.int16)}
 _UNPACKED = {v: k for k, v in _PACKED.items()}
 
 
@@ -393,7 +394,7 @@ def pack_16bit(tree):
 
   Why: XLA's CPU backend has no bf16 dynamic-slice, so a scan over bf16 weights upcasts the whole
   stacked array to float32 once per step, then slices and re-rounds it per layer (2x the weights'
-  bytes written, 3x read). An integer slice is native everywhere and the casts are free bit-casts."""
+  bytes written, 3x read). An integer slice is native everywhere; the casts are bit-casts."""
   def one(x):
     if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _PACKED:
       return jax.lax.bitcast_convert_type(x, _PACKED[jnp.dtype(x.dtype)])
