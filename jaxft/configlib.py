@@ -53,3 +53,20 @@ def base_config() -> ml_collections.ConfigDict:
     if os.path.isfile(path):
       return sibling(path, "base").get_config()
   raise ConfigError("configs/base.py not found: run from the jaxft checkout")
+
+
+def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) -> None:
+  """What the published-model configs (llama3.py, mistral.py) share: bf16, remat, a preset shape,
+  the method variant, 2k-token rows and a 1000-step schedule with periodic eval and checkpoints."""
+  c.model.preset = preset
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"
+  c.model.remat = "dots"
+  apply_method(c, method)
+  c.data.max_len = 2048
+  c.data.batch_size = 16
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 50
+  c.train.steps = 1000
+  c.train.eval_every = 200
+  c.checkpoint.every = 200
