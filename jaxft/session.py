@@ -65,11 +65,16 @@ class Model:
   init_from: str = ""  # a PEFT adapter directory the trainable leaves start from
 
 
+# ModelConfig fields that change how the step computes, not which base it uses: a resume may change them.
+_NUMERICS_ONLY = ("dtype", "remat", "attention")
+
+
 def _fingerprint(config, cfg: ModelConfig) -> str:
   """What identifies the frozen base a PEFT checkpoint needs (checked again on resume)."""
   src = {"path": os.path.abspath(config.model.path) if config.model.path else "",
          "preset": "" if config.model.path else config.model.preset,
-         "seed": config.train.seed, "quant": config.model.quant, "model": dataclasses.asdict(cfg)}
+         "seed": config.train.seed, "quant": config.model.quant, "model": {k: v for k, v in dataclasses.asdict(cfg).items()
+                   if k not in _NUMERICS_ONLY}}
   return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
