@@ -158,6 +158,21 @@ def export_hf(workdir: str, out: str, *, max_shard_mb: float = 5000, dtype: str 
   return out
 
 
+def _write_atomically(out: str, write) -> None:
+  """Runs write(tmp_dir) on process 0 into a temporary directory, then renames it to OUT; on any
+  failure the temporary directory is removed, so OUT is never half-written."""
+  main = jax.process_index() == 0
+  tmp = _tmp_dir(out) if main else ""
+  try:
+    write(tmp)
+  except BaseException:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if main:
+    _publish(tmp, out)
+
+
 def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | None = None,
                 overwrite: bool = False) -> str:
   """Writes WORKDIR's trained adapter in PEFT's format to OUT. base_model (recorded as
@@ -170,18 +185,10 @@ def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | Non
     raise ConfigError(f"peft.method={config.peft.method!r} has no PEFT adapter format; use "
                       f"{other}. PEFT formats: {', '.join(peft_io.WRITERS)}")
   trained = session.restore_trained(workdir, config, step=step)
-  main = jax.process_index() == 0
-  tmp = _tmp_dir(out) if main else ""
-  try:
-    peft_io.write_adapter(tmp, trained.model.method, trained.model.cfg, trained.trainable,
-                          base_model or config.model.path)
-  except BaseException:
-    if tmp:
-      shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if main:
-    _publish(tmp, out)
-    logging.info("exported %s adapter to %s", config.peft.method, out)
+  _write_atomically(out, lambda tmp: peft_io.write_adapter(
+      tmp, trained.model.method, trained.model.cfg, trained.trainable,
+      base_model or config.model.path))
+  logging.info("exported %s adapter to %s", config.peft.method, out)
   return out
 
 
@@ -197,18 +204,10 @@ def export_adapter(workdir: str, out: str, *, base_model: str = "", step: int | 
     raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
                       f"peft.method={config.peft.method!r} (use --format=peft or --format=hf)")
   trained = session.restore_trained(workdir, config, step=step)
-  main = jax.process_index() == 0
-  tmp = _tmp_dir(out) if main else ""
-  try:
-    adapter.write(tmp, trained.model.method, trained.model.cfg, trained.trainable,
-                  base_model or config.model.path)
-  except BaseException:
-    if tmp:
-      shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if main:
-    _publish(tmp, out)
-    logging.info("exported bottleneck adapters to %s", out)
+  _write_atomically(out, lambda tmp: adapter.write(
+      tmp, trained.model.method, trained.model.cfg, trained.trainable,
+      base_model or config.model.path))
+  logging.info("exported bottleneck adapters to %s", out)
   return out
 
 
