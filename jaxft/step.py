@@ -121,14 +121,70 @@ def _ce_bwd(vc, vocab, layout, save, res, g):
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _cross_entropy_fixed_head(h, w, targets, vc: int, vocab: int, layout: str):
+  """_cross_entropy for an output projection w that is not trained (every PEFT method): under
+  differentiation its forward also forms d loss / d h, so nothing of the logits is kept or rebuilt
+  for the backward. Undifferentiated (evaluation) it is the plain forward."""
+  return _ce_fwd(h, w, targets, vc, vocab, layout, False)[0]
+
+
+def _ce_fixed_fwd(h, w, targets, vc, vocab, layout):
+  # d loss_i / d h_i = softmax_i @ W^T - w[target_i], the softmax term summed over vocabulary
+  # chunks against the running max (rescaled as the max moves, like the normaliser itself). Nothing
+  # is kept per chunk, so the chunks run in a loop rather than unrolled: XLA's CPU runtime would
+  # start the unrolled chunks' dots side by side, which ran this part ~1.5x slower (bf16 weights
+  # are sliced as 16-bit integers, see llama.pack_16bit).
+  n = h.shape[0]
+  axis = 1 if layout == "dv" else 0
+  w_t = jnp.take(w, targets, axis=axis).astype(h.dtype)
+  w_t = (w_t.T if layout == "dv" else w_t).astype(jnp.float32)
+  tl = jnp.sum(h.astype(jnp.float32) * w_t, axis=-1)
+  packed = llama.pack_16bit(w)
+
+  def chunk(c, carry):
+    m, s, acc = carry
+    wc = llama.unpack_16bit(jax.lax.dynamic_slice_in_dim(packed, c * vc, vc, axis=axis))
+    wc = wc.astype(h.dtype)
+    lg = jnp.einsum("nd,dv->nv" if layout == "dv" else "nd,vd->nv", h, wc,
+                    preferred_element_type=jnp.float32)
+    if vocab % vc:  # padded columns never win the softmax
+      col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
+      lg = jnp.where(col < vocab, lg, -jnp.inf)
+    m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
+    e = jnp.exp(lg - m2[:, None])
+    scale = jnp.exp(m - m2)
+    acc = acc * scale[:, None] + jnp.einsum(
+        "nv,dv->nd" if layout == "dv" else "nv,vd->nd", e.astype(h.dtype), wc,
+        preferred_element_type=jnp.float32)
+    return m2, s * scale + jnp.sum(e, axis=-1), acc
+
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+          jnp.zeros(h.shape, jnp.float32))
+  m, s, acc = jax.lax.fori_loop(0, _num_chunks(w, vc, layout), chunk, init)
+  lse = m + jnp.log(s)
+  # (the empty array carries h's dtype to the backward)
+  return lse - tl, (acc / s[:, None] - w_t, jnp.zeros((0,), h.dtype))
+
+
+def _ce_fixed_bwd(vc, vocab, layout, res, g):
+  dh, like = res
+  return (g[:, None] * dh).astype(like.dtype), None, None
+
+
+_cross_entropy_fixed_head.defvjp(_ce_fixed_fwd, _ce_fixed_bwd)
+
+
 def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_CHUNK_TOKENS,
-                 chunk_vocab: int = LOSS_CHUNK_VOCAB):
+                 chunk_vocab: int = LOSS_CHUNK_VOCAB, head_trained: bool = True):
   """Per-token cross-entropy [B, T] in float32 of final hidden states h [B, T, D].
 
   The logits are made `chunk_tokens` x ~`chunk_vocab` at a time with an online log-sum-exp, and the
   output-projection dots run in cfg.dtype with float32 accumulation. The softmax the backward needs
   is kept from the forward in cfg.dtype when it fits in LOSS_SAVE_BYTES, else rebuilt chunk by
-  chunk, so that beyond that size the full [B*T, vocab] logits never exist."""
+  chunk, so that beyond that size the full [B*T, vocab] logits never exist. With
+  `head_trained=False` (the output projection gets no gradient) the forward forms the gradient
+  for h itself and keeps only that."""
   B, T, D = h.shape
   n = B * T
   dtype = jnp.dtype(cfg.dtype)
@@ -144,12 +200,16 @@ def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_
   hf = h.reshape(n, D).astype(dtype)
   tf = targets.reshape(n).astype(jnp.int32)
   save = n * w.size // D * dtype.itemsize <= LOSS_SAVE_BYTES
+  if head_trained:
+    ce = lambda a, t: _cross_entropy(a, w, t, vc, vocab, layout, save)
+  else:
+    ce = lambda a, t: _cross_entropy_fixed_head(a, w, t, vc, vocab, layout)
   if n <= chunk_tokens:
-    return _cross_entropy(hf, w, tf, vc, vocab, layout, save).reshape(B, T)
+    return ce(hf, tf).reshape(B, T)
   pad = (-n) % chunk_tokens
   hf = jnp.pad(hf, ((0, pad), (0, 0))).reshape(-1, chunk_tokens, D)
   tf = jnp.pad(tf, (0, pad)).reshape(-1, chunk_tokens)
-  losses = jax.lax.map(lambda a: _cross_entropy(a[0], w, a[1], vc, vocab, layout, save), (hf, tf))
+  losses = jax.lax.map(lambda a: ce(*a), (hf, tf))
   return losses.reshape(-1)[:n].reshape(B, T)
 
 
@@ -171,7 +231,8 @@ def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
   params = merge_trees(frozen, trainable)
   h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
                              positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)
-  losses = token_losses(cfg, params, h, batch["targets"])
+  head = "embed" if cfg.tie_embeddings else "lm_head"
+  losses = token_losses(cfg, params, h, batch["targets"], head_trained=head in trainable)
   w = batch["weights"]
   return jnp.sum(losses * w), jnp.sum(w)
 

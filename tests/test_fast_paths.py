@@ -111,6 +111,16 @@ def test_chunked_cross_entropy_equals_full_logits(tied, chunks, monkeypatch):
       lambda p, h: jnp.sum(token_losses(cfg, p, h, t, chunks[0], chunks[1]) * wts), (0, 1))
   theirs = jax.value_and_grad(lambda p, h: jnp.sum(ref(p, h) * wts), (0, 1))
   _close(ours(params, h), theirs(params, h))
+  # A head that is not trained (every PEFT method): the forward forms d loss / d h itself.
+  fixed = jax.value_and_grad(lambda h: jnp.sum(
+      token_losses(cfg, params, h, t, chunks[0], chunks[1], head_trained=False) * wts))
+  _close(fixed(h), jax.value_and_grad(lambda h: jnp.sum(ref(params, h) * wts))(h))
+  # In bf16 the gradient keeps bf16 precision against the float32 one.
+  h16 = h.astype(jnp.bfloat16)
+  bf = jax.grad(lambda h: jnp.sum(token_losses(cfg.replace(dtype="bfloat16"), params, h, t,
+                                               chunks[0], chunks[1], head_trained=False) * wts))
+  assert bf(h16).dtype == jnp.bfloat16
+  _close(bf(h16), jax.grad(lambda h: jnp.sum(ref(params, h) * wts))(h16.astype(F32)), rtol=3e-2)
 
 
 def _lora_step(cfg):
