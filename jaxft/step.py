@@ -52,7 +52,7 @@ def _chunk_logits(h, w, c, vc, vocab, layout):
   a scan would stack the saved chunks in zero-filled buffers and slice bf16 weights, which XLA's
   CPU backend upcasts to float32)."""
   wc = jax.lax.slice_in_dim(w, c * vc, (c + 1) * vc, axis=1 if layout == "dv" else 0)
-  wc = wc.astype(h.dtype)
+  wc = llama.unpack_16bit(wc).astype(h.dtype)
   lg = jnp.einsum("nd,dv->nv" if layout == "dv" else "nd,vd->nv", h, wc,
                   preferred_element_type=jnp.float32)
   col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
@@ -79,7 +79,7 @@ def _ce_fwd(h, w, targets, vc, vocab, layout, save):
   s = jnp.zeros((n,), jnp.float32)
   saved = []
   # The target's logit from its own weight column (a gather, not a pass over every chunk).
-  w_t = jnp.take(w, targets, axis=1 if layout == "dv" else 0).astype(h.dtype)
+  w_t = llama.unpack_16bit(jnp.take(w, targets, axis=1 if layout == "dv" else 0)).astype(h.dtype)
   w_t = w_t.T if layout == "dv" else w_t
   tl = jnp.sum(h.astype(jnp.float32) * w_t.astype(jnp.float32), axis=-1)
   for c in range(_num_chunks(w, vc, layout)):
@@ -103,7 +103,7 @@ def _ce_bwd(vc, vocab, layout, save, res, g):
   for c in range(_num_chunks(w, vc, layout)):
     if save:
       wc = jax.lax.slice_in_dim(w, c * vc, (c + 1) * vc, axis=1 if layout == "dv" else 0)
-      wc = wc.astype(h.dtype)
+      wc = llama.unpack_16bit(wc).astype(h.dtype)
       e, m = saved[c]
       p = e.astype(jnp.float32) * jnp.exp(m - lse)[:, None]
       col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
@@ -137,10 +137,10 @@ def _ce_fixed_fwd(h, w, targets, vc, vocab, layout):
   # are sliced as 16-bit integers, see llama.pack_16bit).
   n = h.shape[0]
   axis = 1 if layout == "dv" else 0
-  w_t = jnp.take(w, targets, axis=axis).astype(h.dtype)
+  packed = llama.pack_16bit(w)  # (already so when the trainer packed the frozen tree)
+  w_t = llama.unpack_16bit(jnp.take(packed, targets, axis=axis)).astype(h.dtype)
   w_t = (w_t.T if layout == "dv" else w_t).astype(jnp.float32)
   tl = jnp.sum(h.astype(jnp.float32) * w_t, axis=-1)
-  packed = llama.pack_16bit(w)
 
   def chunk(c, carry):
     m, s, acc = carry
@@ -152,12 +152,13 @@ def _ce_fixed_fwd(h, w, targets, vc, vocab, layout):
       col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
       lg = jnp.where(col < vocab, lg, -jnp.inf)
     m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
-    e = jnp.exp(lg - m2[:, None])
+    # The normaliser sums the same (compute-dtype) exponentials the dot takes: one pass writes
+    # them, instead of a float32 copy and then a cast.
+    e = jnp.exp(lg - m2[:, None]).astype(h.dtype)
     scale = jnp.exp(m - m2)
     acc = acc * scale[:, None] + jnp.einsum(
-        "nv,dv->nd" if layout == "dv" else "nv,vd->nd", e.astype(h.dtype), wc,
-        preferred_element_type=jnp.float32)
-    return m2, s * scale + jnp.sum(e, axis=-1), acc
+        "nv,dv->nd" if layout == "dv" else "nv,vd->nd", e, wc, preferred_element_type=jnp.float32)
+    return m2, s * scale + jnp.sum(e, axis=-1, dtype=jnp.float32), acc
 
   init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
           jnp.zeros(h.shape, jnp.float32))
@@ -224,10 +225,27 @@ def _pack_kernels(layers):
   return {k: one(v) for k, v in layers.items()}
 
 
+def pack_frozen(frozen):
+  """The frozen tree as the train step reads it: the 16-bit float kernels of the layers and of the
+  output projection bit-cast to 16-bit integers (llama.pack_16bit; quantized kernels and every
+  other leaf unchanged). Frozen leaves are never differentiated, so the step may scan and slice
+  them as integers, which XLA's CPU backend does natively (a bf16 slice there upcasts the whole
+  array). `trainer.prepare` packs its frozen tree once, in place; the step packs whatever it is
+  given (a no-op on a packed tree), and every reader of a kernel (llama.matmul,
+  llama.output_kernel, the loss head) casts back. Packing inside the step would cost a copy of
+  every kernel per step (a tenth of a small bf16 model's step on CPU)."""
+  out = dict(frozen)
+  if "layers" in frozen:
+    out["layers"] = _pack_kernels(frozen["layers"])
+  head = frozen.get("lm_head")
+  if isinstance(head, dict) and isinstance(head.get("kernel"), jax.Array):
+    out["lm_head"] = {**head, "kernel": llama.pack_16bit(head["kernel"])}
+  return out
+
+
 def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
   """(sum of target-token losses, number of target tokens) of one micro-batch."""
-  if "layers" in frozen:  # frozen kernels are never differentiated: scan them as integers
-    frozen = {**frozen, "layers": _pack_kernels(frozen["layers"])}
+  frozen = pack_frozen(frozen)  # frozen kernels are never differentiated: scan them as integers
   params = merge_trees(frozen, trainable)
   h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
                              positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)

@@ -18,7 +18,7 @@ from jaxft import checkpoint, curves, flops, optim, peft, session, sharding
 from jaxft.data import pipeline
 from jaxft.errors import CheckpointError, ConfigError, JaxftError
 from jaxft.metrics import MetricsWriter
-from jaxft.step import StepFns, make_steps
+from jaxft.step import StepFns, make_steps, pack_frozen
 
 
 class NonFiniteError(JaxftError):
@@ -121,6 +121,12 @@ def prepare(config, model: session.Model) -> Prepared:
   frozen_sh = sharding.value_shardings(frozen, frozen_sh)
   trainable = sharding.place(trainable, trainable_sh, "trainable")
   frozen = sharding.place(frozen, frozen_sh, "frozen")
+  # Bit-cast the frozen 16-bit kernels to integers once, in place (donated: no second copy; the
+  # base arrays the model held are consumed), as the step reads them (step.pack_frozen), instead
+  # of once per step.
+  dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
+  if dtypes(jax.eval_shape(pack_frozen, frozen)) != dtypes(frozen):
+    frozen = jax.jit(pack_frozen, donate_argnums=0, out_shardings=frozen_sh)(frozen)
   tx, schedule = optim.make(config.optim, config.train.steps)
   steps = make_steps(model.cfg, method, tx, schedule, config.train.skip_nonfinite,
                      dropout=getattr(method, "dropout", 0.0) > 0)

@@ -175,6 +175,47 @@ def test_bf16_step_never_makes_a_float32_copy_of_the_frozen_base():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))  # master weights
 
 
+def test_frozen_base_packed_once_in_place_gives_the_same_step():
+  # trainer.prepare bit-casts the frozen 16-bit kernels to integers once, in place, so the step
+  # neither copies them per step nor holds a second copy; the step then computes the same thing.
+  from jaxft import session, sharding, trainer
+  from jaxft.configlib import base_config
+  from jaxft.step import pack_frozen
+  cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", intermediate_size=40)
+  steps, state, batch, frozen = _lora_step(cfg)
+  packed = pack_frozen(frozen)
+  kernels = lambda t: [t["layers"][n]["kernel"] for n in ("q_proj", "down_proj")] + [
+      t["lm_head"]["kernel"]]
+  assert all(k.dtype == jnp.uint16 for k in kernels(packed))
+  assert packed["embed"]["embedding"].dtype == jnp.bfloat16  # looked up, not sliced: left alone
+  step = jax.jit(steps.train)
+  hlo = step.lower(state, batch, packed).compile().as_text()
+  L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+  assert not re.search(rf"bf16\[{L},{D},{F}\]", hlo), "the step re-made a bf16 stacked kernel"
+  (a, ma), (b, mb) = step(state, batch, frozen), step(state, batch, packed)
+  assert float(ma["loss"]) == float(mb["loss"])
+  _close(a["trainable"], b["trainable"], rtol=1e-6)
+
+  config = base_config()
+  config.model.dtype = config.model.param_dtype = "bfloat16"
+  config.peft.method, config.peft.targets = "lora", "q_proj,v_proj"
+  method = peft.from_config(config.peft, cfg)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.mesh)
+  base = sharding.place(llama.init_params(cfg, jax.random.key(0)),
+                        sharding.tree_shardings(llama.param_specs(cfg), mesh, rules), "base")
+  before = [k.unsafe_buffer_pointer() for k in kernels(base)]
+  model = session.Model(cfg, method, mesh, base,
+                        sharding.tree_shardings(llama.param_specs(cfg), mesh, rules),
+                        sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules), "t")
+  run = trainer.prepare(config, model)
+  assert all(k.dtype == jnp.uint16 for k in kernels(run.frozen))
+  assert [k.unsafe_buffer_pointer() for k in kernels(run.frozen)] == before  # no copy made
+  _, m = run.train_step(run.state, trainer.put_batch(jax.tree.map(lambda x: x[0], batch), mesh, 1),
+                        run.frozen)
+  assert np.isfinite(float(m["loss"]))
+
+
 def test_bf16_full_fine_tuning_keeps_the_state_dtypes():
   # Float32 gradients must not promote bf16 weights or AdamW moments: the state that comes out
   # must match the one that went in, or the second step recompiles and the moments double.

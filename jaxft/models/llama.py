@@ -469,7 +469,7 @@ def output_kernel(cfg: ModelConfig, params: Params) -> jnp.ndarray:
   """The [embed, vocab] projection to logits (the transposed embedding when tied)."""
   if cfg.tie_embeddings:
     return params["embed"]["embedding"].T
-  return params["lm_head"]["kernel"]
+  return unpack_16bit(params["lm_head"]["kernel"])  # (packed when it is the trainer's frozen tree)
 
 
 def logits(cfg: ModelConfig, params: Params, h: jnp.ndarray) -> jnp.ndarray:
