@@ -12,7 +12,9 @@ Each side runs in its own subprocess (so each peak RSS is its own), and so does 
 XLA dots at the step's own shapes (float32 accumulation, as the model asks): the matmul rate the
 step is compared with. PEFT runs twice: with PyTorch's default threads (peft) and with one thread
 (peft1; on a machine shared with other jobs PyTorch's threads wait on each other at every op, and
-one thread can be faster). The parent interleaves them: a round runs `--steps` steps of jaxft, of
+one thread can be faster), and once more with huge-page malloc (peft_hp): jaxft's commands re-execute
+themselves with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 where the machine offers it (jaxft.cli), and
+the jaxft side and the probe here run so too, so peft_hp gives PEFT the same machine setting. The parent interleaves them: a round runs `--steps` steps of jaxft, of
 each PEFT, then the probe; medians are taken over all rounds, so load from other jobs on the machine
 hits every side alike. The ratio is given against default PEFT and against the faster PEFT.
 
@@ -276,11 +278,23 @@ def worker_matmul(args) -> None:
 # Parent
 
 
+def worker_env(kind: str) -> dict:
+  """Each side's environment: jaxft's the one its commands give themselves (huge-page malloc where
+  the machine offers it, jaxft.cli.huge_pages_env); PEFT's as it comes (peft, peft1), and with the
+  same huge-page setting (peft_hp)."""
+  from jaxft import cli
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TOKENIZERS_PARALLELISM="false")
+  if kind in ("jaxft", "peft_hp", "matmul"):
+    return cli.huge_pages_env(env) or env
+  env.pop("GLIBC_TUNABLES", None)
+  return env
+
+
 class Worker:
   def __init__(self, kind: str, args):
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}", f"--dtype={args.dtype}"]
     cmd += [f"--set={s}" for s in args.set]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TOKENIZERS_PARALLELISM="false")
+    env = worker_env(kind)
     self.kind = kind
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env=env)
@@ -300,6 +314,8 @@ class Worker:
 
 def compare(args) -> dict:
   kinds = ["jaxft", "peft", "matmul"] if not args.jaxft_only else ["jaxft", "matmul"]
+  if args.peft_huge_pages and not args.jaxft_only:
+    kinds.insert(2, "peft_hp")
   if args.peft_1thread and not args.jaxft_only:
     kinds.insert(2, "peft1")
   workers = {}
@@ -336,9 +352,9 @@ def report(r: dict) -> None:
   m = r["median_s"]
   print(f"\n== {r['dtype']}: batch {SHAPE['batch']} x {SHAPE['seq']} tokens, step "
         f"{r['step_gflop']:.1f} GFLOP of matmuls; medians over {r['samples']}")
-  for side in ("jaxft", "peft", "peft1"):
+  for side in ("jaxft", "peft", "peft1", "peft_hp"):
     if side in m:
-      print(f"  {side:6s} {m[side]:.3f} s/step  {tok / m[side]:8.0f} tokens/s  (fastest step "
+      print(f"  {side:7s} {m[side]:.3f} s/step  {tok / m[side]:8.0f} tokens/s  (fastest step "
             f"{r['min_s'][side]:.3f} s)  peak RSS {r['rss_mb'][side]:6.0f} MB  (first step "
             f"{r['info'][side]['first_step_s']:.1f} s)")
   if "speedup" in r:
@@ -366,12 +382,16 @@ def main(argv=None) -> None:
                   help="also time PEFT with torch.set_num_threads(1) (peft1): on a shared machine "
                        "PyTorch's threads wait on each other at every op, and one thread can be "
                        "the faster PEFT; the ratio is also given against the faster of the two")
+  ap.add_argument("--peft-huge-pages", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time PEFT with the huge-page malloc jaxft's commands give themselves "
+                       "(peft_hp, GLIBC_TUNABLES=glibc.malloc.hugetlb=1): the same machine "
+                       "setting on both sides")
   ap.add_argument("--json", default="", help="also write the results here")
   ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
   ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
-    {"jaxft": worker_jaxft, "peft": worker_peft, "peft1": worker_peft,
+    {"jaxft": worker_jaxft, "peft": worker_peft, "peft1": worker_peft, "peft_hp": worker_peft,
      "matmul": worker_matmul}[args.worker](args)
     return
   t0 = time.time()

@@ -5,6 +5,8 @@ and --process_id (or JAXFT_* variables) join them, SLURM and Cloud TPU VMs are d
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,6 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics g
 def _main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  logging.info("host malloc: %s", "huge pages" if cli.HUGE_PAGES_TUNABLE in os.environ.get(
+      "GLIBC_TUNABLES", "") else "4 KiB pages (JAXFT_HUGE_PAGES=0, or not available here)")
   distributed.initialize_from_flags()  # before anything touches a device
   from jaxft.trainer import train
   result = train(_CONFIG.value, _WORKDIR.value)

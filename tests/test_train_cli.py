@@ -6,6 +6,7 @@ import os
 import pytest
 
 from conftest import run_cli
+from jaxft import cli
 
 TINY = ["--config=configs/quickstart.py", "--config.model.preset=tiny", "--config.train.progress=False"]
 
@@ -30,6 +31,21 @@ def test_three_steps_write_the_workdir(tmp_path):
   cfg = json.load(open(os.path.join(wd, "config.json")))
   assert cfg["train"]["steps"] == 3 and cfg["model"]["preset"] == "tiny"
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
+  # The command re-executed itself with huge-page malloc where this machine offers it.
+  wanted = cli.huge_pages_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
+  assert ("host malloc: huge pages" in r.stderr) == (wanted is not None), r.stderr[:2000]
+
+
+def test_huge_pages_env_respects_the_user():
+  env = {"PATH": "/bin"}
+  made = cli.huge_pages_env(env)
+  if made is None:
+    pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+  assert made["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and made["PATH"] == "/bin"
+  assert cli.huge_pages_env(dict(env, JAXFT_HUGE_PAGES="0")) is None
+  assert cli.huge_pages_env(dict(env, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")) is None
+  kept = cli.huge_pages_env(dict(env, GLIBC_TUNABLES="glibc.malloc.arena_max=2"))
+  assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
 def test_full_finetuning_runs(tmp_path):
