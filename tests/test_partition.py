@@ -159,5 +159,7 @@ def test_accumulation_equals_one_large_batch():
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
   # Adam's first update is nearly sign(g): the gradient norm is the sharper check.
   np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)
+  # (atol: where a gradient is near Adam's eps, float32 summation order alone moves the update by
+  # ~1e-4 of its 1e-2 size)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                                       atol=1e-7), results[0][0], results[1][0])
+                                                       atol=2e-6), results[0][0], results[1][0])
