@@ -227,19 +227,20 @@ def _pack_kernels(layers):
 
 def pack_frozen(frozen):
   """The frozen tree as the train step reads it: the 16-bit float kernels of the layers and of the
-  output projection bit-cast to 16-bit integers (llama.pack_16bit; quantized kernels and every
-  other leaf unchanged). Frozen leaves are never differentiated, so the step may scan and slice
+  output projection, and the embedding (the output projection of tied models), bit-cast to 16-bit
+  integers (llama.pack_16bit; quantized kernels and every other leaf unchanged). Frozen leaves are never differentiated, so the step may scan and slice
   them as integers, which XLA's CPU backend does natively (a bf16 slice there upcasts the whole
   array). `trainer.prepare` packs its frozen tree once, in place; the step packs whatever it is
-  given (a no-op on a packed tree), and every reader of a kernel (llama.matmul,
+  given (a no-op on a packed tree), and every reader (llama.matmul, the embedding lookup,
   llama.output_kernel, the loss head) casts back. Packing inside the step would cost a copy of
   every kernel per step (a tenth of a small bf16 model's step on CPU)."""
   out = dict(frozen)
   if "layers" in frozen:
     out["layers"] = _pack_kernels(frozen["layers"])
-  head = frozen.get("lm_head")
-  if isinstance(head, dict) and isinstance(head.get("kernel"), jax.Array):
-    out["lm_head"] = {**head, "kernel": llama.pack_16bit(head["kernel"])}
+  for name, leaf in (("lm_head", "kernel"), ("embed", "embedding")):
+    node = frozen.get(name)
+    if isinstance(node, dict) and isinstance(node.get(leaf), jax.Array):
+      out[name] = {**node, leaf: llama.pack_16bit(node[leaf])}
   return out
 
 

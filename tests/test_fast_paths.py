@@ -175,19 +175,20 @@ def test_bf16_step_never_makes_a_float32_copy_of_the_frozen_base():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))  # master weights
 
 
-def test_frozen_base_packed_once_in_place_gives_the_same_step():
-  # trainer.prepare bit-casts the frozen 16-bit kernels to integers once, in place, so the step
-  # neither copies them per step nor holds a second copy; the step then computes the same thing.
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
+  # trainer.prepare bit-casts the frozen 16-bit kernels and tables to integers once, in place, so
+  # the step neither copies them per step nor holds a second copy; the step computes the same.
   from jaxft import session, sharding, trainer
   from jaxft.configlib import base_config
   from jaxft.step import pack_frozen
-  cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", intermediate_size=40)
+  cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", intermediate_size=40,
+                    tie_embeddings=tied)
   steps, state, batch, frozen = _lora_step(cfg)
   packed = pack_frozen(frozen)
   kernels = lambda t: [t["layers"][n]["kernel"] for n in ("q_proj", "down_proj")] + [
-      t["lm_head"]["kernel"]]
+      t["embed"]["embedding"]] + ([] if tied else [t["lm_head"]["kernel"]])
   assert all(k.dtype == jnp.uint16 for k in kernels(packed))
-  assert packed["embed"]["embedding"].dtype == jnp.bfloat16  # looked up, not sliced: left alone
   step = jax.jit(steps.train)
   hlo = step.lower(state, batch, packed).compile().as_text()
   L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size

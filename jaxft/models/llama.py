@@ -439,7 +439,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
   positions = positions + adapter.position_offset
   if segment_ids is None:
     segment_ids = jnp.ones((B, T), jnp.int32)
-  x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype)
+  # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, step.pack_frozen)
+  x = unpack_16bit(jnp.take(params["embed"]["embedding"], tokens, axis=0)).astype(dtype)
   q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   kv_seg = segment_ids
   if cache is not None:
@@ -467,9 +468,10 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
 
 def output_kernel(cfg: ModelConfig, params: Params) -> jnp.ndarray:
   """The [embed, vocab] projection to logits (the transposed embedding when tied)."""
+  # (unpack: packed when it is the trainer's frozen tree, see step.pack_frozen)
   if cfg.tie_embeddings:
-    return params["embed"]["embedding"].T
-  return unpack_16bit(params["lm_head"]["kernel"])  # (packed when it is the trainer's frozen tree)
+    return unpack_16bit(params["embed"]["embedding"]).T
+  return unpack_16bit(params["lm_head"]["kernel"])
 
 
 def logits(cfg: ModelConfig, params: Params, h: jnp.ndarray) -> jnp.ndarray:
