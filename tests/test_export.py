@@ -197,8 +197,8 @@ def test_init_from_refusals(run, tmp_path):
   with pytest.raises(CheckpointError, match=r"lora_A.weight has shape \[4, \d+\], expected \[5, \d+\]"):
     peft_io.read_lora_config(d, cfg)
   d = _adapter_copy(run, tmp_path / "d", edit_config=lambda c: c.update(use_dora=True))
-  with pytest.raises(ConfigError, match="adapter_config.json: use_dora=True is not supported"):
-    peft_io.read_lora_config(d, cfg)
+  with pytest.raises(CheckpointError, match=r"q_proj.lora_magnitude_vector is missing"):
+    peft_io.read_lora_config(d, cfg)  # a DoRA adapter needs every magnitude vector
   # a pickle adapter is refused, never unpickled
   d = tmp_path / "e"
   d.mkdir()
@@ -208,9 +208,43 @@ def test_init_from_refusals(run, tmp_path):
   with pytest.raises(CheckpointError, match="adapter_model.bin: pickle adapters are refused"):
     peft_io.read_lora_config(str(d), cfg)
   assert not marker.exists()
-  with pytest.raises(ConfigError, match="peft.init_from needs peft.method=lora"):
-    from jaxft import peft
+  from jaxft import peft
+  with pytest.raises(ConfigError, match="peft.init_from needs peft.method=lora or dora"):
     peft_io.adopt_settings(run["adapter"], peft.Method(), cfg)
+  pc = run["config"].peft.copy_and_resolve_references()
+  pc.method = "dora"
+  with pytest.raises(ConfigError, match=r"a LORA adapter \(use_dora=False\); set peft.method=lora"):
+    peft_io.adopt_settings(run["adapter"], peft.from_config(pc, cfg), cfg)
+
+
+def test_init_from_peft_dora_adapter_gives_peft_logits(run, tmp_path):
+  import torch
+  from peft import LoraConfig, get_peft_model
+  peft_model = get_peft_model(_base_model(run["base"]), LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0, use_dora=True))
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.2)
+      if "lora_magnitude_vector" in name:
+        p.mul_(1.0 + 0.1 * torch.randn_like(p))
+  adapter = str(tmp_path / "dora")
+  peft_model.save_pretrained(adapter)
+  ref = torch_logits(peft_model.eval(), run["ids"])
+  config = run["config"].copy_and_resolve_references()
+  config.peft.init_from = adapter
+  config.peft.method = "dora"
+  model = session.load_model(config)
+  assert (model.method.name, model.method.rank, model.method.targets) == (
+      "dora", 4, ("q_proj", "down_proj"))
+  from jaxft.peft import merge_trees
+  trainable, frozen = model.method.split(model.base, session.init_added(model, 0))
+  got = jaxft_logits(model.cfg, merge_trees(frozen, trainable), run["ids"], model.method)
+  assert rel_err(got, ref) < 1e-4
+  # the magnitudes came from the adapter, not from the base's column norms
+  assert rel_err(jaxft_logits(model.cfg, merge_trees(frozen, dict(
+      trainable, layers={n: dict(v, magnitude=v["magnitude"] * 0 + 1) for n, v in
+                         trainable["layers"].items()})), run["ids"], model.method), ref) > 1e-3
 
 
 class _Trap:

@@ -10,7 +10,7 @@ Writing dispatches on the method name through `WRITERS` (method name -> function
 adapter_config.json entries and the tensors): LoRA, DoRA (LoRA with use_dora=true and
 `...q_proj.lora_magnitude_vector` [out]) and prefix tuning (peft_type PREFIX_TUNING,
 `prompt_embeddings` [num_virtual_tokens, layers*2*kv_heads*head_dim]).
-Reading supports LoRA adapters (`peft.init_from`).
+Reading supports LoRA and DoRA adapters (`peft.init_from`).
 """
 
 from __future__ import annotations
@@ -151,20 +151,27 @@ def write_adapter(directory: str, method, cfg: ModelConfig, trainable, base_mode
 
 @dataclasses.dataclass(frozen=True)
 class LoraAdapter:
-  """What a PEFT LoRA adapter directory holds, checked against a model config."""
+  """What a PEFT LoRA (or DoRA: use_dora) adapter directory holds, checked against a model
+  config."""
   directory: str
   rank: int
   alpha: float
   rslora: bool
   targets: tuple[str, ...]
   tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, file)
+  dora: bool = False
+
+  @property
+  def method(self) -> str:
+    return "dora" if self.dora else "lora"
 
 
 def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
-  """Reads and checks a PEFT LoRA adapter directory (config and tensor shapes, no weights yet).
+  """Reads and checks a PEFT LoRA or DoRA adapter directory (config and tensor shapes, no weights
+  yet).
 
   Raises CheckpointError for a missing or pickle-only adapter, missing/unexpected/misshapen tensors;
-  ConfigError for adapter features jaxft does not implement (DoRA, per-module ranks, biases,
+  ConfigError for adapter features jaxft does not implement (per-module ranks, biases,
   modules_to_save, a subset of layers).
   """
   from safetensors import safe_open
@@ -185,7 +192,7 @@ def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
   kind = c.get("peft_type")
   if kind != "LORA":
     raise ConfigError(f"{cfile}: peft_type={kind!r}; peft.init_from reads LoRA adapters")
-  unsupported = {"use_dora": c.get("use_dora"), "bias": c.get("bias", "none") != "none",
+  unsupported = {"bias": c.get("bias", "none") != "none",
                  "modules_to_save": c.get("modules_to_save"), "rank_pattern": c.get("rank_pattern"),
                  "alpha_pattern": c.get("alpha_pattern"), "layers_to_transform":
                  c.get("layers_to_transform") is not None, "fan_in_fan_out": c.get("fan_in_fan_out"),
@@ -196,6 +203,8 @@ def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
   if not isinstance(c.get("r"), int) or c["r"] < 1:
     raise ConfigError(f"{cfile}: r={c.get('r')!r}; expected a positive integer")
   r = c["r"]
+  dora = bool(c.get("use_dora", False))
+  leaves = ("lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if dora else ())
   tensors = {}
   with safe_open(wfile, framework="numpy") as f:
     for name in f.keys():
@@ -203,12 +212,15 @@ def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
   found: dict[str, set] = {}
   for name, (shape, _) in tensors.items():
     parsed = parse_key(name)
-    if parsed is None or parsed[2] not in ("lora_A.weight", "lora_B.weight") or parsed[1] >= cfg.num_layers:
-      raise CheckpointError(f"{wfile}: unexpected tensor {name} (not a LoRA A/B weight of a decoder "
-                            f"linear layer of this {cfg.num_layers}-layer model)")
+    if parsed is None or parsed[2] not in leaves or parsed[1] >= cfg.num_layers:
+      what = "LoRA A/B weight or DoRA magnitude" if dora else "LoRA A/B weight"
+      raise CheckpointError(f"{wfile}: unexpected tensor {name} (not a {what} of a decoder linear "
+                            f"layer of this {cfg.num_layers}-layer model"
+                            + ("" if dora else f"; {CONFIG} has no use_dora") + ")")
     n, i, leaf = parsed
     d_in, d_out, _, _ = linear_dims(cfg, n)
-    want = (r, d_in) if leaf == "lora_A.weight" else (d_out, r)
+    want = {"lora_A.weight": (r, d_in), "lora_B.weight": (d_out, r),
+            "lora_magnitude_vector": (d_out,)}[leaf]
     if shape != want:
       raise CheckpointError(f"{wfile}: tensor {name} has shape {list(shape)}, expected {list(want)} "
                             f"(r={r} from {CONFIG}, and the model's {n} is {d_in} -> {d_out})")
@@ -218,20 +230,24 @@ def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
     raise CheckpointError(f"{wfile}: no LoRA tensors")
   for n in targets:
     for i in range(cfg.num_layers):
-      for leaf in ("lora_A.weight", "lora_B.weight"):
+      for leaf in leaves:
         if (i, leaf) not in found[n]:
           raise CheckpointError(f"{wfile}: tensor {module_key(n, i)}.{leaf} is missing (jaxft adapts "
                                 "every layer of a targeted linear)")
   return LoraAdapter(directory, r, float(c.get("lora_alpha", 8)), bool(c.get("use_rslora", False)),
-                     targets, tensors)
+                     targets, tensors, dora)
 
 
 def adopt_settings(directory: str, method, cfg: ModelConfig):
-  """The LoRA `method` with rank, alpha, rsLoRA and targets taken from the adapter in
-  `directory`; logs each value that differs from the config. ConfigError unless method is LoRA."""
-  if method.name != "lora":
-    raise ConfigError(f"peft.init_from needs peft.method=lora (got {method.name!r})")
+  """The LoRA or DoRA `method` with rank, alpha, rsLoRA and targets taken from the adapter in
+  `directory`; logs each value that differs from the config. ConfigError unless the method is
+  the adapter's kind (lora for a LoRA adapter, dora for one with use_dora)."""
+  if method.name not in ("lora", "dora"):
+    raise ConfigError(f"peft.init_from needs peft.method=lora or dora (got {method.name!r})")
   ad = read_lora_config(directory, cfg)
+  if ad.method != method.name:
+    raise ConfigError(f"{os.path.join(directory, CONFIG)}: a {ad.method.upper()} adapter "
+                      f"(use_dora={ad.dora}); set peft.method={ad.method} (config: {method.name})")
   new = dataclasses.replace(method, rank=ad.rank, alpha=ad.alpha, rslora=ad.rslora,
                             targets=ad.targets)
   keys = {"rank": "peft.lora.rank", "alpha": "peft.lora.alpha", "rslora": "peft.lora.rslora",
@@ -244,26 +260,30 @@ def adopt_settings(directory: str, method, cfg: ModelConfig):
 
 
 def read_lora_weights(directory: str, cfg: ModelConfig, method, shardings) -> dict:
-  """The adapter's A/B weights as jaxft's trainable tree (layers/NAME/lora_a [L, in, r], lora_b
-  [L, r, out]) in float32 (lora.ADAPTER_DTYPE, as a fresh LoRA), placed on `shardings`. `method`
-  must carry the adapter's settings (see `adopt_settings`)."""
+  """The adapter's weights as jaxft's trainable tree (layers/NAME/lora_a [L, in, r], lora_b
+  [L, r, out], and for DoRA magnitude [L, out]) in float32 (lora.ADAPTER_DTYPE, as a fresh
+  LoRA), placed on `shardings`. `method` must carry the adapter's settings (see
+  `adopt_settings`)."""
   from safetensors import safe_open
   ad = read_lora_config(directory, cfg)
-  if (ad.rank, ad.targets) != (method.rank, method.targets):
-    raise ConfigError(f"{directory}: adapter r={ad.rank}, targets={ad.targets} differ from the "
-                      f"method's r={method.rank}, targets={method.targets}")
+  if (ad.rank, ad.targets, ad.method) != (method.rank, method.targets, method.name):
+    raise ConfigError(f"{directory}: adapter {ad.method} r={ad.rank}, targets={ad.targets} differ "
+                      f"from the method's {method.name} r={method.rank}, targets={method.targets}")
   out: dict[str, Any] = {}
   from jaxft.peft.lora import ADAPTER_DTYPE
   dtype = np.dtype(ADAPTER_DTYPE)
+  # (PEFT's A is [r, in] and B [out, r]: transposed into jaxft's [in, r] and [r, out])
+  leaves = {"lora_a": ("lora_A.weight", np.transpose), "lora_b": ("lora_B.weight", np.transpose)}
+  if ad.dora:
+    leaves["magnitude"] = ("lora_magnitude_vector", np.asarray)
   with safe_open(os.path.join(directory, WEIGHTS), framework="numpy") as f:
     for n in ad.targets:
-      a = np.stack([f.get_tensor(f"{module_key(n, i)}.lora_A.weight").T
-                    for i in range(cfg.num_layers)]).astype(dtype)
-      b = np.stack([f.get_tensor(f"{module_key(n, i)}.lora_B.weight").T
-                    for i in range(cfg.num_layers)]).astype(dtype)
-      sh = shardings["layers"][n]
-      out[n] = {"lora_a": jax.make_array_from_callback(a.shape, sh["lora_a"], lambda idx, a=a: a[idx]),
-                "lora_b": jax.make_array_from_callback(b.shape, sh["lora_b"], lambda idx, b=b: b[idx])}
-  logging.info("peft.init_from: loaded LoRA r=%d on %s from %s", ad.rank, ",".join(ad.targets),
-               directory)
+      out[n] = {}
+      for leaf, (peft_leaf, layout) in leaves.items():
+        x = np.stack([layout(f.get_tensor(f"{module_key(n, i)}.{peft_leaf}"))
+                      for i in range(cfg.num_layers)]).astype(dtype)
+        out[n][leaf] = jax.make_array_from_callback(x.shape, shardings["layers"][n][leaf],
+                                                    lambda idx, x=x: x[idx])
+  logging.info("peft.init_from: loaded %s r=%d on %s from %s", ad.method.upper(), ad.rank,
+               ",".join(ad.targets), directory)
   return {"layers": out}
