@@ -139,28 +139,26 @@ def export_hf(workdir: str, out: str, *, max_shard_mb: float = 5000, dtype: str 
   hf.hf_config(cfg, dtype)  # fails early, before merging, for what HF cannot express
   merged = _merged_params(trained)
   del trained
-  main = jax.process_index() == 0
-  tmp = _tmp_dir(out) if main else None
-  try:
-    shards = hf.write_checkpoint(tmp, cfg, merged, dtype, max_shard_mb)
-    if main:
+  shards = []
+
+  def write(tmp):  # every process gathers the tensors; process 0 (tmp != "") writes
+    shards.append(hf.write_checkpoint(tmp or None, cfg, merged, dtype, max_shard_mb))
+    if tmp:
       with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(_generation_config(config, cfg), f, indent=2)
       _write_tokenizer(config, workdir, tmp)
-  except BaseException:
-    if tmp:
-      shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if main:
-    _publish(tmp, out)
+
+  _write_atomically(out, write)
+  if jax.process_index() == 0:
     logging.info("exported %s merged (%s, %d shard(s)) to %s", config.peft.method, dtype,
-                 shards, out)
+                 shards[0], out)
   return out
 
 
 def _write_atomically(out: str, write) -> None:
-  """Runs write(tmp_dir) on process 0 into a temporary directory, then renames it to OUT; on any
-  failure the temporary directory is removed, so OUT is never half-written."""
+  """Runs write(tmp_dir) on every process, tmp_dir a temporary directory on process 0 and "" on
+  the others, then renames it to OUT; on any failure the temporary directory is removed, so OUT is
+  never half-written."""
   main = jax.process_index() == 0
   tmp = _tmp_dir(out) if main else ""
   try:

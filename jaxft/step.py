@@ -73,15 +73,20 @@ def _num_chunks(w, vc, layout):
   return w.shape[1 if layout == "dv" else 0] // vc
 
 
+def _target_columns(h, w, targets, layout):
+  """(each token's target weight column [N, D] in float32 (its values rounded to h's dtype, as the
+  dots see them), the target logits [N]): a gather, not a pass over every chunk. w may be packed."""
+  w_t = llama.unpack_16bit(jnp.take(w, targets, axis=1 if layout == "dv" else 0)).astype(h.dtype)
+  w_t = (w_t.T if layout == "dv" else w_t).astype(jnp.float32)
+  return w_t, jnp.sum(h.astype(jnp.float32) * w_t, axis=-1)
+
+
 def _ce_fwd(h, w, targets, vc, vocab, layout, save):
   n = h.shape[0]
   m = jnp.full((n,), -jnp.inf, jnp.float32)
   s = jnp.zeros((n,), jnp.float32)
   saved = []
-  # The target's logit from its own weight column (a gather, not a pass over every chunk).
-  w_t = llama.unpack_16bit(jnp.take(w, targets, axis=1 if layout == "dv" else 0)).astype(h.dtype)
-  w_t = w_t.T if layout == "dv" else w_t
-  tl = jnp.sum(h.astype(jnp.float32) * w_t.astype(jnp.float32), axis=-1)
+  _, tl = _target_columns(h, w, targets, layout)
   for c in range(_num_chunks(w, vc, layout)):
     lg, _, _ = _chunk_logits(h, w, c, vc, vocab, layout)
     m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
@@ -138,9 +143,7 @@ def _ce_fixed_fwd(h, w, targets, vc, vocab, layout):
   n = h.shape[0]
   axis = 1 if layout == "dv" else 0
   packed = llama.pack_16bit(w)  # (already so when the trainer packed the frozen tree)
-  w_t = llama.unpack_16bit(jnp.take(packed, targets, axis=axis)).astype(h.dtype)
-  w_t = (w_t.T if layout == "dv" else w_t).astype(jnp.float32)
-  tl = jnp.sum(h.astype(jnp.float32) * w_t, axis=-1)
+  w_t, tl = _target_columns(h, packed, targets, layout)
 
   def chunk(c, carry):
     m, s, acc = carry

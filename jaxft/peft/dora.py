@@ -82,14 +82,6 @@ class DoRA(LoRA):
     return y
 
   def merge(self, cfg, params):
-    from jaxft import quant
-    layers = dict(params["layers"])
-    for n in self.targets:
-      p = dict(layers[n])
-      w = quant.materialize(p.pop("kernel"), jnp.float32)
-      a, b = p.pop("lora_a").astype(jnp.float32), p.pop("lora_b").astype(jnp.float32)
-      m = p.pop("magnitude").astype(jnp.float32)
-      w = w + self.scale * jnp.einsum("lir,lro->lio", a, b)
-      p["kernel"] = (w * (m / _column_norms(w))[:, None, :]).astype(cfg.param_dtype)
-      layers[n] = p
-    return {**params, "layers": layers}
+    def rescale(w, p):  # W' scaled to the magnitudes: m * W' / ||W'||_c
+      return w * (p.pop("magnitude").astype(jnp.float32) / _column_norms(w))[:, None, :]
+    return self._merge_each(cfg, params, rescale)

@@ -73,12 +73,19 @@ class LoRA(Method):
     return y
 
   def merge(self, cfg, params):
+    return self._merge_each(cfg, params, lambda w, p: w)
+
+  def _merge_each(self, cfg, params, finish):
+    """params with each target's kernel W replaced by finish(W + scale * A B, rest) in
+    model.param_dtype, A and B dropped; `rest` holds the target's other leaves (finish may pop
+    its own, as DoRA's magnitude)."""
     from jaxft import quant
     layers = dict(params["layers"])
     for n in self.targets:
       p = dict(layers[n])
       w = quant.materialize(p.pop("kernel"), jnp.float32)
       a, b = p.pop("lora_a").astype(jnp.float32), p.pop("lora_b").astype(jnp.float32)
-      p["kernel"] = (w + self.scale * jnp.einsum("lir,lro->lio", a, b)).astype(cfg.param_dtype)
+      p["kernel"] = finish(w + self.scale * jnp.einsum("lir,lro->lio", a, b), p).astype(
+          cfg.param_dtype)
       layers[n] = p
     return {**params, "layers": layers}
