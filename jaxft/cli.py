@@ -38,7 +38,14 @@ class _QuietLibraries(logging.Filter):
   """Drops the INFO chatter of Orbax and friends; their warnings and errors still show."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    # A failed save or restore is reported by jaxft in one line; Orbax's own tracebacks of it
+    # (one per array) would bury that line.
+    record.exc_info, record.exc_text = None, None
+    if "read only" in record.getMessage() or "read_only" in record.getMessage():
+      return False  # jaxft's reading commands open checkpoints read-only on purpose
+    return record.levelno >= logging.WARNING
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -101,5 +108,10 @@ def run(main_fn):
       main_fn(argv)
     except JaxftError as e:
       _fail(str(e))
+    except OSError as e:  # ml_collections loads --config lazily, on first use
+      if "Failed loading config file" not in str(e):
+        raise
+      lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+      _fail(f"--config: cannot load the config file ({lines[-1]})")
 
   app.run(wrapped, flags_parser=_parse_flags)

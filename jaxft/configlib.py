@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -70,3 +71,89 @@ def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) 
   c.train.steps = 1000
   c.train.eval_every = 200
   c.checkpoint.every = 200
+
+
+# What a changed key means when a run resumes from a checkpoint (one declaration, used by the
+# trainer's resume): SHAPE_KEYS fix the saved state's shapes (the resume is refused);
+# LOGISTICS_KEYS change how the run is driven, not what it computes (resumed silently); any other
+# changed key changes the trained function (the resume warns and records it in metrics.jsonl).
+SHAPE_KEYS = ("model.path", "model.preset", "model.quant", "model.param_dtype", "peft.method",
+              "peft.targets", "peft.lora.rank", "peft.adapter", "peft.prefix", "optim.clip_norm",
+              "optim.weight_decay")
+LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
+                  "train.eval_accuracy", "train.progress", "train.peak_tflops", "checkpoint",
+                  "data.eval", "mesh", "model.remat", "model.attention")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+  """{"a.b": v} from nested dicts."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}.{k}" if prefix else k
+    if isinstance(v, dict):
+      out.update(flat(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+def _under(key: str, names) -> bool:
+  return any(key == s or key.startswith(s + ".") for s in names)
+
+
+def changed_keys(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+  """(shape keys, function keys) that differ between a saved and the current config dict, each
+  as "key (old -> new)"; logistics keys are left out."""
+  a, b = flat(saved), flat(current)
+  shape, function = [], []
+  for k in sorted(a.keys() | b.keys()):
+    if a.get(k) == b.get(k) or _under(k, LOGISTICS_KEYS):
+      continue
+    (shape if _under(k, SHAPE_KEYS) else function).append(f"{k} ({a.get(k)!r} -> {b.get(k)!r})")
+  return shape, function
+
+
+def check_values(c: ml_collections.ConfigDict) -> None:
+  """Range checks of the values a run needs, before anything is loaded; ConfigError names the key.
+  (Keys with a fixed set of values are checked where they are read.)"""
+
+  def need(ok, key, want):
+    if not ok:
+      node = c
+      for part in key.split("."):
+        node = node[part]
+      raise ConfigError(f"{key}={node!r}: {want}")
+
+  finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+  need(c.train.steps >= 1, "train.steps", "must be >= 1")
+  need(0 <= c.train.seed < 2**63, "train.seed", "must be in [0, 2**63)")
+  need(c.train.log_every >= 1, "train.log_every", "must be >= 1")
+  need(c.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = at the start and end)")
+  need(c.train.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0 = all)")
+  need(c.data.max_len >= 2, "data.max_len", "must be >= 2")
+  need(c.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+  need(c.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+  if c.data.batch_size % c.optim.accum_steps:
+    raise ConfigError(f"data.batch_size={c.data.batch_size} must be a multiple of "
+                      f"optim.accum_steps={c.optim.accum_steps}")
+  need(finite(c.optim.lr) and c.optim.lr > 0, "optim.lr", "must be a finite number > 0")
+  need(c.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  need(finite(c.optim.min_lr_ratio) and 0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio",
+       "must be in [0, 1]")
+  need(finite(c.optim.weight_decay) and c.optim.weight_decay >= 0, "optim.weight_decay",
+       "must be >= 0")
+  for key in ("b1", "b2"):
+    need(finite(c.optim[key]) and 0 <= c.optim[key] < 1, f"optim.{key}", "must be in [0, 1)")
+  need(finite(c.optim.eps) and c.optim.eps >= 0, "optim.eps", "must be >= 0")
+  need(finite(c.optim.clip_norm) and c.optim.clip_norm >= 0, "optim.clip_norm",
+       "must be >= 0 (0 = no clipping)")
+  need(c.peft.lora.rank >= 1, "peft.lora.rank", "must be >= 1")
+  need(finite(c.peft.lora.alpha) and c.peft.lora.alpha > 0, "peft.lora.alpha",
+       "must be a finite number > 0 (the update is scaled by alpha / rank)")
+  need(finite(c.peft.lora.dropout) and 0 <= c.peft.lora.dropout < 1, "peft.lora.dropout",
+       "must be in [0, 1)")
+  need(c.peft.adapter.size >= 1, "peft.adapter.size", "must be >= 1")
+  need(c.peft.prefix.length >= 1, "peft.prefix.length", "must be >= 1")
+  need(c.peft.prefix.mlp_hidden >= 0, "peft.prefix.mlp_hidden", "must be >= 0")
+  need(c.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
+  need(c.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -37,11 +38,11 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise ConfigError(f"temperature={self.temperature}: must be a finite number >= 0 (0 = greedy)")
     if self.top_k < 0:
       raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
-    if not 0.0 < self.top_p <= 1.0:
+    if not 0.0 < self.top_p <= 1.0:  # also false for NaN
       raise ConfigError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
 
   @property

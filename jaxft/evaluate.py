@@ -22,6 +22,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0,
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts decoded together.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Answer only the first N references (0 = all).")
 _BASE = flags.DEFINE_bool("base", True, "Also evaluate the base model alone (--nobase skips it).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where eval.json, samples.jsonl and the report "
+                                  "go (default: the workdir).")
 
 
 def _main(argv):
@@ -32,14 +34,16 @@ def _main(argv):
   workdir = _WORKDIR.value
   config = _CONFIG.value or session.load_workdir_config(workdir)
   res = evaluate(config, workdir, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value,
-                 max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value)
+                 max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value,
+                 output_dir=_OUTPUT_DIR.value)
   for name in ("tuned", "base"):
     if name in res:
       m = res[name]
       acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
       print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
             f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}", flush=True)
-  print(f"wrote {os.path.join(workdir, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
+  out = _OUTPUT_DIR.value or workdir
+  print(f"wrote {os.path.join(out, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
 
 
 def main():

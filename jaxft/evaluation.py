@@ -24,6 +24,7 @@ import string
 import jax
 from absl import logging
 
+from jaxft import files
 from jaxft.errors import ConfigError
 from jaxft.inference import Prompt
 
@@ -99,16 +100,24 @@ def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, pref
 
 
 def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
-             max_examples: int = 0, compare_base: bool = True) -> dict:
-  """Evaluates WORKDIR's latest checkpoint (and the base model) on config.data.eval; writes
-  eval.json, samples.jsonl and eval_report.md into WORKDIR and returns the eval.json object.
+             max_examples: int = 0, compare_base: bool = True, output_dir: str = "") -> dict:
+  """Evaluates WORKDIR's newest intact checkpoint (and the base model) on config.data.eval;
+  writes eval.json, samples.jsonl and eval_report.md into output_dir (default WORKDIR) and
+  returns the eval.json object.
 
-  Raises ConfigError when data.eval is unset, CheckpointError when WORKDIR has no checkpoint,
+  Raises ConfigError when data.eval is unset, a setting is out of range or output_dir cannot be
+  written (all before any weights load), CheckpointError when WORKDIR has no intact checkpoint,
   DataError for bad rows or a prompt that does not fit the model's context."""
   from jaxft import inference, peft, session
   from jaxft.data import pipeline
   if not config.data.eval:
     raise ConfigError("data.eval is empty: set it to held-out data (e.g. --config.data.eval=FILE)")
+  if batch_size < 1:
+    raise ConfigError(f"--batch_size={batch_size}: must be >= 1")
+  if max_new_tokens < 0 or max_examples < 0:
+    raise ConfigError("--max_new_tokens and --max_examples must be >= 0 (0 = automatic / all)")
+  output_dir = output_dir or workdir
+  files.check_writable_dir(output_dir, "--output_dir")
   inference.require_checkpoint(workdir)
   enc = session.encoder(config, workdir)
   cfg = session.model_config(config)
@@ -151,12 +160,12 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
     result[name] = metrics
     logging.info("%s: loss %.4f, exact match %s", name, metrics["loss"], metrics["exact_match"])
   if jax.process_index() == 0:
-    _write(workdir, result, refs, answers)
+    _write(output_dir, result, refs, answers)
   return result
 
 
-def _write(workdir: str, result: dict, refs: list[Reference], answers: dict) -> None:
-  from jaxft.trainer import write_json_atomic
+def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
   rows = []
   for i, r in enumerate(refs):
     row = {"index": i, "origin": r.prompt.origin, "prompt": r.prompt.display, "reference": r.answer}
@@ -165,17 +174,10 @@ def _write(workdir: str, result: dict, refs: list[Reference], answers: dict) -> 
       row[f"{name}_exact_match"] = exact_match(ans[i], r.answer)
       row[f"{name}_normalized_match"] = normalized_match(ans[i], r.answer)
     rows.append(row)
-  _write_text(os.path.join(workdir, "samples.jsonl"),
-              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-  _write_text(os.path.join(workdir, REPORT), report(result, rows, list(answers)))
-  write_json_atomic(os.path.join(workdir, "eval.json"), result)
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.write_text(os.path.join(out_dir, "samples.jsonl"),
+                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+  files.write_text(os.path.join(out_dir, REPORT), report(result, rows, list(answers)))
+  files.write_json(os.path.join(out_dir, "eval.json"), result)
 
 
 def _cell(text: str) -> str:

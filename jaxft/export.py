@@ -23,7 +23,7 @@ import shutil
 import jax
 from absl import flags, logging
 
-from jaxft import cli, session
+from jaxft import cli, files, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
 from jaxft.peft import peft_io
@@ -35,9 +35,55 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _check_out(out: str, overwrite: bool) -> None:
+def _is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(
+      os.path.join(path, "jaxft.lock"))
+
+
+def _inside(a: str, b: str) -> bool:
+  """a is b or lies inside b (real paths)."""
+  return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def _check_out(out: str, overwrite: bool, workdir: str, config=None) -> None:
+  """Refuses an OUT that exists (unless --overwrite), and always one that is, contains or lies
+  inside the workdir, another jaxft workdir or the model and tokenizer directories in use:
+  replacing it would destroy checkpoints or the base. Also clears OUT.tmp-PID leftovers of a
+  killed export."""
+  if not out:
+    raise ConfigError("--out is empty")
+  real = os.path.realpath(out)
+  used = {"--workdir": workdir}
+  if config is not None:
+    used["model.path"] = config.model.path
+    used["model.tokenizer"] = config.model.tokenizer
+  for what, path in used.items():
+    if not path:
+      continue
+    p = os.path.realpath(path)
+    if what == "model.path" and os.path.isfile(p):
+      p = os.path.dirname(p)
+    if _inside(real, p) or _inside(p, real):
+      raise ConfigError(f"--out={out}: {'is' if real == p else 'overlaps'} the {what} directory "
+                        f"in use ({path}); exporting there would destroy it. Choose a directory "
+                        "outside it")
+  probe = real
+  while probe != os.path.dirname(probe):
+    if _is_workdir(probe):
+      raise ConfigError(f"--out={out}: lies inside the jaxft workdir {probe}; choose a "
+                        "directory outside it")
+    probe = os.path.dirname(probe)
+  if os.path.isdir(real):
+    for d, subdirs, _ in os.walk(real):
+      if _is_workdir(d):
+        raise ConfigError(f"--out={out}: contains the jaxft workdir {d}; choose another "
+                          "directory")
+      if d.count(os.sep) - real.count(os.sep) >= 2:
+        subdirs[:] = []
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
     raise ConfigError(f"--out={out}: already exists; choose another directory or pass --overwrite")
+  for stale in files.remove_stale(os.path.abspath(out)):
+    logging.warning("removed %s, left by an export that did not finish", stale)
 
 
 def _tmp_dir(out: str) -> str:
@@ -132,9 +178,10 @@ def export_hf(workdir: str, out: str, *, max_shard_mb: float = 5000, dtype: str 
   model.param_dtype. Returns OUT. Raises ConfigError (bad options, OUT exists, an unmergeable
   method) or CheckpointError (no checkpoint in WORKDIR).
   """
-  _check_out(out, overwrite)
-  trained = session.restore_trained(workdir, step=step)
-  config, cfg = trained.config, trained.model.cfg
+  config = session.load_workdir_config(workdir)
+  _check_out(out, overwrite, workdir, config)
+  trained = session.restore_trained(workdir, config, step=step)
+  cfg = trained.model.cfg
   dtype = _export_dtype(config, cfg, dtype)
   hf.hf_config(cfg, dtype)  # fails early, before merging, for what HF cannot express
   merged = _merged_params(trained)
@@ -176,8 +223,8 @@ def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | Non
   """Writes WORKDIR's trained adapter in PEFT's format to OUT. base_model (recorded as
   base_model_name_or_path) defaults to model.path. Returns OUT. Raises ConfigError for a method
   with no PEFT format (full fine-tuning: use export_hf)."""
-  _check_out(out, overwrite)
   config = session.load_workdir_config(workdir)
+  _check_out(out, overwrite, workdir, config)
   if config.peft.method not in peft_io.WRITERS:
     other = "--format=adapter" if config.peft.method == "adapter" else "--format=hf"
     raise ConfigError(f"peft.method={config.peft.method!r} has no PEFT adapter format; use "
@@ -196,8 +243,8 @@ def export_adapter(workdir: str, out: str, *, base_model: str = "", step: int | 
   format (adapter_config.json + adapter_model.safetensors; see jaxft/peft/adapter.py and
   docs/methods.md). Returns OUT. Raises ConfigError for another method."""
   from jaxft.peft import adapter
-  _check_out(out, overwrite)
   config = session.load_workdir_config(workdir)
+  _check_out(out, overwrite, workdir, config)
   if config.peft.method != "adapter":
     raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
                       f"peft.method={config.peft.method!r} (use --format=peft or --format=hf)")

@@ -17,8 +17,8 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxft import cli, decode
-from jaxft.errors import DataError
+from jaxft import cli, decode, files
+from jaxft.errors import ConfigError, DataError
 from jaxft.inference import (Prompt, answer, check_lengths, load_decoder, read_prompts,
                              require_checkpoint)
 
@@ -44,6 +44,7 @@ def _main(argv):
   del argv
   from jaxft import session
   logging.set_verbosity(logging.WARNING)
+  _check_options()
   workdir = _WORKDIR.value
   config = _CONFIG.value or session.load_workdir_config(workdir)
   raw = _RAW.value
@@ -63,16 +64,31 @@ def _main(argv):
   results = answer(decoder, encoder, prompts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
                 seed=_SEED.value, stop=_STOP.value, batch_size=_BATCH.value)
   if _OUTPUT.value:
-    tmp = f"{_OUTPUT.value}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for r in results:
-        f.write(json.dumps(dict(r, model="base" if _BASE.value else f"step {decoder.step}")) + "\n")
-    os.replace(tmp, _OUTPUT.value)
+    model = "base" if _BASE.value else f"step {decoder.step}"
+    files.write_lines(_OUTPUT.value, [json.dumps(dict(r, model=model)) + "\n" for r in results])
   if len(results) == 1:
     print(results[0]["answer"], flush=True)
     return
   for i, r in enumerate(results, 1):
     print(f"[{i}] {r['prompt']}\n=> {r['answer']}\n", flush=True)
+
+
+def _check_options() -> None:
+  """The options' values, before any weights load (ConfigError names the flag)."""
+  if _MAX_NEW.value < 1:
+    raise ConfigError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
+  if _BATCH.value < 1:
+    raise ConfigError(f"--batch_size={_BATCH.value}: must be >= 1")
+  if any(not s for s in _STOP.value):
+    raise ConfigError("--stop: an empty stop string would end every answer at once; drop it")
+  if _OUTPUT.value:
+    parent = os.path.dirname(os.path.abspath(_OUTPUT.value))
+    if os.path.isdir(_OUTPUT.value):
+      raise ConfigError(f"--output={_OUTPUT.value}: is a directory; expected a file name")
+    if not os.path.isdir(parent):
+      raise ConfigError(f"--output={_OUTPUT.value}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+      raise ConfigError(f"--output={_OUTPUT.value}: the directory {parent} is not writable")
 
 
 def main():

@@ -9,12 +9,13 @@ import json
 import os
 
 import jax
-from absl import logging
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Mesh
 
-from jaxft import peft, quant, sharding
+from jaxft import checkpoint, peft, quant, sharding
 from jaxft.data.tokenize import Encoder, load_tokenizer, write_quickstart_tokenizer
 from jaxft.errors import ConfigError
 from jaxft.models import llama
@@ -49,7 +50,17 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def encoder(config, workdir: str) -> Encoder:
-  return Encoder(load_tokenizer(tokenizer_dir(config, workdir)), config.data.chat_template)
+  """The tokenizer and chat template a run renders rows with; errors of the template name the
+  file it came from."""
+  directory = tokenizer_dir(config, workdir)
+  tok = load_tokenizer(directory)
+  source = ""
+  if not config.data.chat_template and tok.chat_template:
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+      if os.path.isfile(os.path.join(directory, name)):
+        source = os.path.join(directory, name)
+        break
+  return Encoder(tok, config.data.chat_template, source)
 
 
 @dataclasses.dataclass
@@ -167,28 +178,31 @@ class Trained:
 
 def restore_trained(workdir: str, config: ml_collections.ConfigDict | None = None,
                     step: int | None = None) -> Trained:
-  """Rebuilds the base and restores the trainable leaves of WORKDIR's latest (or given) checkpoint.
+  """Rebuilds the base and restores the trainable leaves of WORKDIR's newest intact checkpoint
+  (or of `step`): a newer checkpoint whose files fail their checksums or do not restore is
+  skipped with a warning naming the damage. Nothing is written into WORKDIR.
 
-  `config` defaults to WORKDIR/config.json. Raises CheckpointError when there is no checkpoint.
+  `config` defaults to WORKDIR/config.json. Raises CheckpointError, before the base loads, when
+  there is no checkpoint or none of `step`; after it, when no checkpoint is intact (or `step` is
+  damaged).
   """
-  from jaxft import checkpoint
   config = config or load_workdir_config(workdir)
+  checkpoint.read_meta(workdir, step)  # no checkpoint, or no such step: say so before loading
   model = load_model(config)
   added = init_added(model, config.train.seed)
   trainable, frozen = model.method.split(model.base, added)
-  mngr = checkpoint.manager(workdir, config.checkpoint.keep, async_save=False)
+  item = {"trainable": checkpoint.abstract(trainable)}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                              {"trainable": trainable})
+  mngr = checkpoint.reader(workdir)
+
+  def restore_fn(s):
+    out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))
+    return out["state"]["trainable"]
+
   try:
-    if mngr.latest_step() is None:
-      from jaxft.errors import CheckpointError
-      raise CheckpointError(f"{workdir}: no checkpoint to restore (train first)")
-    import orbax.checkpoint as ocp
-    step = mngr.latest_step() if step is None else step
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item={"trainable": checkpoint.abstract(trainable)},
-            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
-                                      {"trainable": trainable}),
-            partial_restore=True)))
+    step, restored = checkpoint.restore_newest_intact(mngr, restore_fn, step=step)
   finally:
     mngr.close()
-  return Trained(config, model, out["state"]["trainable"], frozen, int(step))
+  return Trained(config, model, restored, frozen, int(step))

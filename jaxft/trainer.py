@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxft import checkpoint, curves, flops, optim, peft, session, sharding
+from jaxft import (checkpoint, configlib, curves, files, flops, optim, peft, session,
+                   sharding, workdir as workdir_lib)
 from jaxft.data import pipeline
 from jaxft.errors import CheckpointError, ConfigError, JaxftError
 from jaxft.metrics import MetricsWriter
@@ -25,24 +26,10 @@ class NonFiniteError(JaxftError):
   """The loss or the gradients became NaN or infinite."""
 
 
-def write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
 def check_config(config) -> None:
-  """Cross-key checks the schema cannot express; ConfigError names the key."""
-  if config.train.steps < 1:
-    raise ConfigError(f"train.steps={config.train.steps}: must be >= 1")
-  if config.data.max_len < 2:
-    raise ConfigError(f"data.max_len={config.data.max_len}: must be >= 2")
-  if config.optim.accum_steps < 1 or config.data.batch_size % config.optim.accum_steps:
-    raise ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
-                      f"optim.accum_steps={config.optim.accum_steps}")
-  if config.train.log_every < 1:
-    raise ConfigError(f"train.log_every={config.train.log_every}: must be >= 1")
+  """Value and cross-key checks the schema cannot express, before anything is read or loaded;
+  ConfigError names the key."""
+  configlib.check_values(config)
 
 
 def put_batch(batch: dict, mesh, accum: int) -> dict:
@@ -150,31 +137,34 @@ def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches:
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
 
 
-def resume(mngr, state, config, model, workdir: str):
-  """Restores the newest complete checkpoint onto `state`'s shardings: (step, state, meta).
+def resume(saver: checkpoint.Saver, state, config, model, workdir: str, writer_rows: list):
+  """Restores the newest intact checkpoint onto `state`'s shardings: (step, state, meta).
 
   Refuses (CheckpointError) a checkpoint made with other shape-defining config keys or on another
-  base; metrics rows of steps after the restored one (a crash after logging) are dropped."""
-  try:
-    saved_config = checkpoint.read_meta(workdir)[1].get("config", {})
-  except Exception:  # a damaged newest checkpoint: restore_latest_good below says which
-    saved_config = {}
-  changed = checkpoint.changed_shape_keys(saved_config, config.to_dict()) if saved_config else []
-  if changed:
-    raise CheckpointError(f"{workdir}: cannot resume: the config changed keys that fix the saved "
-                          f"state's shapes: {', '.join(changed)}. Use a new workdir.")
-  start, state, meta = checkpoint.restore_latest_good(mngr, checkpoint.abstract(state))
+  base; keys that change the trained function but not the shapes are allowed with a warning, and
+  recorded (appended to `writer_rows` for metrics.jsonl). Metrics rows of steps after the
+  restored one (a crash after logging) are dropped."""
+  current = config.to_dict()
+  changed: list[str] = []
+
+  def check_meta(meta):
+    shape, function = configlib.changed_keys(meta.get("config", current), current)
+    if shape:
+      raise CheckpointError(f"{workdir}: cannot resume: the config changed keys that fix the "
+                            f"saved state's shapes: {', '.join(shape)}. Use a new workdir.")
+    changed[:] = function
+
+  start, state, meta = checkpoint.restore_latest_good(saver.mngr, checkpoint.abstract(state),
+                                                      check_meta)
   if meta.get("base_fingerprint") != model.fingerprint and not model.method.trains_base:
     raise CheckpointError(f"{workdir}: its checkpoints were trained on another base model "
                           "(model.path, preset, seed or quant changed)")
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() == 0 and os.path.isfile(metrics_path):
-    with open(metrics_path, encoding="utf-8") as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
-    tmp = metrics_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(rows)
-    os.replace(tmp, metrics_path)
+  if changed:
+    logging.warning("resuming step %d with a config that changes what is trained: %s",
+                    start, "; ".join(changed))
+    writer_rows.append({"resumed_with_changes": "; ".join(changed)})
+  if jax.process_index() == 0:
+    workdir_lib.trim_metrics(workdir, start)
   logging.info("resuming from step %d", start)
   return start, state, meta
 
@@ -213,6 +203,13 @@ def train(config, workdir: str) -> dict:
   model_cfg = session.model_config(config)
   sharding.check_model_fits(mesh, model_cfg)
   sharding.rules_from_config(config.mesh)  # so is a bad mesh.rules
+  # One run per workdir: a second one would interleave metrics and delete the first's saves.
+  lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train(config, workdir, mesh, model_cfg)
+
+
+def _train(config, workdir: str, mesh, model_cfg) -> dict:
   enc = session.encoder(config, workdir)
   fmt, max_len = config.data.format, config.data.max_len
   train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
@@ -229,13 +226,15 @@ def train(config, workdir: str) -> dict:
                                 shuffle=config.data.shuffle)
   pos = pipeline.Position()
   os.makedirs(workdir, exist_ok=True)
-  mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-  start = 0
-  if mngr.latest_step() is not None:
-    start, state, meta = resume(mngr, state, config, model, workdir)
+  saver = checkpoint.Saver(workdir, config.checkpoint.keep)
+  start, notes = 0, []
+  if saver.latest_step() is not None:
+    start, state, meta = resume(saver, state, config, model, workdir, notes)
     pos = pipeline.Position(**meta["data_position"])
+  elif jax.process_index() == 0:  # a fresh start: rows of a run killed before its first save go
+    workdir_lib.trim_metrics(workdir, None)
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   train_step = run.train_step
   rows = config.data.batch_size
@@ -245,6 +244,8 @@ def train(config, workdir: str) -> dict:
                  len(local_ids), rows)
   eval_step = jax.jit(steps.eval)
   writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
+  for note in notes:
+    writer.write(start, note)
   total = config.train.steps
   last: dict = {}
   flop_counter = flops.FlopCounter(  # tokens/s -> TFLOP/s and MFU; the count is in jaxft/flops.py
@@ -272,7 +273,7 @@ def train(config, workdir: str) -> dict:
   def do_save(step):
     meta = {"data_position": dataclasses.asdict(pos), "base_fingerprint": model.fingerprint,
             "method": method.name, "step": step, "config": config.to_dict()}
-    checkpoint.save(mngr, step, state, meta)
+    saver.save(step, state, meta)
 
   def record(step, m, tokens, t_last):
     """Host side of one finished step: non-finite check, logging. Returns the new t_last."""
@@ -318,6 +319,7 @@ def train(config, workdir: str) -> dict:
         flop_counter.observe(batch["segment_ids"])
         device_batch = sharding.put_local_batch(batch, local_ids, mesh, rows, accum)
         state, metrics = train_step(state, device_batch, frozen)
+        saver.poll()
         flush()
         step += 1
         pending = (step, metrics)
@@ -338,9 +340,10 @@ def train(config, workdir: str) -> dict:
         print(f"stopped by {stop.signal} at step {step}; checkpoint saved. Run the same command "
               "to resume.", flush=True)
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    try:
+      saver.close()
+    finally:
+      writer.close()
   if jax.process_index() == 0:
     try:
       curves.write_loss_curve(workdir)

@@ -76,7 +76,8 @@ def to_messages(origin: str, row: dict[str, Any], fmt: str) -> list[dict[str, st
 def tokens_example(origin: str, row: dict[str, Any], vocab_size: int) -> Example:
   """A pre-tokenized row: input_ids and an optional loss_mask of the same length."""
   ids = row["input_ids"]
-  if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+  if not isinstance(ids, list) or not ids or not all(
+      isinstance(i, int) and not isinstance(i, bool) for i in ids):
     raise DataError(f"{origin}: 'input_ids' must be a non-empty list of integers")
   arr = np.asarray(ids, np.int64)
   if arr.min() < 0 or arr.max() >= vocab_size:
@@ -87,5 +88,7 @@ def tokens_example(origin: str, row: dict[str, Any], vocab_size: int) -> Example
   else:
     if not isinstance(mask, list) or len(mask) != len(ids):
       raise DataError(f"{origin}: 'loss_mask' must be a list as long as 'input_ids' ({len(ids)})")
+    if not all(m in (0, 1) and isinstance(m, (bool, int)) for m in mask):
+      raise DataError(f"{origin}: 'loss_mask' must hold only 0/1 or true/false")
     m = np.asarray(mask, bool)
   return Example(arr.astype(np.int32), m)

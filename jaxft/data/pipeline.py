@@ -38,7 +38,8 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
   if fmt != "auto" and fmt not in formats.FORMATS:
     raise ConfigError(f"data.format={fmt!r}: expected auto or one of {', '.join(formats.FORMATS)}")
   counts: dict[str, int] = collections.Counter()
-  examples, truncated = [], 0
+  examples, truncated, targets_before = [], 0, 0
+  encoder.limit_tokens(max_len + 1)
   for origin, row in sources.read_rows(spec):
     kind = formats.detect(origin, row) if fmt == "auto" else fmt
     counts[kind] += 1
@@ -53,12 +54,19 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
       if "input_ids" not in row:
         raise DataError(f"{origin}: missing required field 'input_ids'")
       ex = formats.tokens_example(origin, row, vocab_size)
+    if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
+      raise DataError(f"{origin}: token id {int(ex.ids.max())} is outside the model's vocabulary "
+                      f"(vocab_size {vocab_size}): the tokenizer does not match the model")
+    targets_before += int(ex.mask[1:].sum())
     if len(ex.ids) > max_len + 1:
       truncated += 1
       ex = Example(ex.ids[: max_len + 1], ex.mask[: max_len + 1])
     if len(ex.ids) >= 2:
       examples.append(ex)
   targets = sum(int(e.mask[1:].sum()) for e in examples)
+  if targets == 0 and targets_before and truncated:
+    raise DataError(f"{spec}: truncation to data.max_len={max_len} tokens removed every target "
+                    f"token ({truncated} examples truncated); raise data.max_len")
   if not examples or targets == 0:
     raise DataError(f"{spec}: no example has a target token to train on")
   logging.info("%s: %d examples, formats %s, %d truncated to %d tokens, %d target tokens",

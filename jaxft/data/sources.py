@@ -25,19 +25,52 @@ def _read_jsonl(path: str) -> Iterator[Row]:
         raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
       if not line.strip():
         continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+      row = _parse(line, f"{path}:{lineno}")
+      if isinstance(row, list) and lineno == 1 and line.lstrip().startswith("["):
+        raise DataError(f"{path}:1: a JSON array; expected JSON Lines (one JSON object per line). "
+                        "A .json file may hold one array of row objects")
       if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
       yield f"{path}:{lineno}", row
 
 
+def _parse(text: str, origin: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{origin}: malformed JSON ({e.msg}, column {e.colno})") from None
+  except RecursionError:
+    raise DataError(f"{origin}: JSON nested too deeply to read") from None
+
+
+def _read_json_array(path: str) -> Iterator[Row]:
+  """A .json file holding one array of row objects (as `datasets` writes them)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      rows = _parse(f.read(), path)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  for i, row in enumerate(rows, 1):
+    if not isinstance(row, dict):
+      raise DataError(f"{path}: item {i} of the array: expected a JSON object, got "
+                      f"{type(row).__name__}")
+    yield f"{path}:item {i}", row
+
+
+def _starts_with_bracket(path: str) -> bool:
+  with open(path, "rb") as f:
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+  return head.startswith(b"[")
+
+
 def _read_datasets(spec: str, split: str | None) -> Iterator[Row]:
   import datasets  # heavy; only when asked for
   if spec.endswith(".parquet"):
-    ds = datasets.load_dataset("parquet", data_files=spec, split="train")
+    try:
+      ds = datasets.load_dataset("parquet", data_files=spec, split="train")
+    except Exception as e:  # pyarrow raises many types for a file that is not Parquet
+      msg = " ".join(str(e).split())[:200]
+      raise DataError(f"{spec}: cannot read as Parquet ({type(e).__name__}: {msg})") from None
   else:
     try:
       ds = datasets.load_dataset(spec, split=split or "train")
@@ -52,7 +85,11 @@ def _read_tfds(spec: str) -> Iterator[Row]:
   if body.count(":") != 1:
     raise DataError(f"{spec}: expected tfds:NAME[/CONFIG]:SPLIT")
   name, split = body.split(":")
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f"{spec}: reading tfds: data needs tensorflow-datasets; install it with "
+                    "pip install 'jaxft[tfds]'") from None
   try:
     source = tfds.data_source(name, split=split)
   except Exception as e:
@@ -68,10 +105,15 @@ def read_rows(spec: str) -> list[Row]:
     raise DataError("no data given: set data.train (a JSONL/Parquet file, HF dataset or tfds:NAME:SPLIT)")
   if spec.startswith("tfds:"):
     rows = list(_read_tfds(spec))
+  elif os.path.isdir(spec):
+    raise DataError(f"{spec}: is a directory; expected a JSONL or Parquet file")
   elif spec.endswith((".jsonl", ".json")) or (os.path.isfile(spec) and not spec.endswith(".parquet")):
     if not os.path.isfile(spec):
       raise DataError(f"{spec}: no such file")
-    rows = list(_read_jsonl(spec))
+    if spec.endswith(".json") and _starts_with_bracket(spec):
+      rows = list(_read_json_array(spec))
+    else:
+      rows = list(_read_jsonl(spec))
   elif spec.endswith(".parquet"):
     if not os.path.isfile(spec):
       raise DataError(f"{spec}: no such file")

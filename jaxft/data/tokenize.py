@@ -9,12 +9,16 @@ template whose renders of a conversation's prefixes are prefixes of each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 
 import numpy as np
 
+from jaxft import files
 from jaxft.data.formats import Example
 from jaxft.errors import ConfigError, DataError
 
@@ -34,7 +38,8 @@ def write_quickstart_tokenizer(directory: str) -> str:
   src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
   if not os.path.isfile(src):
     raise ConfigError(f"mistral-common does not ship {src}; reinstall mistral-common")
-  os.makedirs(directory, exist_ok=True)
+  if not os.path.isdir(directory):
+    os.makedirs(directory, exist_ok=True)
   # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
   # then atomic renames, so no one ever reads a half-written file.
   if not os.path.isfile(os.path.join(directory, "tokenizer.model")):
@@ -43,11 +48,19 @@ def write_quickstart_tokenizer(directory: str) -> str:
     os.replace(tmp, os.path.join(directory, "tokenizer.model"))
   cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
-  tmp = os.path.join(directory, f"tokenizer_config.json.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(cfg, f, indent=1)
-  os.replace(tmp, os.path.join(directory, "tokenizer_config.json"))
+  path = os.path.join(directory, "tokenizer_config.json")
+  text = json.dumps(cfg, indent=1)
+  if _read_text(path) != text:  # never rewritten when current: a workdir may be read-only
+    files.write_text(path, text)
   return directory
+
+
+def _read_text(path: str) -> str | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except OSError:
+    return None
 
 
 def load_tokenizer(directory: str):
@@ -64,12 +77,59 @@ def load_tokenizer(directory: str):
   return tok
 
 
-class Encoder:
-  """Turns validated rows into Examples with one tokenizer and one chat template."""
+RENDER_SECONDS = 10  # a template runs in milliseconds; one that takes this long is looping
 
-  def __init__(self, tokenizer, chat_template: str = ""):
+
+class _RenderTimeout(Exception):
+  pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+  """Raises _RenderTimeout in the block after `seconds` (SIGALRM: main thread only; elsewhere
+  the block runs unbounded)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def expire(signum, frame):
+    del signum, frame
+    raise _RenderTimeout()
+
+  old = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+class Encoder:
+  """Turns validated rows into Examples with one tokenizer and one chat template.
+
+  template_source names where the template came from (a file, or data.chat_template) in errors.
+  limit_tokens(n) bounds what is tokenized per example: rows are cut to about n tokens' worth of
+  characters first (a 100 MB row is not tokenized whole only to be truncated)."""
+
+  def __init__(self, tokenizer, chat_template: str = "", template_source: str = ""):
     self.tok = tokenizer
     self.template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    if template_source:
+      self.template_source = template_source
+    elif chat_template:
+      self.template_source = "data.chat_template"
+    elif tokenizer.chat_template:
+      self.template_source = "the tokenizer's chat template"
+    else:
+      self.template_source = "jaxft's default chat template"
+    self._max_chars: int | None = None
+
+  def limit_tokens(self, n: int) -> None:
+    """Examples need at most n tokens: longer texts are cut before tokenizing, far enough out
+    (twice n times the longest vocabulary entry) that their first n tokens do not change."""
+    longest = max((len(t) for t in self.tok.get_vocab()), default=1)
+    self._max_chars = 2 * (n + 1) * max(longest, 1) + 1024
 
   @property
   def eos_text(self) -> str:
@@ -79,12 +139,31 @@ class Encoder:
   def bos_text(self) -> str:
     return self.tok.bos_token or ""
 
-  def render(self, messages, add_generation_prompt: bool) -> str:
+  def render(self, messages, add_generation_prompt: bool, origin: str = "") -> str:
+    """The chat template applied to `messages`. A template that fails (syntax, a sandbox
+    violation, raise_exception, a bad return) or runs longer than RENDER_SECONDS raises
+    ConfigError naming the template's source (and the row)."""
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return self.tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
-                                        add_generation_prompt=add_generation_prompt)
+    where = f" (rendering {origin})" if origin else ""
+    try:
+      with _time_limit(RENDER_SECONDS):
+        text = self.tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
+    except _RenderTimeout:
+      raise ConfigError(f"{self.template_source}: the chat template did not finish within "
+                        f"{RENDER_SECONDS} s{where}; does it loop?") from None
+    except Exception as e:  # pylint: disable=broad-except  (Jinja and transformers raise many)
+      msg = " ".join(str(e).split())[:300]
+      raise ConfigError(f"{self.template_source}: the chat template failed{where}: "
+                        f"{type(e).__name__}: {msg}") from None
+    if not isinstance(text, str):
+      raise ConfigError(f"{self.template_source}: the chat template returned "
+                        f"{type(text).__name__}, not text{where}")
+    return text
 
   def _encode_spans(self, text: str, spans: list[tuple[int, int]]) -> Example:
+    if self._max_chars is not None and len(text) > self._max_chars:
+      text = text[: self._max_chars]
     enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.zeros(len(ids), bool)
@@ -93,13 +172,13 @@ class Encoder:
     return Example(ids, mask)
 
   def chat(self, origin: str, messages) -> Example:
-    text = self.render(messages, add_generation_prompt=False)
+    text = self.render(messages, add_generation_prompt=False, origin=origin)
     spans = []
     for i, m in enumerate(messages):
       if m["role"] != "assistant":
         continue
-      before = self.render(messages[:i], add_generation_prompt=True) if i else ""
-      upto = self.render(messages[: i + 1], add_generation_prompt=False)
+      before = self.render(messages[:i], add_generation_prompt=True, origin=origin) if i else ""
+      upto = self.render(messages[: i + 1], add_generation_prompt=False, origin=origin)
       if not upto.startswith(before) or not text.startswith(upto):
         raise DataError(f"{origin}: the chat template does not render conversations "
                         "incrementally; cannot locate assistant turns for the loss mask")

@@ -43,8 +43,13 @@ def tensor_files(path: str) -> dict[str, str]:
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index}: no weight_map")
     out = {}
+    # Lexically (symlinks inside the directory, as the HF cache has, stay allowed).
+    root = os.path.normpath(os.path.abspath(path))
     for name, f in weight_map.items():
-      file = os.path.join(path, f)
+      file = os.path.normpath(os.path.join(root, f)) if isinstance(f, str) else ""
+      if not isinstance(f, str) or os.path.isabs(f) or not file.startswith(root + os.sep):
+        raise CheckpointError(f"{index}: tensor {name} is in {f!r}, outside the model directory "
+                              "(an index may only name files inside it)")
       if not os.path.isfile(file):
         raise CheckpointError(f"{index}: tensor {name} is in {f}, which does not exist")
       out[name] = file
