@@ -34,35 +34,70 @@ def tree_bytes(path):
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def test_sigterm_then_resume_matches_a_straight_run(tmp_path):
-  """30 steps straight, and: stop with SIGTERM mid-run, re-run the same command to step 30."""
-  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  args = TINY + ["--config.train.steps=30", "--config.checkpoint.every=5"]
-  r = run_cli("jaxft.train", *args, f"--workdir={straight}")
-  assert r.returncode == 0, r.stderr[-3000:]
+RESUME_ARGS = TINY + ["--config.train.steps=30", "--config.checkpoint.every=5"]
 
-  proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args, f"--workdir={split}"],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(split, "metrics.jsonl")
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """30 steps, uninterrupted: what every interrupted run must reproduce exactly."""
+  wd = str(tmp_path_factory.mktemp("straight") / "run")
+  r = run_cli("jaxft.train", *RESUME_ARGS, f"--workdir={wd}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd
+
+
+def _start_and_signal(workdir, at_step, sig):
+  """Starts the 30-step run on workdir and sends `sig` once it has logged step >= at_step."""
+  proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *RESUME_ARGS,
+                           f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and any(s >= 8 for s in losses(split)):
-      proc.send_signal(signal.SIGTERM)
-      break
+    try:
+      if os.path.exists(metrics) and any(s >= at_step for s in losses(workdir)):
+        proc.send_signal(sig)
+        break
+    except json.JSONDecodeError:  # a row being written
+      pass
     time.sleep(0.02)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  return proc.returncode, out, err
+
+
+def assert_same_run(a, b):
+  assert losses(a) == losses(b)  # exactly equal, every step
+  (s1, x), (s2, y) = trained_leaves(a), trained_leaves(b)
+  assert s1 == s2 == 30
+  jax.tree.map(np.testing.assert_array_equal, x, y)
+
+
+def test_sigterm_then_resume_matches_a_straight_run(tmp_path, straight):
+  """Stop with SIGTERM mid-run, re-run the same command to step 30."""
+  split = str(tmp_path / "split")
+  code, out, err = _start_and_signal(split, 8, signal.SIGTERM)
+  assert code == 0, err[-3000:]
   stopped = max(losses(split))
   assert stopped < 30, "the run finished before the signal arrived"
   assert f"stopped by SIGTERM at step {stopped}" in out
   assert "Run the same command to resume" in out
-
-  r = run_cli("jaxft.train", *args, f"--workdir={split}")
+  r = run_cli("jaxft.train", *RESUME_ARGS, f"--workdir={split}")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert losses(split) == losses(straight)  # exactly equal, every step
-  (s1, a), (s2, b) = trained_leaves(straight), trained_leaves(split)
-  assert s1 == s2 == 30
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert_same_run(straight, split)
+
+
+def test_kill_9_at_random_points_then_resume_matches_a_straight_run(tmp_path, straight):
+  """kill -9 (no chance to save) at points drawn at random, each time re-running the command;
+  rows logged after the last checkpoint are dropped and those steps recomputed identically."""
+  wd = str(tmp_path / "killed")
+  points = sorted(np.random.default_rng(int(time.time())).choice(np.arange(3, 28), 2,
+                                                                 replace=False))
+  for at in points:
+    code, _, err = _start_and_signal(wd, int(at), signal.SIGKILL)
+    assert code == -signal.SIGKILL, (at, code, err[-2000:])
+  r = run_cli("jaxft.train", *RESUME_ARGS, f"--workdir={wd}")
+  assert r.returncode == 0, (points, r.stderr[-3000:])
+  assert_same_run(straight, wd)
 
 
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
@@ -80,7 +115,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
   os.makedirs(os.path.join(ckpts, "7.orbax-checkpoint-tmp", "state"))
   r = run_cli("jaxft.train", *args, f"--workdir={wd}", "--config.train.steps=8")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "checkpoint step 6" in r.stderr and "cannot be restored" in r.stderr
+  assert "checkpoint step 6: damaged files state/" in r.stderr and "expected" in r.stderr
   assert "resuming from step 4" in r.stderr
   assert sorted(losses(wd)) == list(range(1, 9))
   step, leaves = trained_leaves(wd)
