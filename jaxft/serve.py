@@ -1,0 +1,219 @@
+"""python -m jaxft.serve --workdir=W [--adapter NAME=W2 ...] [--host=127.0.0.1 --port=8000]
+
+An OpenAI-compatible server for a trained workdir (FastAPI + uvicorn; `pip install 'jaxft[serve]'`):
+`GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (with `stream: true`),
+`GET /health`. Model names: the workdir's directory name for the tuned model, `base` for the base
+alone, and NAME for each `--adapter NAME=WORKDIR` (trained on the same base). Each model decodes
+its concurrent requests together (jaxft/serving/engine.py: continuous batching over `--slots` KV
+cache rows). SIGTERM lets in-flight requests finish, then exits. See docs/serve.md.
+"""
+
+
+import asyncio
+import contextlib
+import json
+import os
+
+from absl import flags, logging
+
+from jaxft import cli, inference, peft, session
+from jaxft.errors import ConfigError
+from jaxft.serving import api
+from jaxft.serving.engine import Engine
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its newest intact checkpoint).")
+_ADAPTER = flags.DEFINE_multi_string("adapter", [], "NAME=WORKDIR: another run on the same base.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
+_SLOTS = flags.DEFINE_integer("slots", 8, "Requests decoded together per model (KV-cache rows).")
+_MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting beyond the slots before "
+                                  "new ones get 429.")
+_CONTEXT = flags.DEFINE_integer("context", 0, "Tokens per request, prompt and answer (0 = the "
+                                "model's, at most 4096).")
+_BASE = flags.DEFINE_bool("base", True, "Also serve the base model alone as `base`.")
+
+
+def _prompt_builder(encoder):
+  def build(messages=None, text=None):
+    if messages is not None:
+      return inference.prompt_ids(encoder, inference.Prompt("request", messages))
+    return inference.prompt_ids(encoder, inference.Prompt("request", text=text))
+  return build
+
+
+def load_models(workdir: str, adapters: dict[str, str], *, with_base: bool = True,
+                slots: int = 8, context: int = 0) -> dict[str, api.Served]:
+  """{name: Served} for the tuned model of WORKDIR, each adapter workdir and (with_base) the base.
+  Raises ConfigError for an adapter trained on another base, CheckpointError for a workdir with
+  no intact checkpoint."""
+  trained = session.restore_trained(workdir)
+  config, model = trained.config, trained.model
+  encoder = session.encoder(config, workdir)
+  ctx = context or min(model.cfg.max_position_embeddings, 4096)
+  detok = lambda ids: encoder.tok.decode(list(map(int, ids)), skip_special_tokens=True)
+  eos = inference.eos_ids(model.cfg, encoder)
+  build = _prompt_builder(encoder)
+
+  def engine(adapter, params):
+    e = Engine(model.cfg, adapter, params, eos_ids=eos, detokenize=detok, slots=slots,
+               context=ctx)
+    e.start()
+    return e
+
+  name = os.path.basename(os.path.normpath(workdir)) or "tuned"
+  out = {name: api.Served(name, engine(model.method, trained.params), encoder, build)}
+  for extra, wd in adapters.items():
+    other = session.restore_trained(wd)
+    if other.model.fingerprint != model.fingerprint:
+      raise ConfigError(f"--adapter {extra}={wd}: trained on another base than {workdir}")
+    # The other run's trainable leaves over this run's frozen base: the base is held once.
+    params = peft.merge_trees(trained.frozen if not other.model.method.trains_base else
+                              other.frozen, other.trainable)
+    out[extra] = api.Served(extra, engine(other.model.method, params), encoder, build)
+  if with_base:
+    out["base"] = api.Served("base", engine(peft.Method(), model.base), encoder, build)
+  return out
+
+
+def make_app(models: dict[str, api.Served], max_queue: int = 256):
+  """The FastAPI application over loaded models (engines started)."""
+  from fastapi import FastAPI, Request as HttpRequest
+  from fastapi.responses import JSONResponse, StreamingResponse
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    del app
+    yield
+    for s in models.values():  # SIGTERM: in-flight requests finish, queued ones are cancelled
+      await asyncio.to_thread(s.engine.stop, True)
+
+  app = FastAPI(title="jaxft", lifespan=lifespan)
+
+  def fail(e: api.BadRequest):
+    return JSONResponse(api.error_body(str(e), e.param, e.kind), status_code=e.status)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "models": list(models),
+            "busy": {n: s.engine.busy() for n, s in models.items()}}
+
+  @app.get("/v1/models")
+  async def list_models():
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
+                                        "owned_by": "jaxft"} for n in models]}
+
+  async def complete(http: HttpRequest, chat: bool):
+    try:
+      try:
+        body = json.loads(await http.body())
+      except (ValueError, UnicodeDecodeError) as e:
+        raise api.BadRequest(f"malformed JSON body ({e})") from None
+      served, prompts, settings = api.parse(body, chat, models)
+      if served.engine.busy() >= max_queue + served.engine.slots:
+        raise api.BadRequest("the server is busy; retry later", status=429,
+                             kind="rate_limit_exceeded")
+    except api.BadRequest as e:
+      return fail(e)
+    loop = asyncio.get_running_loop()
+    calls = [api.Call(loop, p, settings, i * settings["n"] + j)
+             for i, p in enumerate(prompts) for j in range(settings["n"])]
+    try:
+      for c in calls:
+        served.engine.submit(c.req)
+    except RuntimeError as e:
+      return JSONResponse(api.error_body(str(e), kind="server_error"), status_code=503)
+    prompt_tokens = sum(len(p) for p in prompts) * settings["n"]
+    if settings["stream"]:
+      return StreamingResponse(_stream(http, chat, served, calls, prompt_tokens),
+                               media_type="text/event-stream")
+    try:
+      for c in calls:
+        while True:
+          try:
+            kind, _ = await asyncio.wait_for(c.queue.get(), timeout=1.0)
+          except asyncio.TimeoutError:
+            if await http.is_disconnected():
+              raise asyncio.CancelledError() from None
+            continue
+          if kind == "done":
+            break
+    except (asyncio.CancelledError, ConnectionError):
+      for c in calls:
+        served.engine.cancel(c.req)
+      raise
+    return api.full_response(chat, served.name, calls, prompt_tokens)
+
+  async def _stream(http, chat, served, calls, prompt_tokens):
+    rid = api.response_id(chat)
+    try:
+      for c in calls:
+        if chat:
+          yield api.chunk(True, rid, served.name, c.index, None, role=True)
+        sent = ""
+        while True:
+          kind, value = await c.queue.get()
+          if kind == "token":
+            if value.startswith(sent) and len(value) > len(sent):
+              yield api.chunk(chat, rid, served.name, c.index, value[len(sent):])
+              sent = value
+            continue
+          tail = c.req.text[len(sent):] if c.req.text.startswith(sent) else ""
+          if tail:
+            yield api.chunk(chat, rid, served.name, c.index, tail)
+          yield api.chunk(chat, rid, served.name, c.index, None, api.openai_finish(value))
+          break
+      yield "data: [DONE]\n\n"
+    finally:  # a client that disconnects cancels what is left
+      for c in calls:
+        if c.req.finish is None:
+          served.engine.cancel(c.req)
+      del http, prompt_tokens
+
+  @app.post("/v1/completions")
+  async def completions(http: HttpRequest):
+    return await complete(http, chat=False)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: HttpRequest):
+    return await complete(http, chat=True)
+
+  return app
+
+
+def _parse_adapters(values) -> dict[str, str]:
+  out = {}
+  for v in values:
+    name, sep, wd = v.partition("=")
+    if not sep or not name or not wd:
+      raise ConfigError(f"--adapter={v!r}: expected NAME=WORKDIR")
+    if name in out or name == "base":
+      raise ConfigError(f"--adapter={v!r}: the name {name!r} is taken")
+    out[name] = wd
+  return out
+
+
+def _main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if _SLOTS.value < 1 or _MAX_QUEUE.value < 0 or _CONTEXT.value < 0:
+    raise ConfigError("--slots must be >= 1, --max_queue and --context >= 0")
+  try:
+    import fastapi  # noqa: F401
+    import uvicorn
+  except ImportError:
+    raise ConfigError("serving needs FastAPI and uvicorn: pip install 'jaxft[serve]'") from None
+  adapters = _parse_adapters(_ADAPTER.value)
+  models = load_models(_WORKDIR.value, adapters, with_base=_BASE.value, slots=_SLOTS.value,
+                       context=_CONTEXT.value)
+  print(f"serving {', '.join(models)} on http://{_HOST.value}:{_PORT.value}/v1", flush=True)
+  uvicorn.run(make_app(models, _MAX_QUEUE.value), host=_HOST.value, port=_PORT.value,
+              log_level="warning", timeout_graceful_shutdown=60)
+
+
+def main():
+  flags.mark_flags_as_required(["workdir"])
+  cli.run(_main)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine behind `python -m jaxft.serve`."""
