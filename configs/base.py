@@ -76,6 +76,24 @@ def get_config(arg=None):
   c.mesh.tensor = 1
   c.mesh.rules = ""               # logical->mesh axis overrides: "embed=fsdp,mlp=tensor,vocab=none"
 
+  # What jaxft.evaluate measures beyond loss and exact match (jaxft/eval_metrics.py).
+  c.eval = ml_collections.ConfigDict()
+  # Regexes (case-insensitive, searched anywhere in the answer) that make an answer an abstention.
+  c.eval.abstain_patterns = (
+      r"\bi (?:don['’]?t|do not) know\b", r"\bi(?:['’]?m| am) not sure\b",
+      r"\b(?:can['’]?t|cannot|unable to) (?:answer|say|tell)\b",
+      r"\bno (?:such|known|reliable) (?:country|place|person|thing|answer|information|record)",
+      r"\bnot (?:a real|aware of)\b")
+  c.eval.style = ml_collections.ConfigDict()  # the style rubric; each rule is off at its default
+  c.eval.style.max_words = 0      # at most this many words (whitespace-separated); 0 = off
+  c.eval.style.min_words = 0      # at least this many words; 0 = off
+  c.eval.style.must_match = ""    # a regex the answer must match (re.search; anchor with ^ $)
+  c.eval.style.must_not_contain = ()  # phrases the answer must not contain (case-insensitive)
+  c.eval.confident = 0.9          # answers with a mean token probability >= this count as confident
+  c.eval.calibration_bins = 10    # equal-width confidence bins of the calibration error and plot
+  c.eval.bootstrap = 2000         # bootstrap resamples of the rows for the 95% intervals
+  c.eval.seed = 0                 # the bootstrap's seed (same seed, same intervals)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0          # 0 = only at the end
   c.checkpoint.keep = 3

@@ -82,7 +82,7 @@ SHAPE_KEYS = ("model.path", "model.preset", "model.quant", "model.param_dtype", 
               "optim.weight_decay")
 LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
                   "train.eval_accuracy", "train.progress", "train.peak_tflops", "checkpoint",
-                  "data.eval", "mesh", "model.remat", "model.attention")
+                  "data.eval", "mesh", "model.remat", "model.attention", "eval")
 
 
 def flat(d: dict, prefix: str = "") -> dict:

@@ -54,9 +54,15 @@ class Sampling:
 class Generation:
   """What one prompt produced: the new token ids (the end token excluded) and why it stopped:
   'eos' (an end token), 'stop' (a stop string; the ids may run past it, cut the text with
-  `cut_at_stop`) or 'length' (max_new_tokens, or the end of the model's context)."""
+  `cut_at_stop`) or 'length' (max_new_tokens, or the end of the model's context).
+
+  logprobs: the log-probability of each of `tokens` under the model's distribution (the softmax
+  of its logits, before temperature, top-k or top-p), float32, aligned with `tokens`;
+  end_logprob: that of the end token when finish is 'eos', else None."""
   tokens: np.ndarray
   finish: str
+  logprobs: np.ndarray | None = None
+  end_logprob: float | None = None
 
 
 def filter_logits(logits: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
@@ -102,7 +108,8 @@ def _decode(cfg: ModelConfig, adapter, sampling: Sampling, eos_ids: tuple[int, .
 
   state: logits [B, V] (of the last fed token), cache, pos [B] (position of the next token),
   index (its cache slot), n (tokens chosen so far), done [B], length [B], eos [B], out [B, N],
-  keys [B] (per-row sampling keys)."""
+  logprobs [B, N] (of the chosen tokens, the end token included), keys [B] (per-row sampling
+  keys)."""
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
   def cond(s):
@@ -114,6 +121,10 @@ def _decode(cfg: ModelConfig, adapter, sampling: Sampling, eos_ids: tuple[int, .
     hit_eos = jnp.isin(tok, eos) & ~s["done"]
     out = jax.lax.dynamic_update_slice_in_dim(s["out"], jnp.where(s["done"], 0, tok)[:, None],
                                               s["n"], 1)
+    chosen = jnp.take_along_axis(jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1),
+                                 tok[:, None], axis=-1)
+    logprobs = jax.lax.dynamic_update_slice_in_dim(
+        s["logprobs"], jnp.where(s["done"][:, None], 0.0, chosen), s["n"], 1)
     length = s["length"] + (~s["done"] & ~hit_eos).astype(jnp.int32)
     done = s["done"] | hit_eos
     B = tok.shape[0]
@@ -123,7 +134,7 @@ def _decode(cfg: ModelConfig, adapter, sampling: Sampling, eos_ids: tuple[int, .
                                    cache=s["cache"], cache_index=s["index"])
     return dict(s, logits=llama.logits(cfg, params, h[:, 0]), cache=cache, pos=s["pos"] + 1,
                 index=s["index"] + 1, n=s["n"] + 1, done=done, length=length,
-                eos=s["eos"] | hit_eos, out=out)
+                eos=s["eos"] | hit_eos, out=out, logprobs=logprobs)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -210,6 +221,7 @@ def _generate_batch(cfg, adapter, params, prompts, first_index, batch_size, max_
            "index": jnp.asarray(P, jnp.int32), "n": jnp.asarray(0, jnp.int32),
            "done": jnp.asarray(done), "length": jnp.zeros((B,), jnp.int32),
            "eos": jnp.zeros((B,), bool), "out": jnp.zeros((B, max_new), jnp.int32),
+           "logprobs": jnp.zeros((B, max_new), jnp.float32),
            "keys": jax.vmap(jax.random.fold_in, (None, 0))(base_key, row_ids)}
   stopped = np.zeros(B, bool)
   # Without stop strings one call runs to the end; with them, the host looks at the text between
@@ -228,7 +240,8 @@ def _generate_batch(cfg, adapter, params, prompts, first_index, batch_size, max_
         if not done[r] and any(s in detokenize(out[r, :length[r]]) for s in stop):
           stopped[r] = done[r] = True
       state["done"] = jnp.asarray(done)
-  out, length, hit_eos = jax.device_get((state["out"], state["length"], state["eos"]))
+  out, length, hit_eos, logprobs = jax.device_get(
+      (state["out"], state["length"], state["eos"], state["logprobs"]))
   results = []
   for r in range(n_real):
     ids = np.asarray(out[r, :length[r]])
@@ -238,7 +251,9 @@ def _generate_batch(cfg, adapter, params, prompts, first_index, batch_size, max_
       finish = "stop"
     else:
       finish = "length"
-    results.append(Generation(ids, finish))
+    # The end token was chosen at slot `length` (and not counted in it).
+    end = float(logprobs[r, length[r]]) if hit_eos[r] else None
+    results.append(Generation(ids, finish, np.asarray(logprobs[r, :length[r]]), end))
   return results
 
 

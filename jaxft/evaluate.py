@@ -1,7 +1,9 @@
 """python -m jaxft.evaluate --config=configs/NAME.py --workdir=DIR [--max_new_tokens=N] [--nobase]
 
 Evaluates the latest checkpoint of DIR on `data.eval` (and the base model alone) and writes
-DIR/eval.json, DIR/samples.jsonl and DIR/eval_report.md; see jaxft/evaluation.py.
+DIR/eval.json, DIR/samples.jsonl, DIR/eval_report.md and DIR/reliability.png; see
+jaxft/evaluation.py (and the `eval.*` config keys for abstentions, the style rubric, calibration and
+the bootstrap).
 """
 
 from __future__ import annotations
@@ -40,10 +42,24 @@ def _main(argv):
     if name in res:
       m = res[name]
       acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
-      print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
-            f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}", flush=True)
+      line = (f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
+              f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}")
+      if "quality" in res:
+        q = res["quality"]["metrics"]
+        line += "".join(f", {label} {_with_ci(q[key][name])}" for key, label in _SHOWN if key in q)
+      print(line, flush=True)
   out = _OUTPUT_DIR.value or workdir
   print(f"wrote {os.path.join(out, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
+
+
+_SHOWN = (("hallucinated", "hallucinated"), ("abstained", "abstained"),
+          ("style_all", "style pass"), ("ece", "ECE"))
+
+
+def _with_ci(d: dict) -> str:
+  if d["value"] is None:
+    return "n/a"
+  return f"{d['value']:.3f}" + (f" [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if d["ci"] else "")
 
 
 def main():

@@ -4,13 +4,19 @@
   WORKDIR/eval.json      loss and perplexity on the target tokens of data.eval, token counts, and for
                          rows with a reference answer the exact-match and normalised-match accuracy
                          of the greedy answer; for the tuned model and for the base model alone;
+                         under "quality": hallucination, abstention, style and calibration
+                         rates with 95% bootstrap intervals and base-vs-tuned tests
+                         (jaxft/eval_quality.py);
   WORKDIR/samples.jsonl  one row per example with a reference: prompt, reference, base and tuned
-                         answers and whether each matched;
-  WORKDIR/eval_report.md the same side by side, for a person to read.
+                         answers, whether each matched, its outcome, style checks and confidence;
+  WORKDIR/eval_report.md the same side by side, for a person to read;
+  WORKDIR/reliability.png accuracy against confidence.
 
 A reference answer is the last assistant message of a chat row, the output of an alpaca row or the
-completion of a completion row; text and tokens rows count towards the loss only. The loss is the
-trainer's `evaluate_loss` (same batches, same target mask as the eval_loss logged in training).
+completion of a completion row; text and tokens rows count towards the loss only. A row may say
+`"answerable": false` (a question with no true answer): it counts for hallucination and abstention,
+not for exact match. The loss is the trainer's `evaluate_loss` (same batches, same target mask as
+the eval_loss logged in training).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import string
 import jax
 from absl import logging
 
-from jaxft import files
-from jaxft.errors import ConfigError
+from jaxft import eval_metrics, eval_quality, files
+from jaxft.errors import ConfigError, DataError
 from jaxft.inference import Prompt
 
 REPORT = "eval_report.md"
@@ -35,23 +41,29 @@ REPORT = "eval_report.md"
 class Reference:
   prompt: Prompt
   answer: str
+  answerable: bool = True  # False: no true answer exists; only an abstention is right
 
 
 def references(spec: str, fmt: str) -> list[Reference]:
-  """The rows of `spec` that have a reference answer, as (prompt, answer) pairs."""
+  """The rows of `spec` that have a reference answer, as (prompt, answer, answerable).
+  Raises DataError (file:line) when a row's `answerable` is not true or false."""
   from jaxft.data import formats, sources
   out = []
   for origin, row in sources.read_rows(spec):
     kind = formats.detect(origin, row) if fmt == "auto" else fmt
+    answerable = row.get("answerable", True)
+    if not isinstance(answerable, bool):
+      raise DataError(f"{origin}: field 'answerable' must be true or false, got "
+                      f"{answerable!r}")
     if kind in ("chat", "alpaca"):
       msgs = formats.to_messages(origin, row, kind)
       last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
       prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:last]]
       if prompt:
-        out.append(Reference(Prompt(origin, prompt), msgs[last]["content"]))
+        out.append(Reference(Prompt(origin, prompt), msgs[last]["content"], answerable))
     elif kind == "completion":
       out.append(Reference(Prompt(origin, text=formats._field(origin, row, "prompt")),
-                           formats._field(origin, row, "completion")))
+                           formats._field(origin, row, "completion"), answerable))
   return out
 
 
@@ -82,16 +94,22 @@ def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
 
 
 def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
-  n = len(refs)
-  return {"exact_match": sum(exact_match(a, r.answer) for a, r in zip(answers, refs)) / n,
-          "normalized_match": sum(normalized_match(a, r.answer) for a, r in zip(answers, refs)) / n}
+  """Exact and normalised match over the answerable rows (None when there are none)."""
+  pairs = [(a, r.answer) for a, r in zip(answers, refs) if r.answerable]
+  if not pairs:
+    return {"exact_match": None, "normalized_match": None}
+  return {"exact_match": sum(exact_match(a, ref) for a, ref in pairs) / len(pairs),
+          "normalized_match": sum(normalized_match(a, ref) for a, ref in pairs) / len(pairs)}
 
 
 def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, prefix: str = "",
                     batch_size: int = 32) -> dict:
   """Greedy exact-match and normalised-match accuracy of a model held in memory (what training
-  logs at its eval points with train.eval_accuracy=True)."""
+  logs at its eval points with train.eval_accuracy=True), on the answerable rows."""
   from jaxft import inference
+  refs = [r for r in refs if r.answerable]
+  if not refs:
+    return {}
   longest = max(len(encoder.tok(r.answer, add_special_tokens=False)["input_ids"]) for r in refs)
   dec = inference.Decoder(cfg, method, params, None)
   out = inference.answer(dec, encoder, [r.prompt for r in refs], max_new_tokens=longest + 16,
@@ -116,6 +134,7 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
     raise ConfigError(f"--batch_size={batch_size}: must be >= 1")
   if max_new_tokens < 0 or max_examples < 0:
     raise ConfigError("--max_new_tokens and --max_examples must be >= 0 (0 = automatic / all)")
+  quality = eval_metrics.settings(config.eval)
   output_dir = output_dir or workdir
   files.check_writable_dir(output_dir, "--output_dir")
   inference.require_checkpoint(workdir)
@@ -138,10 +157,12 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
   tuned_dec = inference.Decoder(model.cfg, model.method, trained.params, trained.step)
   prompts = [r.prompt for r in refs]
   result = {"workdir": os.path.abspath(workdir), "step": trained.step, "data": config.data.eval,
-            "examples": len(ds.examples), "examples_with_reference": len(refs),
+            "examples": len(ds.examples),
+            "examples_with_reference": sum(r.answerable for r in refs),
+            "unanswerable_examples": sum(not r.answerable for r in refs),
             "truncated_examples": ds.truncated,
             "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens}}
-  answers = {}
+  answers, confidences = {}, {}
   runs = [("tuned", tuned_dec, trained.trainable, trained.frozen)]
   if compare_base:
     # The base alone: the frozen base as the config builds it (for full fine-tuning, the initial
@@ -155,28 +176,53 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
     out = (inference.answer(dec, enc, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
            if refs else [])
     answers[name] = [o["answer"] for o in out]
-    metrics.update(_accuracy(answers[name], refs) if refs else
-                   {"exact_match": None, "normalized_match": None})
+    confidences[name] = [o["confidence"] for o in out]
+    metrics.update(_accuracy(answers[name], refs))
     result[name] = metrics
     logging.info("%s: loss %.4f, exact match %s", name, metrics["loss"], metrics["exact_match"])
+  scored = {}
+  if refs:
+    scored = {name: _score(answers[name], confidences[name], refs, quality) for name in answers}
+    result["quality"] = eval_quality.summarize(scored, [r.answerable for r in refs], quality)
+    for name in answers:
+      result[name].update({k: result["quality"]["metrics"][k][name]["value"] for k in
+                           ("correct", "abstained", "hallucinated", "ece")})
   if jax.process_index() == 0:
-    _write(output_dir, result, refs, answers)
+    _write(output_dir, result, refs, answers, scored)
   return result
 
 
-def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict) -> None:
+def _score(answers: list[str], confidences: list[float], refs: list[Reference],
+           quality: eval_metrics.Settings) -> eval_quality.Scored:
+  return eval_quality.score(answers, confidences,
+                            [exact_match(a, r.answer) for a, r in zip(answers, refs)],
+                            [normalized_match(a, r.answer) for a, r in zip(answers, refs)],
+                            [r.answerable for r in refs], quality)
+
+
+def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict,
+           scored: dict) -> None:
   os.makedirs(out_dir, exist_ok=True)
   rows = []
   for i, r in enumerate(refs):
-    row = {"index": i, "origin": r.prompt.origin, "prompt": r.prompt.display, "reference": r.answer}
+    row = {"index": i, "origin": r.prompt.origin, "prompt": r.prompt.display, "reference": r.answer,
+           "answerable": r.answerable}
     for name, ans in answers.items():
+      s = scored[name]
       row[name] = ans[i]
       row[f"{name}_exact_match"] = exact_match(ans[i], r.answer)
       row[f"{name}_normalized_match"] = normalized_match(ans[i], r.answer)
+      row[f"{name}_outcome"] = s.outcome[i]
+      row[f"{name}_confidence"] = float(s.confidence[i])
+      row[f"{name}_style"] = {rule: bool(passed[i]) for rule, passed in s.style.items()}
     rows.append(row)
+  plot = None
+  if "quality" in result:
+    plot = eval_quality.write_reliability_plot(eval_quality.plot_path(out_dir), result["quality"])
   files.write_text(os.path.join(out_dir, "samples.jsonl"),
                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-  files.write_text(os.path.join(out_dir, REPORT), report(result, rows, list(answers)))
+  files.write_text(os.path.join(out_dir, REPORT),
+                   report(result, rows, list(answers), plot and os.path.basename(plot)))
   files.write_json(os.path.join(out_dir, "eval.json"), result)
 
 
@@ -186,24 +232,33 @@ def _cell(text: str) -> str:
   return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
 
 
-def report(result: dict, rows: list[dict], models: list[str]) -> str:
-  """The Markdown report: a summary table, then prompt, reference and answers side by side."""
+def report(result: dict, rows: list[dict], models: list[str], plot: str | None = None) -> str:
+  """The Markdown report: a summary table, the quality table (eval_quality.section), then prompt,
+  reference and answers side by side."""
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
   lines = [f"# Evaluation of {result['workdir']} (step {result['step']})", "",
            f"Data: `{result['data']}`: {result['examples']} examples, "
-           f"{result['examples_with_reference']} with a reference answer; greedy answers of at most "
+           f"{result['examples_with_reference']} with a reference answer"
+           + (f" and {result['unanswerable_examples']} unanswerable"
+              if result.get("unanswerable_examples") else "")
+           + "; greedy answers of at most "
            f"{result['generation']['max_new_tokens']} tokens.", "",
            "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
   for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match"):
     lines.append(f"| {key} | " + " | ".join(fmt(result[m][key]) for m in models) + " |")
-  lines += ["", "Marks: = exact match, ~ normalised match only, x neither.", "",
+  if "quality" in result:
+    lines += [""] + eval_quality.section(result["quality"], models, plot)
+  lines += ["", "Marks: = exact match, ~ normalised match only, x neither; then the outcome "
+            "(C correct, A abstained, H hallucinated) and the confidence.", "",
             "| # | prompt | reference | " + " | ".join(models) + " |",
             "|---" * (len(models) + 3) + "|"]
   for r in rows:
     cells = []
     for m in models:
       mark = "=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"] else "x"
-      cells.append(f"{mark} {_cell(r[m])}")
-    lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['reference'])} | "
+      outcome = f" ({r[f'{m}_outcome'][0].upper()} {r[f'{m}_confidence']:.2f})"
+      cells.append(f"{mark} {_cell(r[m])}{outcome}")
+    reference = _cell(r["reference"]) + ("" if r["answerable"] else " (unanswerable)")
+    lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {reference} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from jaxft import decode
+from jaxft import decode, eval_metrics
 from jaxft.errors import DataError
 
 
@@ -133,7 +133,9 @@ def load_decoder(config, workdir: str, base: bool) -> Decoder:
 def answer(decoder: Decoder, encoder, prompts: list[Prompt], *, max_new_tokens: int,
            sampling: decode.Sampling = decode.Sampling(), seed: int = 0, stop=(),
            batch_size: int = 16) -> list[dict]:
-  """Decodes `prompts`; returns one dict per prompt: origin, prompt, answer, tokens, finish."""
+  """Decodes `prompts`; returns one dict per prompt: origin, prompt, answer, tokens, finish,
+  logprobs (of the answer's tokens under the model, then of the end token when there is one) and
+  confidence (the mean probability of those tokens; jaxft/eval_metrics.py)."""
   ids = [prompt_ids(encoder, p) for p in prompts]
   detok = lambda t: encoder.tok.decode(list(map(int, t)), skip_special_tokens=True)
   gens = decode.generate(decoder.cfg, decoder.adapter, decoder.params, ids,
@@ -143,8 +145,11 @@ def answer(decoder: Decoder, encoder, prompts: list[Prompt], *, max_new_tokens: 
   out = []
   for p, g in zip(prompts, gens):
     text = decode.cut_at_stop(detok(g.tokens), stop) if stop else detok(g.tokens)
+    end = [] if g.end_logprob is None else [g.end_logprob]
     out.append({"origin": p.origin, "prompt": p.display, "answer": text.strip(),
-                "tokens": int(len(g.tokens)), "finish": g.finish})
+                "tokens": int(len(g.tokens)), "finish": g.finish,
+                "logprobs": [float(x) for x in g.logprobs] + end,
+                "confidence": eval_metrics.confidence(g.logprobs, g.end_logprob)})
   return out
 
 

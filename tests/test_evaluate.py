@@ -9,7 +9,8 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from jaxft import configlib, curves, evaluation, flops, inference, session
+from jaxft import (configlib, curves, eval_metrics, eval_quality, evaluation, flops, inference,
+                   session)
 from jaxft.models.config import preset
 
 
@@ -46,6 +47,7 @@ def test_quickstart_tuned_beats_base(quickstart):
   tuned, base = res["tuned"], res["base"]
   print("quickstart eval:", json.dumps({k: res[k] for k in ("tuned", "base")}))
   assert res["step"] == 80 and res["examples_with_reference"] == 80
+  assert res["unanswerable_examples"] == 10  # counted for hallucination, not for exact match
   assert tuned["exact_match"] > base["exact_match"]
   assert tuned["exact_match"] >= 0.5  # the capitals are learnable (~0.9 seen after 80 steps)
   assert tuned["normalized_match"] >= tuned["exact_match"]
@@ -65,12 +67,12 @@ def test_quickstart_writes_samples_report_and_curve(quickstart):
   wd, _ = quickstart
   with open(os.path.join(wd, "samples.jsonl"), encoding="utf-8") as f:
     samples = [json.loads(line) for line in f]
-  assert len(samples) == 80
+  assert len(samples) == 90 and sum(s["answerable"] for s in samples) == 80
   first = samples[0]
   assert first["prompt"] == "user: Give the capital of Spain." and first["reference"] == "Madrid."
   assert {"base", "tuned", "tuned_exact_match", "base_exact_match"} <= set(first)
   eval_json = _read_json(os.path.join(wd, "eval.json"))
-  assert sum(s["tuned_exact_match"] for s in samples) / 80 == pytest.approx(
+  assert sum(s["tuned_exact_match"] for s in samples if s["answerable"]) / 80 == pytest.approx(
       eval_json["tuned"]["exact_match"])
   with open(os.path.join(wd, evaluation.REPORT), encoding="utf-8") as f:
     report = f.read()
@@ -84,6 +86,52 @@ def test_quickstart_writes_samples_report_and_curve(quickstart):
   for r in train_rows:
     assert r["tflops_per_sec"] > 0
     assert r["mfu"] == pytest.approx(r["tflops_per_sec"] / _PEAK_TFLOPS, rel=1e-6)
+
+
+def test_quickstart_hallucination_style_calibration(quickstart):
+  wd, stdout = quickstart
+  res = _read_json(os.path.join(wd, "eval.json"))
+  q = res["quality"]
+  assert (q["rows"], q["answerable_rows"]) == (90, 80)
+  with open(os.path.join(wd, "samples.jsonl"), encoding="utf-8") as f:
+    samples = [json.loads(line) for line in f]
+  for m in ("base", "tuned"):
+    # Every rate, for both models, with an interval around it, and what samples.jsonl says.
+    for name, row in q["metrics"].items():
+      v = row[m]
+      if v["value"] is not None:
+        assert v["ci"][0] <= v["value"] + 1e-9 and v["value"] <= v["ci"][1] + 1e-9, (name, m)
+    for kind in eval_metrics.OUTCOMES:
+      assert q["metrics"][kind][m]["value"] == pytest.approx(
+          sum(s[f"{m}_outcome"] == kind for s in samples) / 90)
+      assert res[m][kind] == q["metrics"][kind][m]["value"]
+    conf = [s[f"{m}_confidence"] for s in samples]
+    assert all(0 < c <= 1 for c in conf)
+    right = [s[f"{m}_outcome"] == "correct" or (s[f"{m}_outcome"] == "abstained"
+                                                and not s["answerable"]) for s in samples]
+    assert q["metrics"]["ece"][m]["value"] == pytest.approx(eval_metrics.ece(conf, right, 10))
+    assert sum(b["count"] for b in q["reliability"][m]) == 90
+  metric = lambda name, m: q["metrics"][name][m]["value"]
+  # The random base hallucinates everything and follows no style; the tuned model answers the
+  # capitals, in style, and is surer of them; it was never taught to abstain, so it invents
+  # capitals for the made-up countries.
+  assert metric("hallucinated", "base") == 1.0 and metric("style_all", "base") == 0.0
+  assert metric("hallucinated_answerable", "tuned") <= 0.5
+  assert metric("hallucinated_unanswerable", "tuned") == 1.0
+  assert metric("style_all", "tuned") >= 0.5
+  assert metric("mean_confidence", "tuned") > metric("mean_confidence", "base")
+  diff = q["metrics"]["hallucinated"]["difference"]
+  assert diff["value"] < 0 and diff["ci"][1] < 0 and diff["test"] == "McNemar" and diff["p"] < 0.001
+  assert q["metrics"]["hallucinated_when_confident"]["tuned"]["rows"] > 0  # eval.confident=0.5
+  with open(os.path.join(wd, evaluation.REPORT), encoding="utf-8") as f:
+    report = f.read()
+  assert "| metric | rows | tuned [95% CI] | base [95% CI] | tuned - base [95% CI] | p (test) |" \
+      in report
+  assert "| hallucinated | 90 | " in report and "| style: every rule | 90 | " in report
+  assert "(unanswerable) | x " in report and "![reliability](reliability.png)" in report
+  with open(eval_quality.plot_path(wd), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "hallucinated " in stdout and "ECE " in stdout
 
 
 def test_generate_cli_on_the_trained_workdir(quickstart, tmp_path):

@@ -46,24 +46,30 @@ def _last_logits(cfg, adapter, params, tokens, n):
 
 
 def _recompute_greedy(cfg, adapter, params, prompt, steps):
-  """Greedy tokens by running the full prefix through the model for every new token."""
+  """Greedy tokens, and their log-probabilities, by running the full prefix through the model for
+  every new token."""
   seq = np.zeros((1, _REF_LEN), np.int32)
   seq[0, :len(prompt)] = prompt
-  out = []
+  out, logprobs = [], []
   for i in range(steps):
     n = len(prompt) + i
-    tok = int(jnp.argmax(_last_logits(cfg, adapter, params, jnp.asarray(seq), n)))
+    logits = _last_logits(cfg, adapter, params, jnp.asarray(seq), n)
+    tok = int(jnp.argmax(logits))
     seq[0, n] = tok
     out.append(tok)
-  return out
+    logprobs.append(float(jax.nn.log_softmax(logits.astype(jnp.float32))[tok]))
+  return out, logprobs
 
 
 def _check_parity(cfg, adapter, params, steps=6):
   prompts = _prompts()
   got = decode.generate(cfg, adapter, params, prompts, max_new_tokens=steps, batch_size=3)
   for p, g in zip(prompts, got):
-    assert g.finish == "length"
-    assert g.tokens.tolist() == _recompute_greedy(cfg, adapter, params, p, steps)
+    assert g.finish == "length" and g.end_logprob is None
+    tokens, logprobs = _recompute_greedy(cfg, adapter, params, p, steps)
+    assert g.tokens.tolist() == tokens
+    # The log-probabilities of the chosen tokens (what evaluate's calibration reads).
+    np.testing.assert_allclose(g.logprobs, logprobs, atol=2e-4, rtol=1e-4)
 
 
 def _perturbed(tree, seed):
@@ -153,6 +159,10 @@ def test_stops_at_eos_and_stop_strings():
   eos = int(free[1].tokens[2])
   got = decode.generate(CFG, peft.Method(), base, prompts, max_new_tokens=8, eos_ids=(eos,))
   assert got[1].finish == "eos" and got[1].tokens.tolist() == free[1].tokens[:2].tolist()
+  # The end token's log-probability is the one the free run gave that same token there.
+  np.testing.assert_allclose(got[1].logprobs, free[1].logprobs[:2], rtol=1e-6)
+  assert got[1].end_logprob == pytest.approx(float(free[1].logprobs[2]), rel=1e-5)
+  assert got[1].end_logprob < 0 and np.all(free[1].logprobs <= 0)
   for g, f in zip(got, free):
     if eos not in f.tokens.tolist():
       assert g.finish == "length" and g.tokens.tolist() == f.tokens.tolist()
