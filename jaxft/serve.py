@@ -18,7 +18,8 @@ from absl import flags, logging
 
 from jaxft import cli, inference, peft, session
 from jaxft.errors import ConfigError
-from jaxft.serving import api
+from jaxft.peft.lora import LoRA
+from jaxft.serving import api, multi_lora
 from jaxft.serving.engine import Engine
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its newest intact checkpoint).")
@@ -44,8 +45,11 @@ def _prompt_builder(encoder):
 def load_models(workdir: str, adapters: dict[str, str], *, with_base: bool = True,
                 slots: int = 8, context: int = 0) -> dict[str, api.Served]:
   """{name: Served} for the tuned model of WORKDIR, each adapter workdir and (with_base) the base.
-  Raises ConfigError for an adapter trained on another base, CheckpointError for a workdir with
-  no intact checkpoint."""
+
+  The base and every plain-LoRA run share one engine (one batch, each row picking its adapter:
+  jaxft/serving/multi_lora.py); other methods (DoRA, prefix, adapters, full fine-tuning) get an
+  engine each. The base weights are held once. Raises ConfigError for an adapter trained on
+  another base, CheckpointError for a workdir with no intact checkpoint."""
   trained = session.restore_trained(workdir)
   config, model = trained.config, trained.model
   encoder = session.encoder(config, workdir)
@@ -60,19 +64,30 @@ def load_models(workdir: str, adapters: dict[str, str], *, with_base: bool = Tru
     e.start()
     return e
 
-  name = os.path.basename(os.path.normpath(workdir)) or "tuned"
-  out = {name: api.Served(name, engine(model.method, trained.params), encoder, build)}
+  runs = [(os.path.basename(os.path.normpath(workdir)) or "tuned", trained)]
   for extra, wd in adapters.items():
     other = session.restore_trained(wd)
     if other.model.fingerprint != model.fingerprint:
       raise ConfigError(f"--adapter {extra}={wd}: trained on another base than {workdir}")
-    # The other run's trainable leaves over this run's frozen base: the base is held once.
-    params = peft.merge_trees(trained.frozen if not other.model.method.trains_base else
-                              other.frozen, other.trainable)
-    out[extra] = api.Served(extra, engine(other.model.method, params), encoder, build)
-  if with_base:
-    out["base"] = api.Served("base", engine(peft.Method(), model.base), encoder, build)
-  return out
+    runs.append((extra, other))
+  lora = [(n, t) for n, t in runs if type(t.model.method) is LoRA]
+  out: dict[str, api.Served] = {}
+  if lora or with_base:
+    method, params = multi_lora.stack(
+        trained.frozen if not model.method.trains_base else model.base,
+        [(t.model.method, t.trainable) for _, t in lora]) if lora else (peft.Method(), model.base)
+    shared = engine(method, params)
+    for row, (n, _) in enumerate(lora, 1):
+      out[n] = api.Served(n, shared, encoder, build, row)
+    if with_base:
+      out["base"] = api.Served("base", shared, encoder, build, 0)
+  for n, t in runs:
+    if n not in out:  # the base is held once: other runs' trainable leaves over this one's
+      frozen = t.frozen if t.model.method.trains_base else trained.frozen
+      out[n] = api.Served(n, engine(t.model.method, peft.merge_trees(frozen, t.trainable)),
+                          encoder, build)
+  first = runs[0][0]
+  return {first: out[first], **{k: v for k, v in out.items() if k != first}}
 
 
 def make_app(models: dict[str, api.Served], max_queue: int = 256):
@@ -115,7 +130,7 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256):
     except api.BadRequest as e:
       return fail(e)
     loop = asyncio.get_running_loop()
-    calls = [api.Call(loop, p, settings, i * settings["n"] + j)
+    calls = [api.Call(loop, p, settings, i * settings["n"] + j, served.row)
              for i, p in enumerate(prompts) for j in range(settings["n"])]
     try:
       for c in calls:

@@ -37,7 +37,11 @@ def server(tmp_path_factory):
   c.optim.lr = 1e-2
   wd = str(tmp_path_factory.mktemp("serve") / "tuned")
   trainer.train(c, wd)
-  models = serve.load_models(wd, {}, slots=4, context=256)
+  # A second fine-tune of the same base: another rank, targets and learning rate.
+  c.peft.lora.rank, c.peft.targets, c.optim.lr = 4, "q_proj,v_proj,down_proj", 3e-2
+  other = str(tmp_path_factory.mktemp("serve") / "other")
+  trainer.train(c, other)
+  models = serve.load_models(wd, {"other": other}, slots=4, context=256)
   port = _free_port()
   srv = uvicorn.Server(uvicorn.Config(serve.make_app(models, max_queue=64), host="127.0.0.1",
                                       port=port, log_level="warning"))
@@ -47,24 +51,28 @@ def server(tmp_path_factory):
   while not srv.started and time.time() < deadline:
     time.sleep(0.05)
   client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-  yield {"client": client, "port": port, "workdir": wd}
+  yield {"client": client, "port": port, "workdir": wd, "other": other}
   srv.should_exit = True
   thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def reference(server):
+def _answers(workdir, base=False):
   """jaxft.generate's greedy answers (its decoder and batch) for PROMPTS."""
-  config = session.load_workdir_config(server["workdir"])
-  enc = session.encoder(config, server["workdir"])
-  dec = inference.load_decoder(config, server["workdir"], base=False)
+  config = session.load_workdir_config(workdir)
+  enc = session.encoder(config, workdir)
+  dec = inference.load_decoder(config, workdir, base=base)
   prompts = [inference.Prompt("p", [{"role": "user", "content": p}]) for p in PROMPTS]
   return [r["answer"] for r in inference.answer(dec, enc, prompts, max_new_tokens=8)]
 
 
+@pytest.fixture(scope="module")
+def reference(server):
+  return _answers(server["workdir"])
+
+
 def test_models_and_health(server):
   names = [m.id for m in server["client"].models.list().data]
-  assert names == ["tuned", "base"]
+  assert names == ["tuned", "other", "base"]
   import urllib.request
   health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/health"))
   assert health["status"] == "ok"
@@ -141,3 +149,24 @@ def test_bad_requests_are_400_and_the_server_keeps_answering(server, reference, 
       model="tuned", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=8,
       temperature=0)
   assert r.choices[0].message.content.strip() == reference[1]
+
+
+def test_two_adapters_and_the_base_in_one_batch(server, reference):
+  """Requests for three models decode in the same batch (one engine: each row picks its LoRA);
+  each answer equals that model's own single-model decoding."""
+  want = {"tuned": reference, "other": _answers(server["other"]),
+          "base": _answers(server["workdir"], base=True)}
+  assert want["tuned"] != want["other"] and want["other"] != want["base"]
+  client = server["client"]
+
+  def ask(job):
+    model, i = job
+    r = client.chat.completions.create(model=model, messages=[{"role": "user",
+                                                                "content": PROMPTS[i]}],
+                                       max_tokens=8, temperature=0)
+    return model, i, r.choices[0].message.content.strip()
+
+  jobs = [(m, i) for i in range(len(PROMPTS)) for m in ("tuned", "other", "base")]
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    for model, i, answer in pool.map(ask, jobs):
+      assert answer == want[model][i], (model, i)

@@ -33,10 +33,12 @@ def error_body(message: str, param=None, kind="invalid_request_error", code=None
 
 
 class Served:
-  """One model the server answers for: its engine, encoder and prompt builder."""
+  """One model the server answers for: its engine (shared by the LoRA fine-tunes of one base and
+  the base itself, each a `row` of it), encoder and prompt builder."""
 
-  def __init__(self, name: str, engine: Engine, encoder, prompt_ids):
+  def __init__(self, name: str, engine: Engine, encoder, prompt_ids, row: int = 0):
     self.name, self.engine, self.encoder, self.prompt_ids = name, engine, encoder, prompt_ids
+    self.row = row
 
 
 def _number(body: dict, key: str, default, kind=float, lo=None, hi=None, lo_open=False):
@@ -120,7 +122,7 @@ def parse(body: Any, chat: bool, models: dict[str, Served]) -> tuple[Served, lis
 class Call:
   """One choice in flight: a Request whose tokens arrive on an asyncio queue."""
 
-  def __init__(self, loop, prompt, settings, index):
+  def __init__(self, loop, prompt, settings, index, row=0):
     self.queue: asyncio.Queue = asyncio.Queue()
     self.index = index
     put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -128,7 +130,7 @@ class Call:
     self.req = Request(prompt=prompt, max_new_tokens=settings["max_tokens"],
                        temperature=settings["temperature"], top_p=settings["top_p"],
                        top_k=settings["top_k"], seed=settings["seed"] + index,
-                       stop=settings["stop"],
+                       stop=settings["stop"], row=row,
                        on_token=lambda t, text: put(("token", text)),
                        on_done=lambda finish: put(("done", finish)))
 

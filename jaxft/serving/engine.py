@@ -41,6 +41,7 @@ class Request:
   top_k: int = 0
   seed: int = 0
   stop: tuple[str, ...] = ()
+  row: int = 0  # which adapter of a multi-adapter engine (0 = the base); else ignored
   on_token: Callable[[int, str], None] | None = None
   on_done: Callable[[str], None] | None = None
   tokens: list = dataclasses.field(default_factory=list)
@@ -53,9 +54,15 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def _bind(adapter, params, rows):
+  """A multi-adapter method (jaxft/serving/multi_lora.py) learns each row's adapter here."""
+  return adapter.bind_rows(params, rows) if hasattr(adapter, "bind_rows") else params
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "adapter"))
-def _prefill(cfg: ModelConfig, adapter, params, tokens, positions, segs):
+def _prefill(cfg: ModelConfig, adapter, params, tokens, positions, segs, rows):
   """One left-padded prompt [1, P] -> (last-token logits [V], its cache [L, 1, P, K, hd] k and v)."""
+  params = _bind(adapter, params, rows)
   cache = llama.init_cache(cfg, 1, tokens.shape[1])
   h, cache = llama.hidden_states(cfg, params, tokens, adapter=adapter, positions=positions,
                                  segment_ids=segs, cache=cache, cache_index=0)
@@ -105,9 +112,10 @@ def _select(logits, temperature, top_k, top_p, keys):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "adapter"), donate_argnames=("cache",))
 def _step(cfg: ModelConfig, adapter, params, cache, logits, pos, active, index, temperature,
-          top_k, top_p, keys, n):
+          top_k, top_p, keys, n, rows):
   """Chooses each slot's next token from its logits and feeds it at cache `index`; returns the
   tokens, their log-probabilities and the new logits and cache."""
+  params = _bind(adapter, params, rows)
   step_keys = jax.vmap(jax.random.fold_in)(keys, n)
   tok = _select(logits, temperature, top_k, top_p, step_keys)
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
@@ -137,6 +145,7 @@ class Engine:
     self.pos = np.zeros(slots, np.int32)
     self.first = np.zeros(slots, np.int64)  # cache index of each slot's first prompt entry
     self.n = np.zeros(slots, np.int32)
+    self.rows = np.zeros(slots, np.int32)
     self.temperature = np.zeros(slots, np.float32)
     self.top_k = np.zeros(slots, np.int32)
     self.top_p = np.ones(slots, np.float32)
@@ -267,12 +276,13 @@ class Engine:
     segs = np.zeros((1, P), np.int32)
     positions = np.zeros((1, P), np.int32)
     tokens[0, P - n:], segs[0, P - n:], positions[0, P - n:] = req.prompt, 1, np.arange(n)
-    logits, k, v = _prefill(self.cfg, self.adapter, self.params, tokens, positions, segs)
+    logits, k, v = _prefill(self.cfg, self.adapter, self.params, tokens, positions, segs,
+                            np.asarray([req.row], np.int32))
     start = self.index - P
     self.cache = _insert(self.cache, k, v, jnp.asarray(segs), jnp.asarray(slot, jnp.int32),
                          jnp.asarray(start, jnp.int32))
     self.logits = self.logits.at[slot].set(logits)
-    self.first[slot], self.pos[slot], self.n[slot] = start, n, 0
+    self.first[slot], self.pos[slot], self.n[slot], self.rows[slot] = start, n, 0, req.row
     self.temperature[slot], self.top_k[slot], self.top_p[slot] = (req.temperature, req.top_k,
                                                                   req.top_p)
     self.keys[slot] = np.array(jax.random.key_data(jax.random.key(req.seed)))
@@ -286,7 +296,8 @@ class Engine:
         self.cfg, self.adapter, self.params, self.cache, self.logits, jnp.asarray(self.pos),
         jnp.asarray(active), jnp.asarray(self.index, jnp.int32), jnp.asarray(self.temperature),
         jnp.asarray(self.top_k), jnp.asarray(self.top_p),
-        jax.random.wrap_key_data(jnp.asarray(self.keys)), jnp.asarray(self.n))
+        jax.random.wrap_key_data(jnp.asarray(self.keys)), jnp.asarray(self.n),
+        jnp.asarray(self.rows))
     tok, logp = np.asarray(tok), np.asarray(logp)
     self.index += 1
     self.pos += 1
