@@ -31,6 +31,7 @@ import jax
 from absl import logging
 
 from jaxft import eval_metrics, eval_quality, files
+from jaxft.serving import compare
 from jaxft.errors import ConfigError, DataError
 from jaxft.inference import Prompt
 
@@ -187,6 +188,9 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
     for name in answers:
       result[name].update({k: result["quality"]["metrics"][k][name]["value"] for k in
                            ("correct", "abstained", "hallucinated", "ece")})
+  votes = compare.read_votes(os.path.join(workdir, compare.VOTES))
+  if votes:  # blind side-by-side votes from jaxft.serve's /compare page
+    result["human_eval"] = compare.win_rates(votes)
   if jax.process_index() == 0:
     _write(output_dir, result, refs, answers, scored)
   return result
@@ -248,6 +252,14 @@ def report(result: dict, rows: list[dict], models: list[str], plot: str | None =
     lines.append(f"| {key} | " + " | ".join(fmt(result[m][key]) for m in models) + " |")
   if "quality" in result:
     lines += [""] + eval_quality.section(result["quality"], models, plot)
+  if result.get("human_eval"):
+    lines += ["", "Human evaluation (blind side-by-side votes of jaxft.serve's /compare; ties "
+              "count half):", "", "| A | B | votes | A wins | B wins | ties | A's win rate "
+              "[95% CI] |", "|---|---|---|---|---|---|---|"]
+    for h in result["human_eval"]:
+      lines.append(f"| {h['a']} | {h['b']} | {h['votes']} | {h['a_wins']} | {h['b_wins']} | "
+                   f"{h['ties']} | {h['a_win_rate']:.3f} [{h['ci95'][0]:.3f}, "
+                   f"{h['ci95'][1]:.3f}] |")
   lines += ["", "Marks: = exact match, ~ normalised match only, x neither; then the outcome "
             "(C correct, A abstained, H hallucinated) and the confidence.", "",
             "| # | prompt | reference | " + " | ".join(models) + " |",

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 
 from absl import flags, logging
 
 from jaxft import cli, inference, peft, session
 from jaxft.errors import ConfigError
 from jaxft.peft.lora import LoRA
-from jaxft.serving import api, multi_lora
+from jaxft.serving import api, compare, multi_lora
 from jaxft.serving.engine import Engine
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its newest intact checkpoint).")
@@ -32,6 +33,8 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting beyond the
 _CONTEXT = flags.DEFINE_integer("context", 0, "Tokens per request, prompt and answer (0 = the "
                                 "model's, at most 4096).")
 _BASE = flags.DEFINE_bool("base", True, "Also serve the base model alone as `base`.")
+_VOTES = flags.DEFINE_string("votes", "", "Where /compare appends votes (default "
+                             "WORKDIR/votes.jsonl; jaxft.evaluate reports the win rate).")
 
 
 def _prompt_builder(encoder):
@@ -90,10 +93,12 @@ def load_models(workdir: str, adapters: dict[str, str], *, with_base: bool = Tru
   return {first: out[first], **{k: v for k, v in out.items() if k != first}}
 
 
-def make_app(models: dict[str, api.Served], max_queue: int = 256):
-  """The FastAPI application over loaded models (engines started)."""
+def make_app(models: dict[str, api.Served], max_queue: int = 256,
+             ballots: compare.Ballots | None = None, eval_prompts=()):
+  """The FastAPI application over loaded models (engines started). With `ballots`, /compare
+  serves the blind side-by-side page (prompts drawn from `eval_prompts`)."""
   from fastapi import FastAPI, Request as HttpRequest
-  from fastapi.responses import JSONResponse, StreamingResponse
+  from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -110,7 +115,8 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256):
   @app.get("/health")
   async def health():
     return {"status": "ok", "models": list(models),
-            "busy": {n: s.engine.busy() for n, s in models.items()}}
+            "busy": {n: s.engine.busy() for n, s in models.items()},
+            "finished": {n: dict(s.engine.finished) for n, s in models.items()}}
 
   @app.get("/v1/models")
   async def list_models():
@@ -184,6 +190,64 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256):
           served.engine.cancel(c.req)
       del http, prompt_tokens
 
+  async def answer_one(served, prompt_ids, max_tokens) -> str:
+    call = api.Call(asyncio.get_running_loop(), prompt_ids,
+                    {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                     "seed": 0, "stop": ()}, 0, served.row)
+    served.engine.submit(call.req)
+    while (await call.queue.get())[0] != "done":
+      pass
+    return call.req.text.strip()
+
+  if ballots is not None:
+    names = list(models)
+    other = "base" if "base" in names and names[0] != "base" else names[-1]
+
+    @app.get("/compare", response_class=HTMLResponse)
+    async def compare_page():
+      return compare.page(names, names[0], other)
+
+    @app.get("/compare/prompt")
+    async def compare_prompt():
+      if not eval_prompts:
+        return JSONResponse(api.error_body("no data.eval prompts to draw from"), status_code=404)
+      return {"prompt": random.choice(eval_prompts)}
+
+    @app.post("/compare/answers")
+    async def compare_answers(http: HttpRequest):
+      try:
+        body = json.loads(await http.body())
+        prompt, pair = body.get("prompt"), body.get("models")
+        if not isinstance(prompt, str) or not prompt.strip():
+          raise api.BadRequest("'prompt' must be a non-empty string", "prompt")
+        if (not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]
+            or not all(m in models for m in pair)):
+          raise api.BadRequest(f"'models' must name two different models of: {', '.join(models)}",
+                               "models")
+        messages = [{"role": "user", "content": prompt}]
+        ids = models[pair[0]].prompt_ids(messages=messages)
+        room = models[pair[0]].engine.room(len(ids))
+        if room < 1:
+          raise api.BadRequest("the prompt does not fit the context", "prompt")
+      except ValueError as e:
+        return fail(api.BadRequest(f"malformed JSON body ({e})"))
+      except api.BadRequest as e:
+        return fail(e)
+      texts = await asyncio.gather(*(answer_one(models[m], ids, min(128, room)) for m in pair))
+      token, shown = ballots.shown(prompt, pair[0], pair[1], dict(zip(pair, texts)))
+      return {"token": token, "answers": shown}
+
+    @app.post("/compare/vote")
+    async def compare_vote(http: HttpRequest):
+      try:
+        body = json.loads(await http.body())
+        row = ballots.vote(body.get("token"), body.get("choice"))
+      except (ValueError, AttributeError) as e:
+        return fail(api.BadRequest(f"bad vote ({e})"))
+      except KeyError:
+        return fail(api.BadRequest("unknown or already used token", "token"))
+      return {"recorded": True, "winner_is_first_shown": row["winner"] == row["shown_first"]}
+
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
     return await complete(http, chat=False)
@@ -220,9 +284,23 @@ def _main(argv):
   adapters = _parse_adapters(_ADAPTER.value)
   models = load_models(_WORKDIR.value, adapters, with_base=_BASE.value, slots=_SLOTS.value,
                        context=_CONTEXT.value)
-  print(f"serving {', '.join(models)} on http://{_HOST.value}:{_PORT.value}/v1", flush=True)
-  uvicorn.run(make_app(models, _MAX_QUEUE.value), host=_HOST.value, port=_PORT.value,
-              log_level="warning", timeout_graceful_shutdown=60)
+  ballots = compare.Ballots(_VOTES.value or os.path.join(_WORKDIR.value, compare.VOTES))
+  print(f"serving {', '.join(models)} on http://{_HOST.value}:{_PORT.value}/v1 (blind "
+        f"comparison: http://{_HOST.value}:{_PORT.value}/compare)", flush=True)
+  uvicorn.run(make_app(models, _MAX_QUEUE.value, ballots, eval_prompts(_WORKDIR.value)),
+              host=_HOST.value, port=_PORT.value, log_level="warning",
+              timeout_graceful_shutdown=60)
+
+
+def eval_prompts(workdir: str) -> list[str]:
+  """The user turns of the workdir's data.eval rows with a reference (for /compare)."""
+  from jaxft import evaluation
+  config = session.load_workdir_config(workdir)
+  if not config.data.eval:
+    return []
+  refs = evaluation.references(config.data.eval, config.data.format)
+  return [m["content"] for r in refs if r.prompt.messages for m in r.prompt.messages[-1:]
+          if m["role"] == "user"]
 
 
 def main():

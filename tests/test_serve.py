@@ -4,6 +4,7 @@ OpenAI-shaped errors that leave the server answering."""
 import concurrent.futures
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ openai = pytest.importorskip("openai")
 
 from conftest import ROOT  # noqa: E402
 from jaxft import configlib, inference, serve, session, trainer  # noqa: E402
+from jaxft.serving import compare  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Name the capital of Peru.", "Capital of Japan?",
            "Which city is the capital of Kenya?"]
@@ -43,15 +45,17 @@ def server(tmp_path_factory):
   trainer.train(c, other)
   models = serve.load_models(wd, {"other": other}, slots=4, context=256)
   port = _free_port()
-  srv = uvicorn.Server(uvicorn.Config(serve.make_app(models, max_queue=64), host="127.0.0.1",
-                                      port=port, log_level="warning"))
+  votes = str(tmp_path_factory.mktemp("votes") / "votes.jsonl")
+  app = serve.make_app(models, max_queue=64, ballots=compare.Ballots(votes, seed=0),
+                       eval_prompts=serve.eval_prompts(wd))
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
   thread = threading.Thread(target=srv.run, daemon=True)
   thread.start()
   deadline = time.time() + 60
   while not srv.started and time.time() < deadline:
     time.sleep(0.05)
   client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-  yield {"client": client, "port": port, "workdir": wd, "other": other}
+  yield {"client": client, "port": port, "workdir": wd, "other": other, "votes": votes}
   srv.should_exit = True
   thread.join(30)
 
@@ -170,3 +174,119 @@ def test_two_adapters_and_the_base_in_one_batch(server, reference):
   with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
     for model, i, answer in pool.map(ask, jobs):
       assert answer == want[model][i], (model, i)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (the README's "
+                    "test command installs it with tools/install_test_deps.sh)")
+def test_compare_page_in_a_browser_records_votes(server, tmp_path):
+  """The /compare page driven in headless Chromium: three blind votes land in the votes file and
+  the win-rate report counts them."""
+  sync_api = pytest.importorskip("playwright.sync_api")
+  with sync_api.sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{server['port']}/compare")
+    assert page.locator("#a").input_value() == "tuned"
+    assert page.locator("#b").input_value() == "base"
+    for choice in ("#vote1", "#vote2", "#tie"):
+      page.click("#draw")
+      page.wait_for_function("document.getElementById('prompt').value.length > 0")
+      page.click("#ask")
+      page.wait_for_selector(f"{choice}:not([disabled])", timeout=120_000)
+      assert page.locator("#answer1").inner_text() != "" or page.locator("#answer2").inner_text()
+      if choice == "#tie":
+        page.screenshot(path=str(tmp_path / "compare.png"))
+      page.click(choice)
+      page.wait_for_function("document.getElementById('status').textContent == 'vote recorded'")
+    browser.close()
+  votes = compare.read_votes(server["votes"])
+  assert len(votes) == 3 and votes[-1]["winner"] == "tie"
+  assert all({v["a"], v["b"]} == {"tuned", "base"} for v in votes)
+  # The first vote chose the left answer, the second the right one: the winners are the models
+  # shown there, whichever order the page drew.
+  assert votes[0]["winner"] == votes[0]["shown_first"]
+  assert votes[1]["winner"] != votes[1]["shown_first"] and votes[1]["winner"] != "tie"
+  rates = compare.win_rates(votes)
+  assert len(rates) == 1 and rates[0]["votes"] == 3 and rates[0]["ties"] == 1
+  assert rates[0]["a_wins"] + rates[0]["b_wins"] == 2
+  assert os.path.getsize(tmp_path / "compare.png") > 5000
+  os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+  if os.environ.get("JAXFT_WRITE_DOC_IMAGES"):
+    shutil.copyfile(tmp_path / "compare.png", os.path.join(ROOT, "docs", "compare.png"))
+
+
+def test_win_rates_count_ties_half():
+  votes = [{"a": "x", "b": "y", "winner": "x"}, {"a": "y", "b": "x", "winner": "x"},
+           {"a": "x", "b": "y", "winner": "tie"}, {"a": "x", "b": "y", "winner": "y"}]
+  (r,) = compare.win_rates(votes)
+  assert (r["a"], r["b"], r["votes"], r["a_wins"], r["b_wins"], r["ties"]) == ("x", "y", 4, 2, 1, 1)
+  assert r["a_win_rate"] == pytest.approx(2.5 / 4)
+  assert r["ci95"][0] <= 2.5 / 4 <= r["ci95"][1]
+
+
+def test_a_client_that_disconnects_cancels_its_request(server):
+  import http.client
+  health = lambda: json.loads(urllib_get(f"http://127.0.0.1:{server['port']}/health"))
+  before = health()["finished"]["tuned"].get("cancelled", 0)
+  conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+  conn.request("POST", "/v1/completions", json.dumps(
+      {"model": "tuned", "prompt": "Tell me a long story", "max_tokens": 200, "temperature": 0,
+       "stream": True, "stop": ["never-appears-0"]}), {"Content-Type": "application/json"})
+  resp = conn.getresponse()
+  assert resp.status == 200
+  resp.fp.readline()  # the first event arrived: the request is decoding
+  conn.sock.shutdown(socket.SHUT_RDWR)
+  conn.close()
+  deadline = time.time() + 60
+  while time.time() < deadline and health()["finished"]["tuned"].get("cancelled", 0) == before:
+    time.sleep(0.1)
+  assert health()["finished"]["tuned"].get("cancelled", 0) == before + 1
+
+
+def urllib_get(url):
+  import urllib.request
+  with urllib.request.urlopen(url) as r:
+    return r.read()
+
+
+def test_sigterm_lets_in_flight_requests_finish(server, tmp_path):
+  import subprocess
+  import sys
+  import urllib.request
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "jaxft.serve", f"--workdir={server['workdir']}",
+                           f"--port={port}", "--context=256", "--nobase",
+                           f"--votes={tmp_path / 'v.jsonl'}"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      try:
+        urllib_get(f"http://127.0.0.1:{port}/health")
+        break
+      except OSError:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(
+        {"model": "tuned", "prompt": "Once", "max_tokens": 120, "temperature": 0, "stream": True,
+         "stop": ["never-appears-0"]}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+      first = resp.readline()
+      assert first.startswith(b"data: ")
+      proc.send_signal(subprocess.signal.SIGTERM)
+      rest = resp.read().decode()
+    events = [json.loads(line[6:]) for line in rest.splitlines()
+              if line.startswith("data: {")]
+    assert rest.rstrip().endswith("data: [DONE]")
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    # uvicorn ends by re-raising the signal once it has drained, as servers do for supervisors.
+    assert proc.wait(timeout=120) in (0, -subprocess.signal.SIGTERM)
+    assert "Traceback" not in proc.stderr.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()

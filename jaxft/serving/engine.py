@@ -12,6 +12,7 @@ itself, so no row ever sees another's keys (segment ids) and nothing produces Na
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -156,6 +157,7 @@ class Engine:
     self._stop = False
     self._thread: threading.Thread | None = None
     self.error = ""
+    self.finished: collections.Counter = collections.Counter()  # requests ended, by finish
 
   # -- requests ---------------------------------------------------------------------------------
 
@@ -245,6 +247,7 @@ class Engine:
   def _finish_req(self, req: Request, finish: str) -> None:
     if req.finish is None:
       req.finish = finish
+      self.finished[finish] += 1
       if req.on_done:
         req.on_done(finish)
 
