@@ -290,3 +290,46 @@ def test_sigterm_lets_in_flight_requests_finish(server, tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_a_full_queue_is_429_in_openai_shape():
+  from fastapi.testclient import TestClient
+
+  class Busy:
+    slots, context, finished = 2, 64, {}
+
+    def busy(self):
+      return 10
+
+    def room(self, n):
+      return self.context - n
+
+    def stop(self, finish_running):
+      del finish_running
+
+  served = {"m": compare_served("m", Busy())}
+  with TestClient(serve.make_app(served, max_queue=4)) as client:
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+  assert r.status_code == 429
+  assert r.json()["error"]["type"] == "rate_limit_exceeded"
+
+
+def compare_served(name, engine):
+  from jaxft.serving import api
+  return api.Served(name, engine, None, lambda messages=None, text=None: [1, 2, 3])
+
+
+def test_evaluate_reports_the_win_rate_of_votes(server, tmp_path):
+  from jaxft import evaluation
+  wd = str(tmp_path / "wd")
+  shutil.copytree(server["workdir"], wd)
+  with open(os.path.join(wd, compare.VOTES), "w") as f:
+    for winner in ("tuned", "tuned", "base", "tie"):
+      f.write(json.dumps({"a": "base", "b": "tuned", "winner": winner}) + "\n")
+  res = evaluation.evaluate(session.load_workdir_config(wd), wd, max_examples=2,
+                            compare_base=False)
+  (h,) = res["human_eval"]
+  assert (h["a"], h["b"], h["votes"], h["a_wins"], h["b_wins"], h["ties"]) == (
+      "base", "tuned", 4, 1, 2, 1)
+  report = open(os.path.join(wd, "eval_report.md")).read()
+  assert "Human evaluation" in report and "| base | tuned | 4 | 1 | 2 | 1 | 0.375" in report

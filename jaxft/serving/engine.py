@@ -95,8 +95,16 @@ def _shift(cache, by):
 
 def _select(logits, temperature, top_k, top_p, keys):
   """Per-row next tokens [B] from float32 logits [B, V]: argmax where temperature is 0, else a
-  sample from the temperature-scaled distribution cut to top-k and top-p (per row)."""
+  sample from the temperature-scaled distribution cut to top-k and top-p (per row). The sorts
+  sampling needs run only when some row samples."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(jnp.any(temperature > 0),
+                      lambda: jnp.where(temperature > 0,
+                                        _sample(logits, temperature, top_k, top_p, keys), greedy),
+                      lambda: greedy)
+
+
+def _sample(logits, temperature, top_k, top_p, keys):
   lg = logits / jnp.maximum(temperature, 1e-6)[:, None]
   desc = jnp.sort(lg, axis=-1)[:, ::-1]
   V = lg.shape[-1]
@@ -107,8 +115,7 @@ def _select(logits, temperature, top_k, top_p, keys):
   above = jnp.cumsum(probs, axis=-1) - probs
   threshold = jnp.min(jnp.where(above < top_p[:, None], desc, jnp.inf), axis=-1, keepdims=True)
   lg = jnp.where(lg < threshold, -jnp.inf, lg)
-  sampled = jax.vmap(jax.random.categorical)(keys, lg).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+  return jax.vmap(jax.random.categorical)(keys, lg).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "adapter"), donate_argnames=("cache",))
