@@ -149,8 +149,7 @@ class Preference:
 
   def sums(self, cfg, method, trainable, frozen, batch, rng):
     w = batch["weights"]
-    lp = per_sequence(token_logps(cfg, method, trainable, frozen, batch, rng) * w,
-                      batch["segment_ids"])
+    # The reference first: its temporaries are gone before the policy's saved activations exist.
     if self.reference == "base":
       ref_tok = jax.lax.stop_gradient(token_logps(cfg, Method(), {}, frozen, batch, None))
     elif self.reference == "data":
@@ -158,6 +157,8 @@ class Preference:
     else:
       ref_tok = jnp.zeros_like(w)
     ref = per_sequence(ref_tok * w, batch["segment_ids"])
+    lp = per_sequence(token_logps(cfg, method, trainable, frozen, batch, rng) * w,
+                      batch["segment_ids"])
     seq_w, valid = self._sequences(batch)
     n = jnp.maximum(seq_w, 1.0)
     loss, ratio, r_c, r_r, l_c, l_r = pair_losses(

@@ -128,12 +128,36 @@ def _ce_bwd(vc, vocab, layout, save, res, g):
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
+def _ce_loop(h, w, targets, vc, vocab, layout):
+  """Per-token cross-entropy, forward only, one vocabulary chunk at a time in a loop, so that only
+  one chunk's logits exist at once (evaluation, and DPO's reference run inside the train step)."""
+  axis = 1 if layout == "dv" else 0
+  packed = llama.pack_16bit(w)
+  _, tl = _target_columns(h, packed, targets, layout)
+
+  def chunk(c, carry):
+    m, s = carry
+    wc = llama.unpack_16bit(jax.lax.dynamic_slice_in_dim(packed, c * vc, vc, axis=axis))
+    lg = jnp.einsum("nd,dv->nv" if layout == "dv" else "nd,vd->nv", h, wc.astype(h.dtype),
+                    preferred_element_type=jnp.float32)
+    if vocab % vc:  # padded columns never win the softmax
+      col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
+      lg = jnp.where(col < vocab, lg, -jnp.inf)
+    m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
+    return m2, s * jnp.exp(m - m2) + jnp.sum(jnp.exp(lg - m2[:, None]), axis=-1)
+
+  n = h.shape[0]
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+  m, s = jax.lax.fori_loop(0, _num_chunks(w, vc, layout), chunk, init)
+  return m + jnp.log(s) - tl
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _cross_entropy_fixed_head(h, w, targets, vc: int, vocab: int, layout: str):
   """_cross_entropy for an output projection w that is not trained (every PEFT method): under
   differentiation its forward also forms d loss / d h, so nothing of the logits is kept or rebuilt
-  for the backward. Undifferentiated (evaluation) it is the plain forward."""
-  return _ce_fwd(h, w, targets, vc, vocab, layout, False)[0]
+  for the backward. Undifferentiated (evaluation) it is the plain forward, chunk by chunk."""
+  return _ce_loop(h, w, targets, vc, vocab, layout)
 
 
 def _ce_fixed_fwd(h, w, targets, vc, vocab, layout):

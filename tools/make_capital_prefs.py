@@ -1,10 +1,10 @@
 """Writes jaxft/data/bundled/capital_prefs_{train,eval}.jsonl: the DPO quickstart's preference pairs.
 
 The questions of the SFT quickstart (tools/make_capitals.py: the same countries and phrasings, the
-eval split holding the phrasings never seen in training), each with a chosen answer, a complete
-and correct sentence ("The capital of France is Paris."), and a rejected one of three kinds, in
-turn: the bare name the SFT quickstart answers with ("Paris."), a wrong capital in the same
-sentence, or a rambling, hedged answer. Conversational rows (TRL's format: prompt, chosen and
+eval split holding the phrasings never seen in training), each with a chosen answer, a short,
+correct sentence ("Paris is the capital."), and a rejected one of three kinds, in turn: the bare
+name the SFT quickstart answers with ("Paris."), a wrong capital ("Rome."), or a rambling, hedged
+answer. Conversational rows (TRL's format: prompt, chosen and
 rejected as message lists). Deterministic; run from the repo root.
 """
 
@@ -16,10 +16,10 @@ from make_capitals import CAPITALS, EVAL, TRAIN
 
 def answers(country, capital, rng):
   """(chosen, rejected) answer texts; the rejected kind is drawn from the three in turn."""
-  chosen = f"The capital of {country} is {capital}."
+  chosen = f"{capital} is the capital."
   wrong = rng.choice([c for c in CAPITALS.values() if c != capital])
   rejected = [f"{capital}.",
-              f"The capital of {country} is {wrong}.",
+              f"{wrong}.",
               f"Hmm, that is a hard one. {country} has many big cities, and I think that its "
               f"capital might be {capital}, but I am not sure."]
   return chosen, rejected
