@@ -50,5 +50,5 @@ def _preference(c, objective):
   c.data.eval = bundled.path("capital_prefs_eval.jsonl")
   c.data.batch_size = 8  # pairs per row (packed): about 3 per row
   c.optim.lr = 1e-3
-  c.train.steps = 100
-  c.train.eval_every = 25
+  c.train.steps = 200
+  c.train.eval_every = 50

@@ -303,7 +303,7 @@ def test_dpo_sigterm_then_resume_matches_a_straight_run(straight_dpo, tmp_path):
 
 def test_full_finetuning_dpo_with_precomputed_reference_then_export(tmp_path):
   wd = str(tmp_path / "full")
-  args = TINY_DPO[:-1] + ["--config.peft.method=full", "--config.optim.lr=1e-4",
+  args = TINY_DPO + ["--config.peft.method=full", "--config.optim.lr=1e-4",
                           "--config.train.steps=3", "--config.train.eval_every=0"]
   r = run_cli("jaxft.train", *args, f"--workdir={wd}")
   assert r.returncode == 2 and "train.precompute_reference=True" in r.stderr, r.stderr[-2000:]

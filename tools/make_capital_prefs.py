@@ -3,8 +3,8 @@
 The questions of the SFT quickstart (tools/make_capitals.py: the same countries and phrasings, the
 eval split holding the phrasings never seen in training), each with a chosen answer, a short,
 correct sentence ("Paris is the capital."), and a rejected one of three kinds, in turn: the bare
-name the SFT quickstart answers with ("Paris."), a wrong capital ("Rome."), or a rambling, hedged
-answer. Conversational rows (TRL's format: prompt, chosen and
+name the SFT quickstart answers with ("Paris."), a wrong capital in the chosen sentence ("Rome is
+the capital."), or a rambling, hedged answer. Conversational rows (TRL's format: prompt, chosen and
 rejected as message lists). Deterministic; run from the repo root.
 """
 
@@ -19,7 +19,7 @@ def answers(country, capital, rng):
   chosen = f"{capital} is the capital."
   wrong = rng.choice([c for c in CAPITALS.values() if c != capital])
   rejected = [f"{capital}.",
-              f"{wrong}.",
+              f"{wrong} is the capital.",
               f"Hmm, that is a hard one. {country} has many big cities, and I think that its "
               f"capital might be {capital}, but I am not sure."]
   return chosen, rejected
