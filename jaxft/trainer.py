@@ -165,7 +165,9 @@ def precompute_reference(run: Prepared, model: session.Model, datasets, config) 
   """Stores in every pair of `datasets` the per-token log-probabilities of the model as `run`
   starts (train.precompute_reference): DPO's reference in one forward pass over the data, so that
   no frozen copy of the starting weights is kept (full fine-tuning)."""
-  fn = jax.jit(lambda tr, fz, b: objectives.token_logps(model.cfg, model.method, tr, fz, b, None))
+  # (replicated out: every process reads the whole [rows, T] block, as it holds every pair)
+  fn = jax.jit(lambda tr, fz, b: objectives.token_logps(model.cfg, model.method, tr, fz, b, None),
+               out_shardings=sharding.replicated(model.mesh))
   for ds in datasets:
     t0 = time.time()
     preference.attach_reference(
