@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.train = ""               # JSONL / Parquet file, HF dataset name, or tfds:NAME[/CONFIG]:SPLIT
   c.data.eval = ""
-  c.data.format = "auto"          # auto | chat | alpaca | completion | text | tokens
+  c.data.format = "auto"          # auto | chat | alpaca | completion | text | tokens | preference
   c.data.chat_template = ""       # Jinja template; empty = the tokenizer's, else jaxft's default
   c.data.max_len = 256            # tokens per row
   c.data.packing = True           # pack several examples per row (segment ids, restarted positions)
@@ -69,6 +69,17 @@ def get_config(arg=None):
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
+  c.train.objective = "sft"       # sft | dpo | orpo | simpo (the last three read preference pairs)
+  c.train.precompute_reference = False  # dpo: reference log-probs of the starting model, computed
+                                  # once before training (needed by full fine-tuning; with a PEFT
+                                  # method the default reference is the base, method switched off)
+
+  c.pref = ml_collections.ConfigDict()  # preference objectives (docs/preference.md)
+  c.pref.beta = 0.1               # dpo, simpo: the inverse temperature of the implicit reward
+  c.pref.loss_type = "sigmoid"    # dpo: sigmoid (DPO) | ipo
+  c.pref.label_smoothing = 0.0    # dpo sigmoid, simpo: chance that a label is flipped (cDPO)
+  c.pref.simpo_gamma = 0.5        # simpo: target reward margin
+  c.pref.orpo_lambda = 0.1        # orpo: weight of the odds-ratio term (TRL's ORPOConfig.beta)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1 = the devices the other axes leave

@@ -4,6 +4,14 @@ capitals dataset. Runs on a laptop CPU in a couple of minutes, with no download.
 `configs/quickstart.py:method=NAME` trains the same task with another method: lora (default), full,
 dora, adapter, prefix, qlora (LoRA on an NF4 base), int8 (LoRA on an int8 base); each gets the
 learning rate it needs (bench/methods.py compares them).
+
+`configs/quickstart.py:objective=dpo` (or orpo, simpo) tunes the SFT quickstart's adapter on the
+bundled preference pairs (tools/make_capital_prefs.py: a full correct sentence preferred over the
+bare name, a wrong capital or a rambling answer). DPO's reference is the SFT model itself
+(train.precompute_reference). After the SFT quickstart:
+
+  python -m jaxft.export --workdir=workdirs/quickstart --format=peft --out=workdirs/quickstart/peft
+  python -m jaxft.train --config=configs/quickstart.py:objective=dpo --workdir=workdirs/quickstart-dpo
 """
 
 from jaxft import configlib
@@ -15,7 +23,7 @@ _LR = {"adapter": 1e-2, "prefix": 3e-1}
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, method="lora")
+  a = configlib.parse_arg(arg, method="lora", objective="sft")
   c = configlib.sibling(__file__, "base").get_config()
   configlib.apply_method(c, a.method)
   c.peft.targets = "all-linear"
@@ -34,4 +42,18 @@ def get_config(arg=None):
   c.eval.style.must_match = r"^[A-Z][^.!?]*\.$"  # one sentence, capitalised, ending with a period
   c.eval.style.must_not_contain = ("capital", "I think")
   c.eval.confident = 0.5  # its tuned answers average ~0.7 per token: 0.9 would flag none
+  if a.objective != "sft":
+    _preference(c, a.objective)
   return c
+
+
+def _preference(c, objective):
+  c.train.objective = objective
+  c.peft.init_from = "workdirs/quickstart/peft"  # the SFT quickstart's adapter, exported
+  c.train.precompute_reference = objective == "dpo"
+  c.data.train = bundled.path("capital_prefs_train.jsonl")
+  c.data.eval = bundled.path("capital_prefs_eval.jsonl")
+  c.data.batch_size = 8  # pairs per row (packed): about 3 per row
+  c.optim.lr = 1e-3
+  c.train.steps = 200
+  c.train.eval_every = 50

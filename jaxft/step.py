@@ -2,7 +2,8 @@
 
 `train_step(state, batch, frozen)`: gradients over `state["trainable"]` alone; the frozen base is an
 argument that is read, never differentiated, never donated, never updated. Batches carry a leading
-micro-batch axis [accum, rows, T]; the loss is the sum of token losses divided by the target tokens
+micro-batch axis [accum, rows, T]; the loss is the objective's (jaxft.objectives: by default the sum
+of token losses divided by the target tokens of the whole accumulated batch), normalised by counts
 of the whole accumulated batch, so accumulation equals one large batch.
 """
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft import objectives
 from jaxft.models import llama
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import Method, merge_trees
@@ -126,12 +128,36 @@ def _ce_bwd(vc, vocab, layout, save, res, g):
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
+def _ce_loop(h, w, targets, vc, vocab, layout):
+  """Per-token cross-entropy, forward only, one vocabulary chunk at a time in a loop, so that only
+  one chunk's logits exist at once (evaluation, and DPO's reference run inside the train step)."""
+  axis = 1 if layout == "dv" else 0
+  packed = llama.pack_16bit(w)
+  _, tl = _target_columns(h, packed, targets, layout)
+
+  def chunk(c, carry):
+    m, s = carry
+    wc = llama.unpack_16bit(jax.lax.dynamic_slice_in_dim(packed, c * vc, vc, axis=axis))
+    lg = jnp.einsum("nd,dv->nv" if layout == "dv" else "nd,vd->nv", h, wc.astype(h.dtype),
+                    preferred_element_type=jnp.float32)
+    if vocab % vc:  # padded columns never win the softmax
+      col = c * vc + jax.lax.broadcasted_iota(jnp.int32, (1, vc), 1)
+      lg = jnp.where(col < vocab, lg, -jnp.inf)
+    m2 = jnp.maximum(m, jnp.max(lg, axis=-1))
+    return m2, s * jnp.exp(m - m2) + jnp.sum(jnp.exp(lg - m2[:, None]), axis=-1)
+
+  n = h.shape[0]
+  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+  m, s = jax.lax.fori_loop(0, _num_chunks(w, vc, layout), chunk, init)
+  return m + jnp.log(s) - tl
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _cross_entropy_fixed_head(h, w, targets, vc: int, vocab: int, layout: str):
   """_cross_entropy for an output projection w that is not trained (every PEFT method): under
   differentiation its forward also forms d loss / d h, so nothing of the logits is kept or rebuilt
-  for the backward. Undifferentiated (evaluation) it is the plain forward."""
-  return _ce_fwd(h, w, targets, vc, vocab, layout, False)[0]
+  for the backward. Undifferentiated (evaluation) it is the plain forward, chunk by chunk."""
+  return _ce_loop(h, w, targets, vc, vocab, layout)
 
 
 def _ce_fixed_fwd(h, w, targets, vc, vocab, layout):
@@ -263,30 +289,42 @@ def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
 class StepFns:
   train: Callable
   eval: Callable
+  objective: Any = objectives.SFT()
 
 
 def make_steps(cfg: ModelConfig, method: Method, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, skip_nonfinite: bool, dropout: bool) -> StepFns:
-  """Builds the (unjitted) train and eval step functions."""
+               schedule: optax.Schedule, skip_nonfinite: bool, dropout: bool,
+               objective=None) -> StepFns:
+  """Builds the (unjitted) train and eval step functions of `objective` (jaxft.objectives;
+  default supervised fine-tuning).
+
+  eval(trainable, frozen, batch) -> (terms, stats, counts) of one batch: sums that add up over
+  batches; objective.loss / objective.metrics turn the totals into the logged values."""
+  objective = objective or objectives.SFT()
 
   def train_step(state: State, batch, frozen):
     step_rng = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(
-        lambda tr, mb, r: loss_sum(cfg, method, tr, frozen, mb, r if dropout else None),
-        has_aux=True)
+    # The normalisers of the whole accumulated batch come from the data alone, so each
+    # micro-batch's loss is already its share of the large batch's loss.
+    counts = objective.counts(batch)
 
-    def micro(carry, xs):
-      g_acc, l_acc, n_acc = carry
+    def micro_loss(tr, mb, r):
+      terms, stats = objective.sums(cfg, method, tr, frozen, mb, r if dropout else None)
+      return objective.loss(terms, counts), (terms, stats)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def micro(g_acc, xs):
       mb, i = xs
-      (l, n), g = grad_fn(state["trainable"], mb, jax.random.fold_in(step_rng, i))
-      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+      (_, aux), g = grad_fn(state["trainable"], mb, jax.random.fold_in(step_rng, i))
+      return jax.tree.map(jnp.add, g_acc, g), aux
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state["trainable"])
     accum = batch["inputs"].shape[0]
-    (g, l, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, jnp.arange(accum)))
-    denom = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda x: x / denom, g)
-    loss = l / denom
+    grads, (terms, stats) = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+    terms, stats = jax.tree.map(lambda x: jnp.sum(x, axis=0), (terms, stats))
+    loss = objective.loss(terms, counts)
+    n = counts["tokens"]
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     new_tr = optax.apply_updates(state["trainable"], updates)
@@ -307,10 +345,12 @@ def make_steps(cfg: ModelConfig, method: Method, tx: optax.GradientTransformatio
     }
     metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": n,
                "lr": schedule(state["step"]), "finite": finite,
-               "skipped": new_state["skipped"] + 0}
+               "skipped": new_state["skipped"] + 0,
+               "objective": objective.metrics(terms, stats, counts)}
     return new_state, metrics
 
   def eval_step(trainable, frozen, batch):
-    return loss_sum(cfg, method, trainable, frozen, batch, None)
+    terms, stats = objective.sums(cfg, method, trainable, frozen, batch, None)
+    return terms, stats, objective.counts(batch)
 
-  return StepFns(train_step, eval_step)
+  return StepFns(train_step, eval_step, objective)

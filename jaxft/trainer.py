@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxft import (checkpoint, configlib, curves, files, flops, optim, peft, session,
+from jaxft import (checkpoint, configlib, curves, files, flops, objectives, optim, peft, session,
                    sharding, workdir as workdir_lib)
-from jaxft.data import pipeline
+from jaxft.data import pipeline, preference
 from jaxft.errors import CheckpointError, ConfigError, JaxftError
 from jaxft.metrics import MetricsWriter
 from jaxft.step import StepFns, make_steps, pack_frozen
@@ -116,25 +116,52 @@ def prepare(config, model: session.Model) -> Prepared:
     frozen = jax.jit(pack_frozen, donate_argnums=0, out_shardings=frozen_sh)(frozen)
   tx, schedule = optim.make(config.optim, config.train.steps)
   steps = make_steps(model.cfg, method, tx, schedule, config.train.skip_nonfinite,
-                     dropout=getattr(method, "dropout", 0.0) > 0)
+                     dropout=getattr(method, "dropout", 0.0) > 0,
+                     objective=objectives.from_config(config, method.trains_base))
   state_sh = state_shardings(tx, trainable_sh, mesh)
   state = init_state(tx, trainable, config.train.seed, state_sh)
   return Prepared(frozen, state, state_sh, frozen_sh, steps,
                   jit_train_step(steps, mesh, state_sh, frozen_sh))
 
 
-def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0) -> dict:
-  """Mean target-token loss over the eval examples (one pass, file order)."""
-  total, count = 0.0, 0.0
-  for i, b in enumerate(pipeline.eval_batches(examples, config.data.max_len,
-                                              config.data.batch_size, config.data.packing)):
+def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0,
+                  objective=objectives.SFT()) -> dict:
+  """The objective's loss over the eval examples (one pass, file order): eval_loss, eval_tokens
+  and eval_ppl (supervised) or eval_ plus the preference metrics (pairs). `steps` is the jitted
+  StepFns.eval of `objective`."""
+  sft = objective.name == "sft"
+  batches = (pipeline.eval_batches if sft else preference.eval_batches)(
+      examples, config.data.max_len, config.data.batch_size, config.data.packing)
+  total = None
+  for i, b in enumerate(batches):
     if max_batches and i >= max_batches:
       break
     b = {k: v[0] for k, v in put_batch(b, mesh, 1).items()}
-    s, n = steps(trainable, frozen, b)
-    total, count = total + float(s), count + float(n)
-  loss = total / max(count, 1.0)
-  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": count}
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(steps(trainable, frozen, b)))
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  terms, stats, counts = total
+  loss = float(objective.loss(terms, counts))
+  m = {"eval_loss": loss, "eval_tokens": float(counts["tokens"])}
+  if sft:
+    m["eval_ppl"] = float(np.exp(min(loss, 50.0)))
+  m.update({f"eval_{k}": float(v) for k, v in objective.metrics(terms, stats, counts).items()})
+  return m
+
+
+def precompute_reference(run: Prepared, model: session.Model, datasets, config) -> None:
+  """Stores in every pair of `datasets` the per-token log-probabilities of the model as `run`
+  starts (train.precompute_reference): DPO's reference in one forward pass over the data, so that
+  no frozen copy of the starting weights is kept (full fine-tuning)."""
+  # (replicated out: every process reads the whole [rows, T] block, as it holds every pair)
+  fn = jax.jit(lambda tr, fz, b: objectives.token_logps(model.cfg, model.method, tr, fz, b, None),
+               out_shardings=sharding.replicated(model.mesh))
+  for ds in datasets:
+    t0 = time.time()
+    preference.attach_reference(
+        ds.examples, lambda b: fn(run.state["trainable"], run.frozen,
+                                  {k: v[0] for k, v in put_batch(b, model.mesh, 1).items()}),
+        config.data.max_len, config.data.batch_size)
+    logging.info("reference log-probs of %d pairs in %.1fs", len(ds.examples), time.time() - t0)
 
 
 def resume(saver: checkpoint.Saver, state, config, model, workdir: str, writer_rows: list):
@@ -203,27 +230,31 @@ def train(config, workdir: str) -> dict:
   model_cfg = session.model_config(config)
   sharding.check_model_fits(mesh, model_cfg)
   sharding.rules_from_config(config.mesh)  # so is a bad mesh.rules
+  objective = objectives.from_config(config, config.peft.method == "full")
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    return _train(config, workdir, mesh, model_cfg)
+    return _train(config, workdir, mesh, model_cfg, objective)
 
 
-def _train(config, workdir: str, mesh, model_cfg) -> dict:
+def _train(config, workdir: str, mesh, model_cfg, objective) -> dict:
   enc = session.encoder(config, workdir)
   fmt, max_len = config.data.format, config.data.max_len
-  train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
-  eval_ds = (pipeline.load_examples(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size)
-             if config.data.eval else None)
+  pairs = objective.name != "sft"  # preference objectives read pairs (jaxft/data/preference.py)
+  load = preference.load_pairs if pairs else pipeline.load_examples
+  train_ds = load(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
+  eval_ds = load(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size) if config.data.eval else None
   model = session.load_model(config, mesh)
   cfg, method = model.cfg, model.method
 
   run = prepare(config, model)
   frozen, steps, state = run.frozen, run.steps, run.state
+  if objective.reference == "data":  # from the starting weights, so before any resume
+    precompute_reference(run, model, [d for d in (train_ds, eval_ds) if d is not None], config)
   accum = config.optim.accum_steps
-  stream = pipeline.TrainStream(train_ds.examples, max_len=max_len, packing=config.data.packing,
-                                rows_per_batch=config.data.batch_size, seed=config.train.seed,
-                                shuffle=config.data.shuffle)
+  stream = (preference.PairStream if pairs else pipeline.TrainStream)(
+      train_ds.examples, max_len=max_len, packing=config.data.packing,
+      rows_per_batch=config.data.batch_size, seed=config.train.seed, shuffle=config.data.shuffle)
   pos = pipeline.Position()
   os.makedirs(workdir, exist_ok=True)
   saver = checkpoint.Saver(workdir, config.checkpoint.keep)
@@ -261,7 +292,7 @@ def _train(config, workdir: str, mesh, model_cfg) -> dict:
     if eval_ds is None:
       return
     m = evaluate_loss(eval_step, state["trainable"], frozen, eval_ds.examples, config, mesh,
-                      config.train.eval_batches)
+                      config.train.eval_batches, objective)
     if config.train.eval_accuracy and eval_refs:
       from jaxft import evaluation
       m.update(evaluation.answer_accuracy(cfg, method, peft.merge_trees(frozen, state["trainable"]),
@@ -287,6 +318,7 @@ def _train(config, workdir: str, mesh, model_cfg) -> dict:
       dt = time.time() - t_last
       row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
              "tokens_per_sec": tokens / max(dt, 1e-9), "skipped_steps": int(m["skipped"])}
+      row.update({k: float(v) for k, v in m["objective"].items()})  # (TRL's names: rewards/...)
       row.update(flop_counter.metrics(row["tokens_per_sec"]))
       writer.write(step, row)
       writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"))

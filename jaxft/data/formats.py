@@ -27,6 +27,9 @@ class Example:
 
 def detect(origin: str, row: dict[str, Any]) -> str:
   """The format of one row, from its keys; raises DataError naming the row when none fits."""
+  if "chosen" in row or "rejected" in row:
+    raise DataError(f"{origin}: a preference row (chosen/rejected) in a supervised run: set "
+                    "train.objective=dpo, orpo or simpo to train on pairs")
   for fmt in FORMATS:
     if all(k in row for k in _KEYS[fmt]):
       return fmt

@@ -131,8 +131,13 @@ class TrainStream:
       order = np.arange(len(self.examples))
       if self.shuffle:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-      self._epoch_rows = {epoch: _rows([self.examples[i] for i in order], self.max_len, self.packing)}
+      self._epoch_rows = {epoch: self._group([self.examples[i] for i in order], self.max_len,
+                                             self.packing)}
     return self._epoch_rows[epoch]
+
+  # How examples become rows and rows a batch (jaxft.data.preference overrides both for pairs).
+  _group = staticmethod(lambda examples, max_len, packing: _rows(examples, max_len, packing))
+  _stack = staticmethod(lambda rows, max_len, num_rows: make_batch(rows, max_len, num_rows))
 
   def batch_at(self, pos: Position, select: np.ndarray | None = None) -> tuple[Batch, Position]:
     """The batch that starts at `pos`, and the position after it (epochs roll over).
@@ -149,8 +154,8 @@ class TrainStream:
       taken.extend(rows[index:index + k])
       index += k
     if select is not None:
-      return make_batch([taken[i] for i in select], self.max_len, len(select)), Position(epoch, index)
-    return make_batch(taken, self.max_len, self.rows_per_batch), Position(epoch, index)
+      return self._stack([taken[i] for i in select], self.max_len, len(select)), Position(epoch, index)
+    return self._stack(taken, self.max_len, self.rows_per_batch), Position(epoch, index)
 
 
 def eval_batches(examples: list[Example], max_len: int, rows_per_batch: int,

@@ -1,0 +1,227 @@
+"""Training objectives: supervised fine-tuning and the preference losses DPO, IPO, ORPO and SimPO.
+
+An objective is a frozen (hashable) dataclass, a static part of the jitted step, with three pure
+functions of arrays:
+
+- `counts(batch)`: the normalisers (target tokens, pairs) of the whole accumulated batch, known
+  from the data before any forward pass;
+- `sums(cfg, method, trainable, frozen, batch, rng)`: (terms, stats) of one micro-batch: loss
+  terms and metric sums that add up over micro-batches;
+- `loss(terms, counts)`: linear in the terms, so that summing the gradients of micro-batches
+  normalised by the whole batch's counts equals the gradient of one large batch.
+
+Preference batches hold pairs: a pair's chosen and rejected sequences are adjacent segments of one
+row (segment 2k+1 chosen, 2k+2 rejected; several pairs per row when packed). A sequence's
+log-probability is the sum of its target tokens' log-probabilities. The DPO reference is either
+the frozen base run with the method switched off (`peft.Method()`: its hooks are the identity, and
+the frozen tree is the whole base; no second copy of any weight), or per-token reference
+log-probabilities stored with the data (`batch["ref_logps"]`, train.precompute_reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.errors import ConfigError
+from jaxft.models import llama
+from jaxft.peft.base import Method, merge_trees
+
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                      "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT:
+  """Cross-entropy on target tokens, normalised by the target tokens of the whole batch."""
+  name: str = "sft"
+  reference: str = "none"
+  metric_names: tuple = ()
+
+  def counts(self, batch):
+    return {"tokens": jnp.sum(batch["weights"])}
+
+  def sums(self, cfg, method, trainable, frozen, batch, rng):
+    from jaxft.step import loss_sum  # (step imports this module)
+    s, _ = loss_sum(cfg, method, trainable, frozen, batch, rng)
+    return {"nll": s}, {}
+
+  def loss(self, terms, counts):
+    return terms["nll"] / jnp.maximum(counts["tokens"], 1.0)
+
+  def metrics(self, terms, stats, counts):
+    del terms, stats, counts
+    return {}
+
+
+def token_logps(cfg, method, trainable, frozen, batch, rng):
+  """Log-probability [R, T] (float32) of each target token under merge(frozen, trainable) run
+  with `method`."""
+  from jaxft.step import pack_frozen, token_losses
+  frozen = pack_frozen(frozen)
+  params = merge_trees(frozen, trainable)
+  h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
+                             positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)
+  head = "embed" if cfg.tie_embeddings else "lm_head"
+  return -token_losses(cfg, params, h, batch["targets"], head_trained=head in trainable)
+
+
+def per_sequence(x, segment_ids):
+  """Sums x [..., R, T] over the tokens of each sequence: [..., R, K, 2] with [..., k, 0] the
+  chosen and [..., k, 1] the rejected sequence of the row's k-th pair (K = ceil(T / 2) slots;
+  padding, segment 0, is dropped)."""
+  *lead, R, T = x.shape
+  K = (T + 1) // 2
+  x = x.reshape(-1, T)
+  seg = segment_ids.reshape(-1, T)
+  rows = x.shape[0]
+  idx = jnp.arange(rows)[:, None] * (2 * K) + jnp.maximum(seg - 1, 0)
+  vals = jnp.where(seg > 0, x, 0.0)
+  out = jax.ops.segment_sum(vals.reshape(-1), idx.reshape(-1), num_segments=rows * 2 * K)
+  return out.reshape(*lead, R, K, 2)
+
+
+def _log1mexp(x):
+  """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
+  return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def pair_losses(name: str, loss_type: str, beta: float, label_smoothing: float, gamma: float,
+                lam: float, pc, pr, rc, rr, nc, nr):
+  """Per-pair losses and what TRL logs, from per-sequence summed log-probabilities.
+
+  pc, pr: the policy's chosen / rejected log-probs (sums over target tokens); rc, rr: the
+  reference's; nc, nr: target-token counts (>= 1 where the pair is valid). Returns (loss [...],
+  the "or" part of ORPO's loss [...] (zero otherwise), chosen reward, rejected reward, chosen
+  logp, rejected logp): the rewards and log-probs as TRL logs them for that objective.
+  """
+  zero = jnp.zeros_like(pc)
+  if name == "dpo":
+    chosen_ratio, rejected_ratio = pc - rc, pr - rr
+    if loss_type == "ipo":  # IPO compares length-averaged log-ratios (as TRL, after the authors)
+      loss = (chosen_ratio / nc - rejected_ratio / nr - 1.0 / (2.0 * beta)) ** 2
+    else:  # label_smoothing > 0: conservative DPO (the preference label is flipped with that chance)
+      logits = chosen_ratio - rejected_ratio
+      loss = (-jax.nn.log_sigmoid(beta * logits) * (1.0 - label_smoothing)
+              - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
+    return loss, zero, beta * chosen_ratio, beta * rejected_ratio, pc, pr
+  ac, ar = pc / nc, pr / nr  # ORPO and SimPO use length-averaged log-probs
+  if name == "simpo":
+    logits = ac - ar - gamma / beta
+    loss = (-jax.nn.log_sigmoid(beta * logits) * (1.0 - label_smoothing)
+            - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
+    return loss, zero, beta * ac, beta * ar, ac, ar
+  if name == "orpo":
+    log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+    ratio = jax.nn.log_sigmoid(log_odds)
+    return -lam * ratio, ratio, lam * ac, lam * ar, ac, ar
+  raise ValueError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+  """DPO (sigmoid or IPO loss), ORPO or SimPO over pair batches.
+
+  reference: "base" (the frozen tree run with the method switched off), "data" (per-token
+  reference log-probs in batch["ref_logps"]) or "none" (ORPO, SimPO)."""
+  name: str = "dpo"
+  loss_type: str = "sigmoid"
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  gamma: float = 0.5
+  lam: float = 0.1
+  reference: str = "base"
+  metric_names: tuple = PREFERENCE_METRICS
+
+  def _sequences(self, batch):
+    seq_w = per_sequence(batch["weights"], batch["segment_ids"])
+    valid = (seq_w[..., 0] > 0) & (seq_w[..., 1] > 0)
+    return seq_w, valid
+
+  def counts(self, batch):
+    seq_w, valid = self._sequences(batch)
+    return {"tokens": jnp.sum(batch["weights"]), "pairs": jnp.sum(valid.astype(jnp.float32)),
+            "chosen_tokens": jnp.sum(jnp.where(valid, seq_w[..., 0], 0.0))}
+
+  def sums(self, cfg, method, trainable, frozen, batch, rng):
+    w = batch["weights"]
+    # The reference first: its temporaries are gone before the policy's saved activations exist.
+    if self.reference == "base":
+      ref_tok = jax.lax.stop_gradient(token_logps(cfg, Method(), {}, frozen, batch, None))
+    elif self.reference == "data":
+      ref_tok = batch["ref_logps"]
+    else:
+      ref_tok = jnp.zeros_like(w)
+    ref = per_sequence(ref_tok * w, batch["segment_ids"])
+    lp = per_sequence(token_logps(cfg, method, trainable, frozen, batch, rng) * w,
+                      batch["segment_ids"])
+    seq_w, valid = self._sequences(batch)
+    n = jnp.maximum(seq_w, 1.0)
+    loss, ratio, r_c, r_r, l_c, l_r = pair_losses(
+        self.name, self.loss_type, self.beta, self.label_smoothing, self.gamma, self.lam,
+        lp[..., 0], lp[..., 1], ref[..., 0], ref[..., 1], n[..., 0], n[..., 1])
+    keep = lambda x: jnp.sum(jnp.where(valid, x, 0.0))
+    terms = {"pairs": keep(loss)}
+    if self.name == "orpo":  # plus the NLL of the chosen tokens
+      terms["chosen_nll"] = -keep(lp[..., 0])
+    stats = {"rewards/chosen": keep(r_c), "rewards/rejected": keep(r_r),
+             "rewards/margins": keep(r_c - r_r),
+             "rewards/accuracies": keep((r_c > r_r).astype(jnp.float32)),
+             "logps/chosen": keep(l_c), "logps/rejected": keep(l_r)}
+    if self.name == "orpo":
+      stats["log_odds_ratio"] = keep(ratio)
+    return terms, stats
+
+  def loss(self, terms, counts):
+    out = terms["pairs"] / jnp.maximum(counts["pairs"], 1.0)
+    if self.name == "orpo":
+      out = out + terms["chosen_nll"] / jnp.maximum(counts["chosen_tokens"], 1.0)
+    return out
+
+  def metrics(self, terms, stats, counts):
+    pairs = jnp.maximum(counts["pairs"], 1.0)
+    out = {k: v / pairs for k, v in stats.items()}
+    if self.name == "orpo":
+      out["nll_loss"] = terms["chosen_nll"] / jnp.maximum(counts["chosen_tokens"], 1.0)
+    return out
+
+
+def from_config(config, trains_base: bool):
+  """The objective named by train.objective with its pref.* settings. Raises ConfigError on bad
+  values or combinations (DPO with full fine-tuning needs train.precompute_reference)."""
+  t, p = config.train, config.pref
+  name = t.objective
+  if name not in OBJECTIVES:
+    raise ConfigError(f"train.objective={name!r}: expected one of {', '.join(OBJECTIVES)}")
+  if name != "sft" and t.eval_accuracy:
+    raise ConfigError(f"train.eval_accuracy=True: answer accuracy reads single answers, not the "
+                      f"pairs of train.objective={name}")
+  if name == "sft":
+    if t.precompute_reference:
+      raise ConfigError("train.precompute_reference=True needs train.objective=dpo")
+    return SFT()
+  if p.beta <= 0:
+    raise ConfigError(f"pref.beta={p.beta}: must be > 0")
+  if p.loss_type not in DPO_LOSSES:
+    raise ConfigError(f"pref.loss_type={p.loss_type!r}: expected one of {', '.join(DPO_LOSSES)}")
+  if not 0.0 <= p.label_smoothing < 0.5:
+    raise ConfigError(f"pref.label_smoothing={p.label_smoothing}: must be in [0, 0.5)")
+  if p.orpo_lambda <= 0:
+    raise ConfigError(f"pref.orpo_lambda={p.orpo_lambda}: must be > 0")
+  if name == "dpo":
+    if trains_base and not t.precompute_reference:
+      raise ConfigError("train.objective=dpo with peft.method=full needs "
+                        "train.precompute_reference=True: the reference is the starting model, "
+                        "and full fine-tuning keeps no frozen copy of it")
+    reference = "data" if t.precompute_reference else "base"
+  else:
+    if t.precompute_reference:
+      raise ConfigError(f"train.precompute_reference=True: {name} uses no reference model")
+    reference = "none"
+  return Preference(name=name, loss_type=p.loss_type, beta=float(p.beta),
+                    label_smoothing=float(p.label_smoothing), gamma=float(p.simpo_gamma),
+                    lam=float(p.orpo_lambda), reference=reference)
