@@ -11,6 +11,7 @@ a damaged step is skipped for the newest intact one, with a warning naming the d
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -125,6 +126,7 @@ class Saver:
     self.mngr = manager(workdir, keep, async_save)
     self.directory = str(self.mngr.directory)
     self._pending: int | None = None
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
@@ -167,14 +169,17 @@ class Saver:
 
   def _fail(self, step: int, error) -> None:
     reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    # Let Orbax's and TensorStore's background writes of this save end (they fail too) before
+    # its event loop goes away, or their callbacks print tracebacks into a closed loop.
+    with contextlib.suppress(Exception):
+      self.mngr.wait_until_finished()
+    with contextlib.suppress(Exception):
+      self.mngr.close()
+    self._closed = True
     if jax.process_index() == 0:
       for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
         shutil.rmtree(partial, ignore_errors=True)
-    try:
-      self.mngr.reload()
-      older = [s for s in self.mngr.all_steps() if s != step]
-    except Exception:  # pylint: disable=broad-except
-      older = []
+    older = [int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step]
     kept = (f"the checkpoint of step {max(older)} is intact" if older
             else "no earlier checkpoint exists")
     raise CheckpointError(f"{self.directory}: saving the checkpoint of step {step} failed "
@@ -185,7 +190,8 @@ class Saver:
     try:
       self.settle()
     finally:
-      self.mngr.close()
+      if not self._closed:
+        self.mngr.close()
 
 
 # ---------------------------------------------------------------------------------------------
