@@ -48,8 +48,27 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return write_quickstart_tokenizer(os.path.join(workdir, "tokenizer"))
 
 
+def stop_ids(config) -> tuple[int, ...]:
+  """The ids that end a generation: the model's EOS ids (config.json) and generation_config.json's
+  of model.path, if any."""
+  eos = model_config(config).eos_token_id
+  ids = set(eos if isinstance(eos, tuple) else () if eos is None else (eos,))
+  gen = os.path.join(config.model.path, "generation_config.json") if config.model.path else ""
+  if gen and os.path.isfile(gen):
+    try:
+      with open(gen, encoding="utf-8") as f:
+        g = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"{gen}: not valid JSON ({e})") from None
+    ids |= set(g if isinstance(g, list) else () if g is None else (g,))
+  return tuple(sorted(int(i) for i in ids))
+
+
 def encoder(config, workdir: str) -> Encoder:
-  return Encoder(load_tokenizer(tokenizer_dir(config, workdir)), config.data.chat_template)
+  """The Encoder training uses: the tokenizer of tokenizer_dir, data.chat_template (or the
+  tokenizer's, or jaxft's default) and the model's stop ids."""
+  return Encoder(load_tokenizer(tokenizer_dir(config, workdir)), config.data.chat_template,
+                 stop_ids(config))
 
 
 @dataclasses.dataclass

@@ -215,7 +215,8 @@ def train(config, workdir: str) -> dict:
   sharding.rules_from_config(config.mesh)  # so is a bad mesh.rules
   enc = session.encoder(config, workdir)
   fmt, max_len = config.data.format, config.data.max_len
-  train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
+  train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size,
+                                    show=True)
   eval_ds = (pipeline.load_examples(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size)
              if config.data.eval else None)
   model = session.load_model(config, mesh)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -28,26 +29,67 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
+def _write_atomic(path: str, write) -> None:
+  # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
+  # then atomic renames, so no one ever reads a half-written file.
+  tmp = f"{path}.tmp{os.getpid()}"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+# The quickstart tokenizer's settings. `legacy: True` is SentencePiece's own behaviour: every
+# piece of text, also the one after a special token such as `<s>`, starts a new word ("▁" prefix).
+# That is what SentencePiece, llama.cpp and transformers 4.x (slow and fast) give for Mistral v1;
+# transformers 5 without `legacy` prefixes only the first piece, so `<s>User:` would become
+# ids no other client produces.
+QUICKSTART_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+    "add_prefix_space": None, "clean_up_tokenization_spaces": False}
+
+
 def write_quickstart_tokenizer(directory: str) -> str:
-  """Writes the Mistral v1 SentencePiece tokenizer that mistral-common ships into `directory`."""
+  """Writes the Mistral v1 SentencePiece tokenizer that mistral-common ships into `directory`:
+  tokenizer.model, the same tokenizer as tokenizer.json (so fast-tokenizer clients need no
+  conversion) and a tokenizer_config.json with `legacy` set explicitly."""
   import mistral_common
   src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
   if not os.path.isfile(src):
     raise ConfigError(f"mistral-common does not ship {src}; reinstall mistral-common")
   os.makedirs(directory, exist_ok=True)
-  # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
-  # then atomic renames, so no one ever reads a half-written file.
-  if not os.path.isfile(os.path.join(directory, "tokenizer.model")):
-    tmp = os.path.join(directory, f"tokenizer.model.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, os.path.join(directory, "tokenizer.model"))
-  cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
-  tmp = os.path.join(directory, f"tokenizer_config.json.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(cfg, f, indent=1)
-  os.replace(tmp, os.path.join(directory, "tokenizer_config.json"))
+  model = os.path.join(directory, "tokenizer.model")
+  if not os.path.isfile(model):
+    _write_atomic(model, lambda tmp: shutil.copyfile(src, tmp))
+
+  def write_config(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(QUICKSTART_TOKENIZER_CONFIG, f, indent=1)
+  _write_atomic(os.path.join(directory, "tokenizer_config.json"), write_config)
+  tj = os.path.join(directory, "tokenizer.json")
+  if not _quickstart_json_ok(tj):
+    # transformers converts tokenizer.model (with `legacy` from the config) when no
+    # tokenizer.json is beside it: do that in a scratch directory, then ship the result.
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+      shutil.copyfile(model, os.path.join(scratch, "tokenizer.model"))
+      shutil.copyfile(os.path.join(directory, "tokenizer_config.json"),
+                      os.path.join(scratch, "tokenizer_config.json"))
+      tok = AutoTokenizer.from_pretrained(scratch, local_files_only=True)
+      _write_atomic(tj, lambda tmp: tok.backend_tokenizer.save(tmp))
   return directory
+
+
+def _quickstart_json_ok(path: str) -> bool:
+  """Whether PATH is a tokenizer.json with SentencePiece's every-piece "▁" prefix (workdirs
+  written before it was shipped have none)."""
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      pre = json.load(f).get("pre_tokenizer") or {}
+  except (OSError, ValueError):
+    return False
+  return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "always"
 
 
 def load_tokenizer(directory: str):
@@ -65,11 +107,17 @@ def load_tokenizer(directory: str):
 
 
 class Encoder:
-  """Turns validated rows into Examples with one tokenizer and one chat template."""
+  """Turns validated rows into Examples with one tokenizer and one chat template.
 
-  def __init__(self, tokenizer, chat_template: str = ""):
+  stop_ids: the ids that end a generation (the model's EOS ids) besides the tokenizer's EOS; an
+  assistant turn must end with one of them, as a target.
+  """
+
+  def __init__(self, tokenizer, chat_template: str = "", stop_ids=()):
     self.tok = tokenizer
     self.template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    self.stop_ids = frozenset(int(i) for i in stop_ids) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
   @property
   def eos_text(self) -> str:
@@ -84,13 +132,38 @@ class Encoder:
     return self.tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
                                         add_generation_prompt=add_generation_prompt)
 
-  def _encode_spans(self, text: str, spans: list[tuple[int, int]]) -> Example:
+  def _encode_spans(self, text: str, spans: list[tuple[int, int]], origin: str = "") -> Example:
     enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.zeros(len(ids), bool)
     for i, (s, e) in enumerate(enc["offset_mapping"]):
       mask[i] = e > s and any(s >= a and e <= b for a, b in spans)
+    bos = self.tok.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+      raise DataError(f"{origin or 'a row'}: the rendered text starts with two BOS tokens "
+                      f"({self.bos_text!r}); the chat template (data.chat_template) or the text "
+                      "already has one: keep only one")
     return Example(ids, mask)
+
+  def _check_turn_ends(self, origin: str, ex: Example, n_turns: int) -> None:
+    """Each trained assistant turn must end with a stop id that is itself a target, or the
+    model never learns to stop (a missing EOS, or one the mask leaves out)."""
+    if not self.stop_ids or not n_turns:
+      return
+    m = ex.mask
+    ends = [i for i in range(len(m)) if m[i] and (i + 1 == len(m) or not m[i + 1])]
+    for end in ends:
+      if int(ex.ids[end]) in self.stop_ids:
+        continue
+      eos = self.eos_text or f"id {min(self.stop_ids)}"
+      if end + 1 < len(ex.ids) and int(ex.ids[end + 1]) in self.stop_ids:
+        raise DataError(f"{origin}: the EOS token ({eos!r}) after an assistant turn is outside "
+                        "the loss mask (masked EOS): the model would never learn to stop. The "
+                        "chat template must put it right after the assistant's content "
+                        "(data.chat_template)")
+      raise DataError(f"{origin}: an assistant turn ends without the EOS token ({eos!r}): the "
+                      "model would never learn to stop. Use a chat template that appends "
+                      "{{ eos_token }} to assistant turns (data.chat_template)")
 
   def chat(self, origin: str, messages) -> Example:
     text = self.render(messages, add_generation_prompt=False)
@@ -106,12 +179,31 @@ class Encoder:
       if m.get("weight", 1):
         end = len(upto.rstrip())  # trailing separators are not targets
         spans.append((len(before), end))
-    return self._encode_spans(text, spans)
+    ex = self._encode_spans(text, spans, origin)
+    self._check_turn_ends(origin, ex, len(spans))
+    return ex
+
+  def describe(self, ex: Example) -> str:
+    """The example as a user would check it: its token count, first ids, and its text with the
+    target (loss) tokens between « and »."""
+    parts, i, done = [], 0, ""
+    while i < len(ex.ids):
+      j = i
+      while j < len(ex.ids) and ex.mask[j] == ex.mask[i]:
+        j += 1
+      # decode whole prefixes: a run decoded alone would lose its leading space
+      upto = self.tok.decode(ex.ids[:j].tolist(), skip_special_tokens=False)
+      piece = upto[len(done):] if upto.startswith(done) else self.tok.decode(ex.ids[i:j].tolist())
+      parts.append(f"«{piece}»" if ex.mask[i] else piece)
+      i, done = j, upto
+    head = ", ".join(str(int(t)) for t in ex.ids[:12])
+    return (f"{len(ex.ids)} tokens, {int(ex.mask.sum())} targets; ids [{head}"
+            f"{', ...' if len(ex.ids) > 12 else ''}]; text (targets in «»): {''.join(parts)!r}")
 
   def completion(self, prompt: str, completion: str) -> Example:
     head = self.bos_text + prompt
     text = head + completion + self.eos_text
-    return self._encode_spans(text, [(len(head), len(text))])
+    return self._encode_spans(text, [(len(head), len(text))], "a completion row")
 
   def text(self, text: str) -> Example:
     full = self.bos_text + text + self.eos_text
