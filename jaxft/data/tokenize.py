@@ -132,12 +132,21 @@ class Encoder:
     return self.tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False,
                                         add_generation_prompt=add_generation_prompt)
 
-  def _encode_spans(self, text: str, spans: list[tuple[int, int]], origin: str = "") -> Example:
+  def _encode_spans(self, text: str, spans: list[tuple[int, int]], origin: str = "",
+                    last_targets: list | None = None) -> Example:
+    """Tokens of text, targets where a token lies in one of spans; appends the index of each
+    span's last target token (or -1) to last_targets when given."""
     enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.zeros(len(ids), bool)
+    last = [-1] * len(spans)
     for i, (s, e) in enumerate(enc["offset_mapping"]):
-      mask[i] = e > s and any(s >= a and e <= b for a, b in spans)
+      for k, (a, b) in enumerate(spans):
+        if e > s and s >= a and e <= b:
+          mask[i] = True
+          last[k] = i
+    if last_targets is not None:
+      last_targets.extend(last)
     bos = self.tok.bos_token_id
     if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
       raise DataError(f"{origin or 'a row'}: the rendered text starts with two BOS tokens "
@@ -145,15 +154,13 @@ class Encoder:
                       "already has one: keep only one")
     return Example(ids, mask)
 
-  def _check_turn_ends(self, origin: str, ex: Example, n_turns: int) -> None:
+  def _check_turn_ends(self, origin: str, ex: Example, last_targets: list[int]) -> None:
     """Each trained assistant turn must end with a stop id that is itself a target, or the
     model never learns to stop (a missing EOS, or one the mask leaves out)."""
-    if not self.stop_ids or not n_turns:
+    if not self.stop_ids:
       return
-    m = ex.mask
-    ends = [i for i in range(len(m)) if m[i] and (i + 1 == len(m) or not m[i + 1])]
-    for end in ends:
-      if int(ex.ids[end]) in self.stop_ids:
+    for end in last_targets:
+      if end < 0 or int(ex.ids[end]) in self.stop_ids:
         continue
       eos = self.eos_text or f"id {min(self.stop_ids)}"
       if end + 1 < len(ex.ids) and int(ex.ids[end + 1]) in self.stop_ids:
@@ -179,8 +186,9 @@ class Encoder:
       if m.get("weight", 1):
         end = len(upto.rstrip())  # trailing separators are not targets
         spans.append((len(before), end))
-    ex = self._encode_spans(text, spans, origin)
-    self._check_turn_ends(origin, ex, len(spans))
+    last: list[int] = []
+    ex = self._encode_spans(text, spans, origin, last)
+    self._check_turn_ends(origin, ex, last)
     return ex
 
   def describe(self, ex: Example) -> str:
