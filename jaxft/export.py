@@ -112,15 +112,27 @@ def _write_tokenizer(config, workdir: str, out: str) -> None:
   if os.path.isfile(tc):
     with open(tc, encoding="utf-8") as f:
       c = json.load(f)
-  pre = enc.tok.backend_tokenizer.pre_tokenizer
-  if os.path.isfile(os.path.join(out, "tokenizer.model")) and "Metaspace" in str(pre):
-    # what jaxft trained with: "▁" before every piece of text (legacy) or only the first
-    c["legacy"] = "prepend_scheme=always" in str(pre)
+  legacy = _legacy(enc.tok)
+  if os.path.isfile(os.path.join(out, "tokenizer.model")) and legacy is not None:
+    c["legacy"] = legacy
   c["chat_template"] = enc.template
   with open(tc, "w", encoding="utf-8") as f:
     json.dump(c, f, indent=2, ensure_ascii=False)
   with open(os.path.join(out, "chat_template.jinja"), "w", encoding="utf-8") as f:
     f.write(enc.template)
+
+
+def _legacy(tok) -> bool | None:
+  """How the SentencePiece-style tokenizer jaxft trained with treats text after a special token:
+  True when every piece of text gets the "▁" prefix (SentencePiece's own behaviour, `legacy`),
+  False when only the first does, None when it is not such a tokenizer."""
+  pre = str(tok.backend_tokenizer.pre_tokenizer)
+  norm = str(tok.backend_tokenizer.normalizer)
+  if "Metaspace" in pre and "prepend_scheme=always" in pre or "Prepend" in norm:
+    return True
+  if "Metaspace" in pre and "prepend_scheme=first" in pre:
+    return False
+  return None
 
 
 def _generation_config(config, cfg) -> dict:
