@@ -14,7 +14,6 @@ K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms stay 
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -259,12 +258,3 @@ def _add_metadata(w, cfg, quant: str, name: str) -> None:
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(float(dict(cfg.rope_scaling)["factor"]))
 
-
-def describe(path: str) -> str:
-  """A one-line summary of a GGUF file's tensor types (for logs and tests)."""
-  import gguf
-  r = gguf.GGUFReader(path)
-  counts: dict[str, int] = {}
-  for t in r.tensors:
-    counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-  return json.dumps(counts, sort_keys=True)
