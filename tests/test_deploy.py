@@ -1,7 +1,10 @@
-"""GGUF export: the quantizers the gguf package lacks (checked with its dequantizer), the file's
-tensors and metadata read back with gguf's reader, and llama.cpp itself (llama-cpp-python, in the
-test extras) loading each quant type: logits against jaxft's, and greedy answers to the
-quickstart prompts through llama.cpp's own tokenizer and chat template against jaxft.generate's."""
+"""Deploying what jaxft trained. HF exports carry the tokenizer every client reads the same way
+(tokenizer.json, `legacy`, the chat template in tokenizer_config.json) and generation_config.json;
+PEFT exports of a preset base name a base written by `--format=hf --base`. GGUF export: the
+quantizers the gguf package lacks (checked with its dequantizer), the file's tensors and metadata
+read back with gguf's reader, and llama.cpp itself (llama-cpp-python, in the test extras) loading
+each quant type: logits against jaxft's, and greedy answers to the quickstart prompts through
+llama.cpp's own tokenizer and chat template against jaxft.generate's."""
 
 import json
 import os
@@ -10,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from hf_tiny import jaxft_logits
+from clients import sentencepiece_ids, tokenizers_ids, transformers_chat_ids
+from hf_tiny import jaxft_logits, rel_err, torch_logits
 from jaxft import configlib, export, session
 from jaxft.data import bundled
 from jaxft.errors import ConfigError
@@ -69,6 +73,42 @@ def run(tmp_path_factory):
   for q in ("f32", "q8_0", "q4_k_m"):
     files[q] = export.export_gguf(workdir, str(root / f"model-{q}.gguf"), quant=q)
   return dict(root=root, workdir=workdir, trained=trained, files=files)
+
+
+def test_hf_export_ships_the_tokenizer_every_client_reads_alike(run, tmp_path):
+  out = export.export_hf(run["workdir"], str(tmp_path / "merged"))
+  names = set(os.listdir(out))
+  assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+          "generation_config.json"} <= names
+  enc = session.encoder(run["trained"].config, run["workdir"])
+  with open(os.path.join(out, "tokenizer_config.json")) as f:
+    tc = json.load(f)
+  assert tc["legacy"] is True and tc["chat_template"] == enc.template
+  with open(os.path.join(out, "generation_config.json")) as f:
+    gen = json.load(f)
+  assert (gen["eos_token_id"], gen["pad_token_id"], gen["bos_token_id"]) == (2, 2, 1)
+  msgs = [{"role": "user", "content": "Which city is the capital of Kenya?"},
+          {"role": "assistant", "content": "Nairobi."}, {"role": "user", "content": "And Peru?"}]
+  ids = [int(i) for i in
+         np.asarray(enc.tok(enc.render(msgs, True), add_special_tokens=False)["input_ids"])]
+  text = enc.render(msgs, True)
+  assert ids == transformers_chat_ids(out, msgs, True) == tokenizers_ids(out, text)
+  assert ids == sentencepiece_ids(out, text)
+
+
+def test_peft_export_of_a_preset_names_a_base_written_by_export(run, tmp_path):
+  from peft import AutoPeftModelForCausalLM
+  with pytest.raises(ConfigError, match="--format=hf --base"):
+    export.export_peft(run["workdir"], str(tmp_path / "adapter0"))
+  base = export.export_hf(run["workdir"], str(tmp_path / "base"), base=True)
+  adapter = export.export_peft(run["workdir"], str(tmp_path / "adapter"), base_model=base)
+  with open(os.path.join(adapter, "adapter_config.json")) as f:
+    assert json.load(f)["base_model_name_or_path"] == base
+  model = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype="float32").eval()
+  t = run["trained"]
+  ids = SEQS[:1]
+  ref = jaxft_logits(t.model.cfg, t.params, ids, t.model.method)
+  assert rel_err(torch_logits(model, ids), ref) < 1e-4
 
 
 def _reader_tensors(path):
