@@ -49,6 +49,22 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return write_quickstart_tokenizer(os.path.join(workdir, "tokenizer"))
 
 
+def stop_ids(config) -> tuple[int, ...]:
+  """The ids that end a generation: the model's EOS ids (config.json) and generation_config.json's
+  of model.path, if any."""
+  eos = model_config(config).eos_token_id
+  ids = set(eos if isinstance(eos, tuple) else () if eos is None else (eos,))
+  gen = os.path.join(config.model.path, "generation_config.json") if config.model.path else ""
+  if gen and os.path.isfile(gen):
+    try:
+      with open(gen, encoding="utf-8") as f:
+        g = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"{gen}: not valid JSON ({e})") from None
+    ids |= set(g if isinstance(g, list) else () if g is None else (g,))
+  return tuple(sorted(int(i) for i in ids))
+
+
 def encoder(config, workdir: str) -> Encoder:
   """The tokenizer and chat template a run renders rows with; errors of the template name the
   file it came from."""
@@ -60,7 +76,7 @@ def encoder(config, workdir: str) -> Encoder:
       if os.path.isfile(os.path.join(directory, name)):
         source = os.path.join(directory, name)
         break
-  return Encoder(tok, config.data.chat_template, source)
+  return Encoder(tok, config.data.chat_template, source, stop_ids(config))
 
 
 @dataclasses.dataclass

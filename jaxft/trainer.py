@@ -241,8 +241,12 @@ def _train(config, workdir: str, mesh, model_cfg, objective) -> dict:
   enc = session.encoder(config, workdir)
   fmt, max_len = config.data.format, config.data.max_len
   pairs = objective.name != "sft"  # preference objectives read pairs (jaxft/data/preference.py)
+  if pairs:
+    train_ds = preference.load_pairs(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
+  else:  # (show: the first example is logged with its loss mask)
+    train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size,
+                                      show=True)
   load = preference.load_pairs if pairs else pipeline.load_examples
-  train_ds = load(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
   eval_ds = load(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size) if config.data.eval else None
   model = session.load_model(config, mesh)
   cfg, method = model.cfg, model.method

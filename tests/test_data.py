@@ -55,7 +55,7 @@ def test_alpaca_mask_is_the_output(enc):
 def test_completion_mask_is_the_completion(enc):
   ex = enc.completion("Q: capital of France? A:", " Paris")
   toks = enc.tok.convert_ids_to_tokens(ex.ids.tolist())
-  assert toks == ["<s>", "Q", ":", "▁capital", "▁of", "▁France", "?", "▁A", ":", "▁Paris", "</s>"]
+  assert toks == ["<s>", "▁Q", ":", "▁capital", "▁of", "▁France", "?", "▁A", ":", "▁Paris", "</s>"]
   assert ex.mask.tolist() == [False] * 9 + [True, True]
 
 

@@ -318,13 +318,17 @@ def _read_adapter_config(d):
     return json.load(f)
 
 
-def test_dora_export_loads_in_peft_and_merges(runs):
+def test_dora_export_loads_in_peft_and_merges(runs, caplog):
+  import logging
   from peft import PeftModel
   from safetensors import safe_open
   workdir, tuned = runs["dora"]
   assert rel_err(tuned, runs["plain"]) > 1e-3  # training moved it away from the base
   out = str(runs["root"] / "dora_peft")
-  export.export_peft(workdir, out)
+  with caplog.at_level(logging.WARNING):
+    export.export_peft(workdir, out)
+  assert any("vLLM cannot serve DoRA" in r.getMessage() and "--format=hf" in r.getMessage()
+             for r in caplog.records)
   c = _read_adapter_config(out)
   assert (c["peft_type"], c["r"], c["lora_alpha"], c["use_dora"], c["use_rslora"]) == (
       "LORA", 4, 8, True, True)

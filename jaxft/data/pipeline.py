@@ -30,8 +30,10 @@ class Dataset:
   target_tokens: int
 
 
-def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: int) -> Dataset:
+def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: int,
+                  show: bool = False) -> Dataset:
   """Reads and tokenizes every row of `spec`; examples longer than max_len + 1 are truncated.
+  show: log the first example rendered and tokenized, with its loss mask.
 
   Raises DataError naming the file and line of a bad row, or when no example has a target token.
   """
@@ -54,6 +56,8 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
       if "input_ids" not in row:
         raise DataError(f"{origin}: missing required field 'input_ids'")
       ex = formats.tokens_example(origin, row, vocab_size)
+    if show and not examples:
+      logging.info("%s: first example (%s): %s", origin, kind, encoder.describe(ex))
     if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
       raise DataError(f"{origin}: token id {int(ex.ids.max())} is outside the model's vocabulary "
                       f"(vocab_size {vocab_size}): the tokenizer does not match the model")

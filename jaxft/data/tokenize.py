@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import threading
 
 import numpy as np
@@ -32,26 +33,55 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
+def _write_atomic(path: str, write) -> None:
+  # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
+  # then atomic renames, so no one ever reads a half-written file.
+  tmp = f"{path}.tmp{os.getpid()}"
+  write(tmp)
+  os.replace(tmp, path)
+
+
+# The quickstart tokenizer's settings. `legacy: True` is SentencePiece's own behaviour: every
+# piece of text, also the one after a special token such as `<s>`, starts a new word ("▁" prefix).
+# That is what SentencePiece, llama.cpp and transformers 4.x (slow and fast) give for Mistral v1;
+# transformers 5 without `legacy` prefixes only the first piece, so `<s>User:` would become
+# ids no other client produces.
+QUICKSTART_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+    "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+    "add_prefix_space": None, "clean_up_tokenization_spaces": False}
+
+
 def write_quickstart_tokenizer(directory: str) -> str:
-  """Writes the Mistral v1 SentencePiece tokenizer that mistral-common ships into `directory`."""
+  """Writes the Mistral v1 SentencePiece tokenizer that mistral-common ships into `directory`:
+  tokenizer.model, the same tokenizer as tokenizer.json (so fast-tokenizer clients need no
+  conversion) and a tokenizer_config.json with `legacy` set explicitly."""
   import mistral_common
   src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
   if not os.path.isfile(src):
     raise ConfigError(f"mistral-common does not ship {src}; reinstall mistral-common")
   if not os.path.isdir(directory):
     os.makedirs(directory, exist_ok=True)
-  # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
-  # then atomic renames, so no one ever reads a half-written file.
-  if not os.path.isfile(os.path.join(directory, "tokenizer.model")):
-    tmp = os.path.join(directory, f"tokenizer.model.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, os.path.join(directory, "tokenizer.model"))
-  cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-         "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
-  path = os.path.join(directory, "tokenizer_config.json")
-  text = json.dumps(cfg, indent=1)
-  if _read_text(path) != text:  # never rewritten when current: a workdir may be read-only
-    files.write_text(path, text)
+  # Nothing is rewritten when it is already current: reading commands (generate, evaluate,
+  # export) may run on a read-only workdir. Several processes (hosts sharing a workdir) may
+  # write at once: per-process temporary names, then atomic renames.
+  model = os.path.join(directory, "tokenizer.model")
+  if not os.path.isfile(model):
+    _write_atomic(model, lambda tmp: shutil.copyfile(src, tmp))
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  text = json.dumps(QUICKSTART_TOKENIZER_CONFIG, indent=1)
+  if _read_text(config_path) != text:
+    files.write_text(config_path, text)
+  tj = os.path.join(directory, "tokenizer.json")
+  if not _quickstart_json_ok(tj):
+    # transformers converts tokenizer.model (with `legacy` from the config) when no
+    # tokenizer.json is beside it: do that in a scratch directory, then ship the result.
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+      shutil.copyfile(model, os.path.join(scratch, "tokenizer.model"))
+      shutil.copyfile(config_path, os.path.join(scratch, "tokenizer_config.json"))
+      tok = AutoTokenizer.from_pretrained(scratch, local_files_only=True)
+      _write_atomic(tj, lambda tmp: tok.backend_tokenizer.save(tmp))
   return directory
 
 
@@ -61,6 +91,19 @@ def _read_text(path: str) -> str | None:
       return f.read()
   except OSError:
     return None
+
+
+def _quickstart_json_ok(path: str) -> bool:
+  """Whether PATH is a tokenizer.json with SentencePiece's every-piece "▁" prefix (workdirs
+  written before it was shipped have none)."""
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      pre = json.load(f).get("pre_tokenizer") or {}
+  except (OSError, ValueError):
+    return False
+  return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "always"
 
 
 def load_tokenizer(directory: str):
@@ -109,11 +152,15 @@ class Encoder:
   """Turns validated rows into Examples with one tokenizer and one chat template.
 
   template_source names where the template came from (a file, or data.chat_template) in errors.
+  stop_ids: the ids that end a generation (the model's EOS ids) besides the tokenizer's EOS; an
+  assistant turn must end with one of them, as a target.
   limit_tokens(n) bounds what is tokenized per example: rows are cut to about n tokens' worth of
   characters first (a 100 MB row is not tokenized whole only to be truncated)."""
 
-  def __init__(self, tokenizer, chat_template: str = "", template_source: str = ""):
+  def __init__(self, tokenizer, chat_template: str = "", template_source: str = "", stop_ids=()):
     self.tok = tokenizer
+    self.stop_ids = frozenset(int(i) for i in stop_ids) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     self.template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     if template_source:
       self.template_source = template_source
@@ -161,15 +208,48 @@ class Encoder:
                         f"{type(text).__name__}, not text{where}")
     return text
 
-  def _encode_spans(self, text: str, spans: list[tuple[int, int]]) -> Example:
+  def _encode_spans(self, text: str, spans: list[tuple[int, int]], origin: str = "",
+                    last_targets: list | None = None) -> Example:
+    """Tokens of text, targets where a token lies in one of spans; appends the index of each
+    span's last target token (or -1, also for a span the length cap cut) to last_targets when
+    given."""
     if self._max_chars is not None and len(text) > self._max_chars:
       text = text[: self._max_chars]
     enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     mask = np.zeros(len(ids), bool)
+    last = [-1] * len(spans)
     for i, (s, e) in enumerate(enc["offset_mapping"]):
-      mask[i] = e > s and any(s >= a and e <= b for a, b in spans)
+      for k, (a, b) in enumerate(spans):
+        if e > s and s >= a and e <= b:
+          mask[i] = True
+          last[k] = i
+    if last_targets is not None:
+      last_targets.extend(-1 if b > len(text) else i for i, (_, b) in zip(last, spans))
+    bos = self.tok.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+      raise DataError(f"{origin or 'a row'}: the rendered text starts with two BOS tokens "
+                      f"({self.bos_text!r}); the chat template (data.chat_template) or the text "
+                      "already has one: keep only one")
     return Example(ids, mask)
+
+  def _check_turn_ends(self, origin: str, ex: Example, last_targets: list[int]) -> None:
+    """Each trained assistant turn must end with a stop id that is itself a target, or the
+    model never learns to stop (a missing EOS, or one the mask leaves out)."""
+    if not self.stop_ids:
+      return
+    for end in last_targets:
+      if end < 0 or int(ex.ids[end]) in self.stop_ids:
+        continue
+      eos = self.eos_text or f"id {min(self.stop_ids)}"
+      if end + 1 < len(ex.ids) and int(ex.ids[end + 1]) in self.stop_ids:
+        raise DataError(f"{origin}: the EOS token ({eos!r}) after an assistant turn is outside "
+                        "the loss mask (masked EOS): the model would never learn to stop. The "
+                        "chat template must put it right after the assistant's content "
+                        "(data.chat_template)")
+      raise DataError(f"{origin}: an assistant turn ends without the EOS token ({eos!r}): the "
+                      "model would never learn to stop. Use a chat template that appends "
+                      "{{ eos_token }} to assistant turns (data.chat_template)")
 
   def chat(self, origin: str, messages) -> Example:
     text = self.render(messages, add_generation_prompt=False, origin=origin)
@@ -185,12 +265,32 @@ class Encoder:
       if m.get("weight", 1):
         end = len(upto.rstrip())  # trailing separators are not targets
         spans.append((len(before), end))
-    return self._encode_spans(text, spans)
+    last: list[int] = []
+    ex = self._encode_spans(text, spans, origin, last)
+    self._check_turn_ends(origin, ex, last)
+    return ex
+
+  def describe(self, ex: Example) -> str:
+    """The example as a user would check it: its token count, first ids, and its text with the
+    target (loss) tokens between « and »."""
+    parts, i, done = [], 0, ""
+    while i < len(ex.ids):
+      j = i
+      while j < len(ex.ids) and ex.mask[j] == ex.mask[i]:
+        j += 1
+      # decode whole prefixes: a run decoded alone would lose its leading space
+      upto = self.tok.decode(ex.ids[:j].tolist(), skip_special_tokens=False)
+      piece = upto[len(done):] if upto.startswith(done) else self.tok.decode(ex.ids[i:j].tolist())
+      parts.append(f"«{piece}»" if ex.mask[i] else piece)
+      i, done = j, upto
+    head = ", ".join(str(int(t)) for t in ex.ids[:12])
+    return (f"{len(ex.ids)} tokens, {int(ex.mask.sum())} targets; ids [{head}"
+            f"{', ...' if len(ex.ids) > 12 else ''}]; text (targets in «»): {''.join(parts)!r}")
 
   def completion(self, prompt: str, completion: str) -> Example:
     head = self.bos_text + prompt
     text = head + completion + self.eos_text
-    return self._encode_spans(text, [(len(head), len(text))])
+    return self._encode_spans(text, [(len(head), len(text))], "a completion row")
 
   def text(self, text: str) -> Example:
     full = self.bos_text + text + self.eos_text

@@ -1,0 +1,260 @@
+"""GGUF export: the merged model, its tokenizer and chat template in one file llama.cpp loads.
+
+Written with the `gguf` package (no llama.cpp build). Weights are in llama.cpp's layout for the
+`llama` architecture: HF tensor names mapped to GGUF's (`blk.N.attn_q.weight`, ...), and the
+rows of Q and K permuted from HF's rotate-half RoPE order to llama.cpp's interleaved pairs.
+Tensors are streamed one at a time (header first, with every tensor's size computed up front), so
+the model never sits whole in host memory.
+
+Quant types (--quant): f32, f16, bf16, q8_0, and q4_k_m: Q4_K for most matrices, Q6_K for the
+output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (the first and last
+eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
+K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms stay float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import logging
+
+from jaxft.errors import ConfigError
+from jaxft.models import hf
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
+_LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf_name: str) -> str:
+  """The GGUF tensor name of an HF Llama tensor name."""
+  if hf_name in _TOP:
+    return _TOP[hf_name]
+  parts = hf_name.split(".")  # model.layers.N.<module...>.weight
+  module = ".".join(parts[3:-1])
+  return f"blk.{parts[2]}.{_LAYER[module]}.{parts[-1]}"
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """HF's q/k rows (per head: the first halves of the rotary pairs, then the second halves) in
+  llama.cpp's order (per head: pairs side by side)."""
+  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def check_model(cfg) -> None:
+  """Raises ConfigError for what GGUF's llama architecture (as written here) cannot hold."""
+  if cfg.architecture not in _LLAMA_ARCHS:
+    raise ConfigError(f"--format=gguf: architecture {cfg.architecture} is not supported (only "
+                      f"{', '.join(_LLAMA_ARCHS)}); export --format=hf and convert it with "
+                      "llama.cpp's convert_hf_to_gguf.py")
+  if cfg.qkv_bias:
+    raise ConfigError("--format=gguf: q/k/v biases are not supported by the llama architecture; "
+                      "export --format=hf and convert it with convert_hf_to_gguf.py")
+  if cfg.rope_scaling and dict(cfg.rope_scaling).get("rope_type", "default") not in (
+      "default", "linear"):
+    raise ConfigError(f"--format=gguf: rope_scaling {dict(cfg.rope_scaling)} is not supported "
+                      "(default and linear are); export --format=hf and convert it with "
+                      "convert_hf_to_gguf.py")
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+  # llama.cpp's use_more_bits for Q4_K_M's attn_v and ffn_down.
+  return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int):
+  """The GGMLQuantizationType of tensor `name` (GGUF name, HF-layout shape) under --quant."""
+  from gguf import GGMLQuantizationType as T
+  if len(shape) == 1 or quant == "f32":
+    return T.F32
+  if quant in ("f16", "bf16", "q8_0"):
+    return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
+  want = T.Q4_K
+  if name == "output.weight":
+    want = T.Q6_K
+  elif name.endswith(("attn_v.weight", "ffn_down.weight")):
+    if _more_bits(int(name.split(".")[1]), n_layers):
+      want = T.Q6_K
+  if shape[-1] % 256:
+    want = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}[want]
+  return want
+
+
+def encode(x: np.ndarray, qtype) -> np.ndarray:
+  """x float32 [rows, cols] in GGUF type qtype: float arrays, or uint8 blocks per row."""
+  from gguf import GGMLQuantizationType as T
+  from gguf import quants
+  from jaxft.quant import gguf_quants
+  if qtype == T.F32:
+    return x.astype(np.float32)
+  if qtype == T.F16:
+    return x.astype(np.float16)
+  if qtype == T.Q4_K:
+    return gguf_quants.quantize_q4_k(x)
+  if qtype == T.Q6_K:
+    return gguf_quants.quantize_q6_k(x)
+  return quants.quantize(x.astype(np.float32), qtype)
+
+
+def _nbytes(shape, qtype) -> int:
+  from gguf import GGML_QUANT_SIZES
+  block, size = GGML_QUANT_SIZES[qtype]
+  return int(np.prod(shape)) // block * size
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+
+def _sentencepiece_vocab(tok_dir: str, tok, vocab_size: int):
+  """(pieces, scores, token types) of the SentencePiece model in tok_dir, with the HF tokenizer's
+  added tokens, padded to the model's vocab_size."""
+  import sentencepiece as spm
+  from gguf import TokenType
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
+  pieces, scores, types = [], [], []
+  for i in range(sp.vocab_size()):
+    pieces.append(sp.id_to_piece(i))
+    scores.append(sp.get_score(i))
+    types.append(TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+                 else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i)
+                 else TokenType.NORMAL)
+  for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1]):
+    if i < len(pieces):
+      continue
+    if i != len(pieces):
+      raise ConfigError(f"{tok_dir}: added token {t!r} has id {i}, leaving a gap after "
+                        f"{len(pieces)}; GGUF vocabularies are dense")
+    pieces.append(t)
+    scores.append(-1000.0)
+    types.append(TokenType.CONTROL if t in tok.all_special_tokens else TokenType.USER_DEFINED)
+  if len(pieces) > vocab_size:
+    raise ConfigError(f"{tok_dir}: the tokenizer has {len(pieces)} tokens, more than the model's "
+                      f"vocab_size {vocab_size}")
+  for i in range(len(pieces), vocab_size):
+    pieces.append(f"[PAD{i}]")
+    scores.append(-1000.0)
+    types.append(TokenType.UNUSED)
+  return pieces, scores, types, sp
+
+
+def _add_tokenizer(w, tok_dir: str, enc, cfg) -> None:
+  if not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
+    raise ConfigError(f"--format=gguf: {tok_dir} has no tokenizer.model; only SentencePiece "
+                      "tokenizers are written to GGUF here (export --format=hf and convert it "
+                      "with convert_hf_to_gguf.py for BPE tokenizers)")
+  tok = enc.tok
+  pieces, scores, types, sp = _sentencepiece_vocab(tok_dir, tok, cfg.vocab_size)
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(pieces)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
+                     ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+    if value is not None:
+      getattr(w, f"add_{key}_token_id")(int(value))
+  w.add_add_bos_token(bool(getattr(tok, "add_bos_token", True)))
+  w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
+  add_prefix = _dummy_prefix(sp)
+  w.add_add_space_prefix(add_prefix)
+  pre = tok.backend_tokenizer.pre_tokenizer
+  if add_prefix and pre is not None and "prepend_scheme=first" in str(pre):
+    logging.warning("the tokenizer prefixes only the first piece of text with '▁' (legacy=False), "
+                    "llama.cpp prefixes every piece after a special token: the ids of text after "
+                    "special tokens will differ between jaxft and llama.cpp")
+  w.add_chat_template(enc.template)
+
+
+def _dummy_prefix(sp) -> bool:
+  from sentencepiece import sentencepiece_model_pb2 as pb
+  m = pb.ModelProto()
+  m.ParseFromString(sp.serialized_model_proto())
+  return bool(m.normalizer_spec.add_dummy_prefix)
+
+
+# -- the file ------------------------------------------------------------------------------------
+
+def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
+               name: str = "jaxft") -> dict:
+  """Writes params (the merged decoder tree) with the tokenizer of tok_dir and enc's chat
+  template as a GGUF file at `path` (a temporary name beside it, renamed at the end). With
+  several processes every one calls this (tensors are gathered); only the one whose path is not
+  None writes. Returns {GGUF type name: tensor count}. Raises ConfigError for what GGUF's llama
+  architecture cannot hold."""
+  import gguf
+  if quant not in QUANTS:
+    raise ConfigError(f"--quant={quant}: expected one of {', '.join(QUANTS)}")
+  check_model(cfg)
+  entries = []
+  for hf_name, p, layer, shape in hf.export_names(cfg):
+    gname = gguf_name(hf_name)
+    entries.append((gname, p, layer, shape, tensor_type(quant, gname, shape, cfg.num_layers)))
+  counts: dict[str, int] = {}
+  for e in entries:
+    counts[e[4].name] = counts.get(e[4].name, 0) + 1
+
+  def tensor(p, layer, gname):
+    x = hf.host_tensor(params, p, layer, "float32")
+    if gname.endswith("attn_q.weight"):
+      x = permute_qk(x, cfg.num_heads)
+    elif gname.endswith("attn_k.weight"):
+      x = permute_qk(x, cfg.num_kv_heads)
+    return x
+
+  if path is None:  # take part in gathering each tensor
+    for gname, p, layer, _, _ in entries:
+      tensor(p, layer, gname)
+    return counts
+  tmp = f"{path}.tmp-{os.getpid()}"
+  w = gguf.GGUFWriter(tmp, "llama")
+  try:
+    _add_metadata(w, cfg, quant, name)
+    _add_tokenizer(w, tok_dir, enc, cfg)
+    for gname, _, _, shape, qtype in entries:
+      w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for gname, p, layer, shape, qtype in entries:
+      data = encode(tensor(p, layer, gname), qtype)
+      w.write_tensor_data(data)
+    w.close()
+    os.replace(tmp, path)
+  except BaseException:
+    w.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return counts
+
+
+_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15, "bf16": 32}
+
+
+def _add_metadata(w, cfg, quant: str, name: str) -> None:
+  w.add_name(name)
+  w.add_file_type(_FILE_TYPE[quant])
+  w.add_quantization_version(2)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_block_count(cfg.num_layers)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+  w.add_key_length(cfg.head_dim)
+  w.add_value_length(cfg.head_dim)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_vocab_size(cfg.vocab_size)
+  if cfg.rope_scaling and dict(cfg.rope_scaling).get("rope_type") == "linear":
+    import gguf
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(float(dict(cfg.rope_scaling)["factor"]))
+
