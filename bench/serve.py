@@ -41,7 +41,8 @@ def main():
 
   import openai
   import uvicorn
-  from jaxft import configlib, serve, trainer
+  from jaxft import configlib, trainer
+  from jaxft.serving import server as serve
   wd = args.workdir
   if not wd:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

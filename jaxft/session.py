@@ -9,7 +9,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging

@@ -17,7 +17,7 @@ from absl import logging
 from jaxft import (checkpoint, configlib, curves, files, flops, objectives, optim, peft, session,
                    sharding, workdir as workdir_lib)
 from jaxft.data import pipeline, preference
-from jaxft.errors import CheckpointError, ConfigError, JaxftError
+from jaxft.errors import CheckpointError, JaxftError
 from jaxft.metrics import MetricsWriter
 from jaxft.step import StepFns, make_steps, pack_frozen
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from jaxft import checkpoint, configlib, export, files, session, trainer, workdir as workdir_lib
+from jaxft import configlib, export, session, trainer, workdir as workdir_lib
 from jaxft.data import pipeline, sources
 from jaxft.data.tokenize import Encoder
 from jaxft.errors import CheckpointError, ConfigError, DataError

@@ -16,7 +16,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from conftest import ROOT  # noqa: E402
-from jaxft import configlib, inference, serve, session, trainer  # noqa: E402
+from jaxft import configlib, inference, session, trainer  # noqa: E402
+from jaxft.serving import server as serve  # noqa: E402
 from jaxft.serving import compare  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Name the capital of Peru.", "Capital of Japan?",

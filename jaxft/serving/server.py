@@ -1,0 +1,247 @@
+"""What `python -m jaxft.serve` runs, importable: the models of a workdir loaded into engines, the
+FastAPI application over them, and the /compare prompts. See jaxft/serve.py and docs/serve.md."""
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+
+from jaxft import inference, peft, session
+from jaxft.errors import ConfigError
+from jaxft.peft.lora import LoRA
+from jaxft.serving import api, compare, multi_lora
+from jaxft.serving.engine import Engine
+
+
+def _prompt_builder(encoder):
+  def build(messages=None, text=None):
+    if messages is not None:
+      return inference.prompt_ids(encoder, inference.Prompt("request", messages))
+    return inference.prompt_ids(encoder, inference.Prompt("request", text=text))
+  return build
+
+
+def load_models(workdir: str, adapters: dict[str, str], *, with_base: bool = True,
+                slots: int = 8, context: int = 0) -> dict[str, api.Served]:
+  """{name: Served} for the tuned model of WORKDIR, each adapter workdir and (with_base) the base.
+
+  The base and every plain-LoRA run share one engine (one batch, each row picking its adapter:
+  jaxft/serving/multi_lora.py); other methods (DoRA, prefix, adapters, full fine-tuning) get an
+  engine each. The base weights are held once. Raises ConfigError for an adapter trained on
+  another base, CheckpointError for a workdir with no intact checkpoint."""
+  trained = session.restore_trained(workdir)
+  config, model = trained.config, trained.model
+  encoder = session.encoder(config, workdir)
+  ctx = context or min(model.cfg.max_position_embeddings, 4096)
+  detok = lambda ids: encoder.tok.decode(list(map(int, ids)), skip_special_tokens=True)
+  eos = inference.eos_ids(model.cfg, encoder)
+  build = _prompt_builder(encoder)
+
+  def engine(adapter, params):
+    e = Engine(model.cfg, adapter, params, eos_ids=eos, detokenize=detok, slots=slots,
+               context=ctx)
+    e.start()
+    return e
+
+  runs = [(os.path.basename(os.path.normpath(workdir)) or "tuned", trained)]
+  for extra, wd in adapters.items():
+    other = session.restore_trained(wd)
+    if other.model.fingerprint != model.fingerprint:
+      raise ConfigError(f"--adapter {extra}={wd}: trained on another base than {workdir}")
+    runs.append((extra, other))
+  lora = [(n, t) for n, t in runs if type(t.model.method) is LoRA]
+  out: dict[str, api.Served] = {}
+  if lora or with_base:
+    method, params = multi_lora.stack(
+        trained.frozen if not model.method.trains_base else model.base,
+        [(t.model.method, t.trainable) for _, t in lora]) if lora else (peft.Method(), model.base)
+    shared = engine(method, params)
+    for row, (n, _) in enumerate(lora, 1):
+      out[n] = api.Served(n, shared, encoder, build, row)
+    if with_base:
+      out["base"] = api.Served("base", shared, encoder, build, 0)
+  for n, t in runs:
+    if n not in out:  # the base is held once: other runs' trainable leaves over this one's
+      frozen = t.frozen if t.model.method.trains_base else trained.frozen
+      out[n] = api.Served(n, engine(t.model.method, peft.merge_trees(frozen, t.trainable)),
+                          encoder, build)
+  first = runs[0][0]
+  return {first: out[first], **{k: v for k, v in out.items() if k != first}}
+
+
+def make_app(models: dict[str, api.Served], max_queue: int = 256,
+             ballots: compare.Ballots | None = None, eval_prompts=()):
+  """The FastAPI application over loaded models (engines started). With `ballots`, /compare
+  serves the blind side-by-side page (prompts drawn from `eval_prompts`)."""
+  from fastapi import FastAPI, Request as HttpRequest
+  from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    del app
+    yield
+    for s in models.values():  # SIGTERM: in-flight requests finish, queued ones are cancelled
+      await asyncio.to_thread(s.engine.stop, True)
+
+  app = FastAPI(title="jaxft", lifespan=lifespan)
+
+  def fail(e: api.BadRequest):
+    return JSONResponse(api.error_body(str(e), e.param, e.kind), status_code=e.status)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "models": list(models),
+            "busy": {n: s.engine.busy() for n, s in models.items()},
+            "finished": {n: dict(s.engine.finished) for n, s in models.items()}}
+
+  @app.get("/v1/models")
+  async def list_models():
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
+                                        "owned_by": "jaxft"} for n in models]}
+
+  async def complete(http: HttpRequest, chat: bool):
+    try:
+      try:
+        body = json.loads(await http.body())
+      except (ValueError, UnicodeDecodeError) as e:
+        raise api.BadRequest(f"malformed JSON body ({e})") from None
+      served, prompts, settings = api.parse(body, chat, models)
+      if served.engine.busy() >= max_queue + served.engine.slots:
+        raise api.BadRequest("the server is busy; retry later", status=429,
+                             kind="rate_limit_exceeded")
+    except api.BadRequest as e:
+      return fail(e)
+    loop = asyncio.get_running_loop()
+    calls = [api.Call(loop, p, settings, i * settings["n"] + j, served.row)
+             for i, p in enumerate(prompts) for j in range(settings["n"])]
+    try:
+      for c in calls:
+        served.engine.submit(c.req)
+    except RuntimeError as e:
+      return JSONResponse(api.error_body(str(e), kind="server_error"), status_code=503)
+    prompt_tokens = sum(len(p) for p in prompts) * settings["n"]
+    if settings["stream"]:
+      return StreamingResponse(_stream(http, chat, served, calls, prompt_tokens),
+                               media_type="text/event-stream")
+    try:
+      for c in calls:
+        while True:
+          try:
+            kind, _ = await asyncio.wait_for(c.queue.get(), timeout=1.0)
+          except asyncio.TimeoutError:
+            if await http.is_disconnected():
+              raise asyncio.CancelledError() from None
+            continue
+          if kind == "done":
+            break
+    except (asyncio.CancelledError, ConnectionError):
+      for c in calls:
+        served.engine.cancel(c.req)
+      raise
+    return api.full_response(chat, served.name, calls, prompt_tokens)
+
+  async def _stream(http, chat, served, calls, prompt_tokens):
+    rid = api.response_id(chat)
+    try:
+      for c in calls:
+        if chat:
+          yield api.chunk(True, rid, served.name, c.index, None, role=True)
+        sent = ""
+        while True:
+          kind, value = await c.queue.get()
+          if kind == "token":
+            if value.startswith(sent) and len(value) > len(sent):
+              yield api.chunk(chat, rid, served.name, c.index, value[len(sent):])
+              sent = value
+            continue
+          tail = c.req.text[len(sent):] if c.req.text.startswith(sent) else ""
+          if tail:
+            yield api.chunk(chat, rid, served.name, c.index, tail)
+          yield api.chunk(chat, rid, served.name, c.index, None, api.openai_finish(value))
+          break
+      yield "data: [DONE]\n\n"
+    finally:  # a client that disconnects cancels what is left
+      for c in calls:
+        if c.req.finish is None:
+          served.engine.cancel(c.req)
+      del http, prompt_tokens
+
+  async def answer_one(served, prompt_ids, max_tokens) -> str:
+    call = api.Call(asyncio.get_running_loop(), prompt_ids,
+                    {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                     "seed": 0, "stop": ()}, 0, served.row)
+    served.engine.submit(call.req)
+    while (await call.queue.get())[0] != "done":
+      pass
+    return call.req.text.strip()
+
+  if ballots is not None:
+    names = list(models)
+    other = "base" if "base" in names and names[0] != "base" else names[-1]
+
+    @app.get("/compare", response_class=HTMLResponse)
+    async def compare_page():
+      return compare.page(names, names[0], other)
+
+    @app.get("/compare/prompt")
+    async def compare_prompt():
+      if not eval_prompts:
+        return JSONResponse(api.error_body("no data.eval prompts to draw from"), status_code=404)
+      return {"prompt": random.choice(eval_prompts)}
+
+    @app.post("/compare/answers")
+    async def compare_answers(http: HttpRequest):
+      try:
+        body = json.loads(await http.body())
+        prompt, pair = body.get("prompt"), body.get("models")
+        if not isinstance(prompt, str) or not prompt.strip():
+          raise api.BadRequest("'prompt' must be a non-empty string", "prompt")
+        if (not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]
+            or not all(m in models for m in pair)):
+          raise api.BadRequest(f"'models' must name two different models of: {', '.join(models)}",
+                               "models")
+        messages = [{"role": "user", "content": prompt}]
+        ids = models[pair[0]].prompt_ids(messages=messages)
+        room = models[pair[0]].engine.room(len(ids))
+        if room < 1:
+          raise api.BadRequest("the prompt does not fit the context", "prompt")
+      except ValueError as e:
+        return fail(api.BadRequest(f"malformed JSON body ({e})"))
+      except api.BadRequest as e:
+        return fail(e)
+      texts = await asyncio.gather(*(answer_one(models[m], ids, min(128, room)) for m in pair))
+      token, shown = ballots.shown(prompt, pair[0], pair[1], dict(zip(pair, texts)))
+      return {"token": token, "answers": shown}
+
+    @app.post("/compare/vote")
+    async def compare_vote(http: HttpRequest):
+      try:
+        body = json.loads(await http.body())
+        row = ballots.vote(body.get("token"), body.get("choice"))
+      except (ValueError, AttributeError) as e:
+        return fail(api.BadRequest(f"bad vote ({e})"))
+      except KeyError:
+        return fail(api.BadRequest("unknown or already used token", "token"))
+      return {"recorded": True, "winner_is_first_shown": row["winner"] == row["shown_first"]}
+
+  @app.post("/v1/completions")
+  async def completions(http: HttpRequest):
+    return await complete(http, chat=False)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: HttpRequest):
+    return await complete(http, chat=True)
+
+  return app
+
+
+def eval_prompts(workdir: str) -> list[str]:
+  """The user turns of the workdir's data.eval rows with a reference (for /compare)."""
+  from jaxft import evaluation
+  config = session.load_workdir_config(workdir)
+  if not config.data.eval:
+    return []
+  refs = evaluation.references(config.data.eval, config.data.format)
+  return [m["content"] for r in refs if r.prompt.messages for m in r.prompt.messages[-1:]
+          if m["role"] == "user"]
