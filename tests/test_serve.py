@@ -256,12 +256,13 @@ def urllib_get(url):
 
 
 def test_sigterm_lets_in_flight_requests_finish(server, tmp_path):
+  """The base (random weights) answers at full length, so the signal lands mid-answer."""
   import subprocess
   import sys
   import urllib.request
   port = _free_port()
   proc = subprocess.Popen([sys.executable, "-m", "jaxft.serve", f"--workdir={server['workdir']}",
-                           f"--port={port}", "--context=256", "--nobase",
+                           f"--port={port}", "--context=256",
                            f"--votes={tmp_path / 'v.jsonl'}"], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
@@ -274,7 +275,7 @@ def test_sigterm_lets_in_flight_requests_finish(server, tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.5)
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(
-        {"model": "tuned", "prompt": "Once", "max_tokens": 120, "temperature": 0, "stream": True,
+        {"model": "base", "prompt": "Once", "max_tokens": 120, "temperature": 0, "stream": True,
          "stop": ["never-appears-0"]}).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
       first = resp.readline()

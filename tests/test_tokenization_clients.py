@@ -35,7 +35,8 @@ def enc(tok_dir):
 
 
 def _conversations():
-  """The 80 eval questions (prompts) and multi-turn chats made of the training rows."""
+  """The 90 eval questions (80 capitals, 10 unanswerable; prompts) and multi-turn chats made of the
+  training rows."""
   evals = [formats.to_messages(o, r, "chat") for o, r in
            sources.read_rows(bundled.path("capitals_eval.jsonl"))]
   train = [formats.to_messages(o, r, "chat") for o, r in
@@ -54,7 +55,7 @@ def test_workdir_tokenizer_ships_tokenizer_json_with_legacy(tok_dir):
 
 def test_prompts_and_chats_give_the_same_ids_in_every_client(tok_dir, enc):
   evals, multi = _conversations()
-  assert len(evals) == 80
+  assert len(evals) == 90
   checked = 0
   for msgs in evals:
     prompt = msgs[:-1]
@@ -71,7 +72,7 @@ def test_prompts_and_chats_give_the_same_ids_in_every_client(tok_dir, enc):
     assert ex.ids.tolist() == sentencepiece_ids(tok_dir, text) == tokenizers_ids(tok_dir, text)
     assert ex.ids.tolist() == transformers_chat_ids(tok_dir, msgs, False)
     checked += 1
-  assert checked == 96
+  assert checked == 106  # 90 eval prompts + 16 chats
 
 
 def test_completion_and_alpaca_rows_match_sentencepiece(tok_dir, enc):
