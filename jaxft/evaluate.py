@@ -1,7 +1,10 @@
 """python -m jaxft.evaluate --config=configs/NAME.py --workdir=DIR [--max_new_tokens=N] [--nobase]
+    [--label=NAME]
 
 Evaluates the latest checkpoint of DIR on `data.eval` (and the base model alone) and writes
-DIR/eval.json, DIR/samples.jsonl and DIR/eval_report.md; see jaxft/evaluation.py.
+DIR/eval.json, DIR/samples.jsonl and DIR/eval_report.md (with --label=NAME: eval_NAME.json,
+samples_NAME.jsonl, eval_report_NAME.md, so a second eval set keeps its own files); see
+jaxft/evaluation.py.
 """
 
 from __future__ import annotations
@@ -21,25 +24,30 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0,
                                 "Most tokens per answer; 0 = the longest reference + 16.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts decoded together.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Answer only the first N references (0 = all).")
+_LABEL = flags.DEFINE_string("label", "", "Names the output files (eval_LABEL.json, ...) of a "
+                             "second eval set; empty = eval.json, samples.jsonl, eval_report.md.")
 _BASE = flags.DEFINE_bool("base", True, "Also evaluate the base model alone (--nobase skips it).")
 
 
 def _main(argv):
   del argv
   from jaxft import session
-  from jaxft.evaluation import REPORT, evaluate
+  from jaxft.evaluation import evaluate, output_names
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   config = _CONFIG.value or session.load_workdir_config(workdir)
   res = evaluate(config, workdir, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value,
-                 max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value)
+                 max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value,
+                 label=_LABEL.value)
   for name in ("tuned", "base"):
     if name in res:
       m = res[name]
       acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
       print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
-            f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}", flush=True)
-  print(f"wrote {os.path.join(workdir, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
+            f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}, contains "
+            f"match {acc(m['contains_match'])}", flush=True)
+  out_json, samples, report = output_names(_LABEL.value)
+  print(f"wrote {os.path.join(workdir, out_json)}, {samples} and {report}", flush=True)
 
 
 def main():

@@ -2,11 +2,14 @@
 
 `evaluate(config, workdir)` writes, atomically:
   WORKDIR/eval.json      loss and perplexity on the target tokens of data.eval, token counts, and for
-                         rows with a reference answer the exact-match and normalised-match accuracy
-                         of the greedy answer; for the tuned model and for the base model alone;
+                         rows with a reference answer the exact-match, normalised-match and
+                         contains-match accuracy of the greedy answer; for the tuned model and for
+                         the base model alone;
   WORKDIR/samples.jsonl  one row per example with a reference: prompt, reference, base and tuned
                          answers and whether each matched;
   WORKDIR/eval_report.md the same side by side, for a person to read.
+With a `label` (a second eval set, say) the files are eval_LABEL.json, samples_LABEL.jsonl and
+eval_report_LABEL.md, beside the default ones.
 
 A reference answer is the last assistant message of a chat row, the output of an alpaca row or the
 completion of a completion row; text and tokens rows count towards the loss only. The loss is the
@@ -70,6 +73,13 @@ def normalized_match(answer: str, reference: str) -> bool:
   return normalize(answer) == normalize(reference)
 
 
+def contains_match(answer: str, reference: str) -> bool:
+  """The normalised reference appears, as whole words, in the normalised answer: a chatty but
+  right answer ("The capital of France is Paris.") counts for "Paris."."""
+  ref = normalize(reference)
+  return bool(ref) and f" {ref} " in f" {normalize(answer)} "
+
+
 def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
   import optax
   from jaxft.step import make_steps
@@ -83,7 +93,8 @@ def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
 def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
   n = len(refs)
   return {"exact_match": sum(exact_match(a, r.answer) for a, r in zip(answers, refs)) / n,
-          "normalized_match": sum(normalized_match(a, r.answer) for a, r in zip(answers, refs)) / n}
+          "normalized_match": sum(normalized_match(a, r.answer) for a, r in zip(answers, refs)) / n,
+          "contains_match": sum(contains_match(a, r.answer) for a, r in zip(answers, refs)) / n}
 
 
 def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, prefix: str = "",
@@ -99,14 +110,16 @@ def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, pref
 
 
 def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
-             max_examples: int = 0, compare_base: bool = True) -> dict:
+             max_examples: int = 0, compare_base: bool = True, label: str = "") -> dict:
   """Evaluates WORKDIR's latest checkpoint (and the base model) on config.data.eval; writes
-  eval.json, samples.jsonl and eval_report.md into WORKDIR and returns the eval.json object.
+  eval.json, samples.jsonl and eval_report.md (with a `label`: eval_LABEL.json,
+  samples_LABEL.jsonl, eval_report_LABEL.md) into WORKDIR and returns the eval.json object.
 
   Raises ConfigError when data.eval is unset, CheckpointError when WORKDIR has no checkpoint,
   DataError for bad rows or a prompt that does not fit the model's context."""
   from jaxft import inference, peft, session
   from jaxft.data import pipeline
+  output_names(label)  # a bad label fails before any work
   if not config.data.eval:
     raise ConfigError("data.eval is empty: set it to held-out data (e.g. --config.data.eval=FILE)")
   inference.require_checkpoint(workdir)
@@ -147,15 +160,24 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
            if refs else [])
     answers[name] = [o["answer"] for o in out]
     metrics.update(_accuracy(answers[name], refs) if refs else
-                   {"exact_match": None, "normalized_match": None})
+                   {"exact_match": None, "normalized_match": None, "contains_match": None})
     result[name] = metrics
     logging.info("%s: loss %.4f, exact match %s", name, metrics["loss"], metrics["exact_match"])
   if jax.process_index() == 0:
-    _write(workdir, result, refs, answers)
+    _write(workdir, result, refs, answers, label)
   return result
 
 
-def _write(workdir: str, result: dict, refs: list[Reference], answers: dict) -> None:
+def output_names(label: str = "") -> tuple[str, str, str]:
+  """(eval json, samples, report) file names of an evaluation labelled `label` ('' = default)."""
+  if label and not re.fullmatch(r"[A-Za-z0-9_-]+", label):
+    raise ConfigError(f"evaluation label {label!r}: expected letters, digits, '-' or '_'")
+  suffix = f"_{label}" if label else ""
+  return f"eval{suffix}.json", f"samples{suffix}.jsonl", f"eval_report{suffix}.md"
+
+
+def _write(workdir: str, result: dict, refs: list[Reference], answers: dict,
+           label: str = "") -> None:
   from jaxft.trainer import write_json_atomic
   rows = []
   for i, r in enumerate(refs):
@@ -164,11 +186,13 @@ def _write(workdir: str, result: dict, refs: list[Reference], answers: dict) -> 
       row[name] = ans[i]
       row[f"{name}_exact_match"] = exact_match(ans[i], r.answer)
       row[f"{name}_normalized_match"] = normalized_match(ans[i], r.answer)
+      row[f"{name}_contains_match"] = contains_match(ans[i], r.answer)
     rows.append(row)
-  _write_text(os.path.join(workdir, "samples.jsonl"),
+  out_json, samples, report_md = output_names(label)
+  _write_text(os.path.join(workdir, samples),
               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-  _write_text(os.path.join(workdir, REPORT), report(result, rows, list(answers)))
-  write_json_atomic(os.path.join(workdir, "eval.json"), result)
+  _write_text(os.path.join(workdir, report_md), report(result, rows, list(answers)))
+  write_json_atomic(os.path.join(workdir, out_json), result)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -192,15 +216,18 @@ def report(result: dict, rows: list[dict], models: list[str]) -> str:
            f"{result['examples_with_reference']} with a reference answer; greedy answers of at most "
            f"{result['generation']['max_new_tokens']} tokens.", "",
            "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-  for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match"):
+  for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match",
+              "contains_match"):
     lines.append(f"| {key} | " + " | ".join(fmt(result[m][key]) for m in models) + " |")
-  lines += ["", "Marks: = exact match, ~ normalised match only, x neither.", "",
+  lines += ["", "Marks: = exact match, ~ normalised match only, + reference contained only, "
+            "x none.", "",
             "| # | prompt | reference | " + " | ".join(models) + " |",
             "|---" * (len(models) + 3) + "|"]
   for r in rows:
     cells = []
     for m in models:
-      mark = "=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"] else "x"
+      mark = ("=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"]
+              else "+" if r[f"{m}_contains_match"] else "x")
       cells.append(f"{mark} {_cell(r[m])}")
     lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {_cell(r['reference'])} | "
                  + " | ".join(cells) + " |")
