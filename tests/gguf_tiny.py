@@ -76,17 +76,41 @@ def _encode(x: np.ndarray, kind: str, rng) -> tuple[np.ndarray, object]:
   return quants.quantize(x.astype(np.float32), t), t
 
 
+def _sentencepiece_fields(w, model_file: str) -> int:
+  """Writes the tokenizer.* metadata llama.cpp's converter makes of a SentencePiece model
+  (pieces, scores, token types, special ids); returns the vocabulary size."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=model_file)
+  n = sp.get_piece_size()
+  kind = lambda i: (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                    else 5 if sp.is_unused(i) else 1)
+  w.add_tokenizer_model("llama")
+  w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+  w.add_token_scores([sp.get_score(i) for i in range(n)])
+  w.add_token_types([kind(i) for i in range(n)])
+  w.add_bos_token_id(sp.bos_id())
+  w.add_eos_token_id(sp.eos_id())
+  w.add_unk_token_id(sp.unk_id())
+  w.add_add_bos_token(True)
+  w.add_add_eos_token(False)
+  w.add_add_space_prefix(True)
+  return n
+
+
 def tiny_llama(dst: str, tokenizer_from: str, types: dict[str, str], *, hidden=256, inter=512,
                layers=2, heads=4, kv_heads=2, tied=False, seed=0, arch="llama") -> str:
-  """A random llama GGUF with the tokenizer metadata of `tokenizer_from` and its tensors stored
-  in `types` ({GGUF tensor suffix such as 'attn_q.weight' or 'token_embd.weight': type name};
-  default F32 for norms, Q8_0 otherwise)."""
+  """A random llama GGUF with the tokenizer metadata of `tokenizer_from` (a GGUF file, or a
+  SentencePiece .model file) and its tensors stored in `types` ({GGUF tensor suffix such as
+  'attn_q.weight' or 'token_embd.weight': type name}; default F32 for norms, Q8_0 otherwise)."""
   import gguf
   rng = np.random.default_rng(seed)
-  src = gguf.GGUFReader(tokenizer_from)
-  vocab = len(src.fields["tokenizer.ggml.tokens"].data)
   w = gguf.GGUFWriter(dst, arch)
-  _copy_fields(src, w, skip=tuple(k for k in src.fields if k.startswith("llama.")))
+  if tokenizer_from.endswith(".gguf"):
+    src = gguf.GGUFReader(tokenizer_from)
+    vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+    _copy_fields(src, w, skip=tuple(k for k in src.fields if k.startswith("llama.")))
+  else:
+    vocab = _sentencepiece_fields(w, tokenizer_from)
   w.add_block_count(layers)
   w.add_context_length(256)
   w.add_embedding_length(hidden)

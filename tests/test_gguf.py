@@ -84,6 +84,26 @@ def test_smollm2_config_tokenizer_and_logits_match_transformers(files):
   assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # control tokens stay whole
 
 
+def test_sentencepiece_tokenizer_matches_the_original(tmp_path):
+  """A GGUF whose tokenizer is SentencePiece BPE (tokenizer.ggml.model=llama: pieces and scores,
+  no merges; here the Mistral v1 model the quickstart uses) encodes and decodes as SentencePiece
+  itself does with the .model file: dummy prefix, runs of spaces, byte fallback, BOS."""
+  import sentencepiece as spm
+  from jaxft.data.tokenize import write_quickstart_tokenizer
+  from jaxft.models import gguf
+  smollm2_path()  # needs gguf
+  model = os.path.join(write_quickstart_tokenizer(str(tmp_path / "tok")), "tokenizer.model")
+  path = tiny_llama(str(tmp_path / "spm.gguf"), model, {}, hidden=64, inter=128, layers=1)
+  tok = gguf.build_tokenizer(path)
+  sp = spm.SentencePieceProcessor(model_file=model)
+  assert tok.bos_token == "<s>" and tok.eos_token == "</s>" and tok.is_fast
+  for text in ["Hello world", " two  spaces and\nnew lines\n", "Tessaline 2031: 1,290 euros",
+               "Über café 🤖 ǅ", "   lead", "end  "]:
+    ids = tok(text)["input_ids"]
+    assert ids == [sp.bos_id()] + sp.encode(text), text
+    assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids), text
+
+
 def _write_bytes(path, data):
   with open(path, "wb") as f:
     f.write(data)

@@ -280,7 +280,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float], normal: list[boo
 
 
 def _sentencepiece(path: str, r, tokens: list[str], types: list[int]):
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+  from tokenizers import Tokenizer, decoders, models, normalizers
   scores = _field(path, r, "tokenizer.ggml.scores")
   if not scores or len(scores) != len(tokens):
     raise CheckpointError(f"{path}: tokenizer.ggml.model=llama needs tokenizer.ggml.scores, one "
@@ -292,10 +292,11 @@ def _sentencepiece(path: str, r, tokens: list[str], types: list[int]):
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk], fuse_unk=True,
                              byte_fallback=True))
   prefix = _field(path, r, "tokenizer.ggml.add_space_prefix", True)
-  tok.normalizer = normalizers.Replace(" ", "\u2581")
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
-                                               prepend_scheme="first" if prefix else "never",
-                                               split=False)
+  # As SentencePiece: a dummy "▁" before the text (even one that starts with a space), spaces as
+  # "▁", and the whole text one piece for BPE.
+  replace = normalizers.Replace(" ", "\u2581")
+  tok.normalizer = (normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix
+                    else replace)
   steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
   if prefix:
     steps.append(decoders.Strip(" ", 1, 0))
