@@ -53,9 +53,9 @@ def get_config(arg=None):
   c.data.eval = bundled.path(evals[a.eval])
   c.data.max_len = 128
   c.data.batch_size = 8
-  c.optim.lr = _LR.get(c.peft.method, 2e-3)
-  c.optim.warmup_steps = 8
-  c.train.steps = 72  # ~5 epochs of the 288 rows (about 2.5 rows packed per 128-token row)
-  c.train.log_every = 8
+  c.optim.lr = _LR.get(c.peft.method, 3e-3)
+  c.optim.warmup_steps = 4
+  c.train.steps = 36  # ~2.5 epochs of the 288 rows (about 2.5 rows packed per 128-token row)
+  c.train.log_every = 4
   c.train.eval_every = 0  # eval loss at step 0 and at the end
   return c
