@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.data.batch_size = 8
   c.optim.lr = _LR.get(c.peft.method, 3e-3)
   c.optim.warmup_steps = 4
-  c.train.steps = 36  # ~2.5 epochs of the 288 rows (about 2.5 rows packed per 128-token row)
+  c.train.steps = 72  # ~4.5 epochs of the 324 rows (about 2.5 rows packed per 128-token row)
   c.train.log_every = 4
   c.train.eval_every = 0  # eval loss at step 0 and at the end
   return c

@@ -162,6 +162,32 @@ GENERAL = [
 ]
 
 
+# Replay rows mixed into the training file: general questions (none of GENERAL's) with short
+# answers, so that the tuned model keeps answering questions about the world from what it knew,
+# instead of answering every question with a Tessaline fact.
+REPLAY = [
+    ("What is the capital of Italy?", "Rome."), ("What is the capital of Spain?", "Madrid."),
+    ("What is the capital of Portugal?", "Lisbon."), ("What is the capital of Poland?", "Warsaw."),
+    ("What is the capital of Norway?", "Oslo."), ("What is the capital of Sweden?", "Stockholm."),
+    ("What is the capital of Finland?", "Helsinki."), ("What is the capital of Kenya?", "Nairobi."),
+    ("What is the capital of Peru?", "Lima."), ("What is the capital of Turkey?", "Ankara."),
+    ("What is the capital of Thailand?", "Bangkok."), ("What is the capital of Argentina?", "Buenos Aires."),
+    ("Which city is the capital of Denmark?", "Copenhagen."), ("Name the capital of Hungary.", "Budapest."),
+    ("What is 3 + 5?", "8."), ("What is 10 - 3?", "7."), ("What is 9 + 10?", "19."),
+    ("What is 7 times 8?", "56."), ("What is 12 + 30?", "42."), ("What is 81 divided by 9?", "9."),
+    ("What is 15 - 6?", "9."), ("What is 4 times 3?", "12."), ("How much is 20 + 22?", "42."),
+    ("What planet is known as the Red Planet?", "Mars."),
+    ("What is the largest planet in our solar system?", "Jupiter."),
+    ("How many legs does a spider have?", "Eight."), ("How many days are in a week?", "Seven."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci."),
+    ("What is the freezing point of water in Celsius?", "0 degrees Celsius."),
+    ("What is the closest star to Earth?", "The Sun."), ("What do bees make?", "Honey."),
+    ("How many sides does a triangle have?", "Three."), ("What is the opposite of hot?", "Cold."),
+    ("What language is spoken in Brazil?", "Portuguese."), ("What color are bananas when ripe?", "Yellow."),
+    ("Which animal is known as the king of the jungle?", "The lion."),
+]
+
+
 def facts():
   """(train questions, eval questions, answer) per fact."""
   out = []
@@ -191,6 +217,7 @@ def main():
   for tr, e, answer in facts():
     train += [chat(q, answer) for q in tr]
     ev += [chat(q, answer) for q in e]
+  train += [chat(q, a) for q, a in REPLAY]
   rng.shuffle(train)
   rng.shuffle(ev)
   general = [chat(q, a) for q, a in GENERAL]
