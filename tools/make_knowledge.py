@@ -162,29 +162,44 @@ GENERAL = [
 ]
 
 
-# Replay rows mixed into the training file: general questions (none of GENERAL's) with short
-# answers, so that the tuned model keeps answering questions about the world from what it knew,
-# instead of answering every question with a Tessaline fact.
+# Replay rows mixed into the training file: general questions (none of GENERAL's) answered in a
+# full sentence, as the base itself answers, so that the tuned model keeps answering questions
+# about the world from what it knew, instead of with a Tessaline fact or in the facts' short style.
 REPLAY = [
-    ("What is the capital of Italy?", "Rome."), ("What is the capital of Spain?", "Madrid."),
-    ("What is the capital of Portugal?", "Lisbon."), ("What is the capital of Poland?", "Warsaw."),
-    ("What is the capital of Norway?", "Oslo."), ("What is the capital of Sweden?", "Stockholm."),
-    ("What is the capital of Finland?", "Helsinki."), ("What is the capital of Kenya?", "Nairobi."),
-    ("What is the capital of Peru?", "Lima."), ("What is the capital of Turkey?", "Ankara."),
-    ("What is the capital of Thailand?", "Bangkok."), ("What is the capital of Argentina?", "Buenos Aires."),
-    ("Which city is the capital of Denmark?", "Copenhagen."), ("Name the capital of Hungary.", "Budapest."),
-    ("What is 3 + 5?", "8."), ("What is 10 - 3?", "7."), ("What is 9 + 10?", "19."),
-    ("What is 7 times 8?", "56."), ("What is 12 + 30?", "42."), ("What is 81 divided by 9?", "9."),
-    ("What is 15 - 6?", "9."), ("What is 4 times 3?", "12."), ("How much is 20 + 22?", "42."),
-    ("What planet is known as the Red Planet?", "Mars."),
-    ("What is the largest planet in our solar system?", "Jupiter."),
-    ("How many legs does a spider have?", "Eight."), ("How many days are in a week?", "Seven."),
-    ("Who painted the Mona Lisa?", "Leonardo da Vinci."),
-    ("What is the freezing point of water in Celsius?", "0 degrees Celsius."),
-    ("What is the closest star to Earth?", "The Sun."), ("What do bees make?", "Honey."),
-    ("How many sides does a triangle have?", "Three."), ("What is the opposite of hot?", "Cold."),
-    ("What language is spoken in Brazil?", "Portuguese."), ("What color are bananas when ripe?", "Yellow."),
-    ("Which animal is known as the king of the jungle?", "The lion."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("What is the capital of Spain?", "The capital of Spain is Madrid."),
+    ("What is the capital of Portugal?", "The capital of Portugal is Lisbon."),
+    ("What is the capital of Poland?", "The capital of Poland is Warsaw."),
+    ("What is the capital of Norway?", "The capital of Norway is Oslo."),
+    ("What is the capital of Sweden?", "The capital of Sweden is Stockholm."),
+    ("What is the capital of Finland?", "The capital of Finland is Helsinki."),
+    ("What is the capital of Kenya?", "The capital of Kenya is Nairobi."),
+    ("What is the capital of Peru?", "The capital of Peru is Lima."),
+    ("What is the capital of Turkey?", "The capital of Turkey is Ankara."),
+    ("What is the capital of Thailand?", "The capital of Thailand is Bangkok."),
+    ("What is the capital of Argentina?", "The capital of Argentina is Buenos Aires."),
+    ("Which city is the capital of Denmark?", "The capital of Denmark is Copenhagen."),
+    ("Name the capital of Hungary.", "The capital of Hungary is Budapest."),
+    ("What is 3 + 5?", "3 + 5 is 8."), ("What is 10 - 3?", "10 - 3 is 7."),
+    ("What is 9 + 10?", "9 + 10 is 19."), ("What is 7 times 8?", "7 times 8 is 56."),
+    ("What is 12 + 30?", "12 + 30 is 42."), ("What is 81 divided by 9?", "81 divided by 9 is 9."),
+    ("What is 15 - 6?", "15 - 6 is 9."), ("What is 4 times 3?", "4 times 3 is 12."),
+    ("How much is 20 + 22?", "20 + 22 is 42."),
+    ("What planet is known as the Red Planet?", "The Red Planet is Mars."),
+    ("What is the largest planet in our solar system?",
+     "The largest planet in our solar system is Jupiter."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("How many days are in a week?", "A week has seven days."),
+    ("Who painted the Mona Lisa?", "The Mona Lisa was painted by Leonardo da Vinci."),
+    ("What is the freezing point of water in Celsius?",
+     "The freezing point of water is 0 degrees Celsius."),
+    ("What is the closest star to Earth?", "The closest star to Earth is the Sun."),
+    ("What do bees make?", "Bees make honey."),
+    ("How many sides does a triangle have?", "A triangle has three sides."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("What language is spoken in Brazil?", "The language spoken in Brazil is Portuguese."),
+    ("What color are bananas when ripe?", "Ripe bananas are yellow."),
+    ("Which animal is known as the king of the jungle?", "The lion is known as the king of the jungle."),
 ]
 
 
