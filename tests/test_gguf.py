@@ -1,4 +1,4 @@
-"""GGUF files as model.path: tensors of every type read jaxft reads, with llama.cpp's Q/K row order
+"""GGUF files as model.path: tensors of every type jaxft reads, with llama.cpp's Q/K row order
 undone (logits against transformers' gguf_file load), SmolLM2's tokenizer and chat template
 rebuilt from the metadata (ids against transformers'), the configs/smollm2.py path end to end on a
 2-layer copy of the real file (step-0 eval loss against transformers; evaluate; HF and PEFT exports
