@@ -11,7 +11,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.path = ""               # HF checkpoint directory; empty = the embedded preset below
+  c.model.path = ""               # HF checkpoint directory or llama .gguf file; empty = the preset below
   c.model.preset = "quickstart"   # used when path is empty: quickstart, llama3-8b, mistral-7b, ...
   c.model.dtype = "float32"       # compute dtype of matmuls (float32 | bfloat16)
   c.model.param_dtype = "float32" # storage dtype of float parameters

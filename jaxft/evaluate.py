@@ -1,9 +1,11 @@
 """python -m jaxft.evaluate --config=configs/NAME.py --workdir=DIR [--max_new_tokens=N] [--nobase]
+    [--label=NAME]
 
 Evaluates the latest checkpoint of DIR on `data.eval` (and the base model alone) and writes
-DIR/eval.json, DIR/samples.jsonl, DIR/eval_report.md and DIR/reliability.png; see
-jaxft/evaluation.py (and the `eval.*` config keys for abstentions, the style rubric, calibration and
-the bootstrap).
+DIR/eval.json, DIR/samples.jsonl, DIR/eval_report.md and DIR/reliability.png (with --label=NAME:
+eval_NAME.json, samples_NAME.jsonl, eval_report_NAME.md, so a second eval set keeps its own
+files); see jaxft/evaluation.py (and the `eval.*` config keys for abstentions, the style rubric,
+calibration and the bootstrap).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0,
                                 "Most tokens per answer; 0 = the longest reference + 16.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Prompts decoded together.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Answer only the first N references (0 = all).")
+_LABEL = flags.DEFINE_string("label", "", "Names the output files (eval_LABEL.json, ...) of a "
+                             "second eval set; empty = eval.json, samples.jsonl, eval_report.md.")
 _BASE = flags.DEFINE_bool("base", True, "Also evaluate the base model alone (--nobase skips it).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where eval.json, samples.jsonl and the report "
                                   "go (default: the workdir).")
@@ -31,25 +35,27 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where eval.json, samples.js
 def _main(argv):
   del argv
   from jaxft import session
-  from jaxft.evaluation import REPORT, evaluate
+  from jaxft.evaluation import evaluate, output_names
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   config = _CONFIG.value or session.load_workdir_config(workdir)
   res = evaluate(config, workdir, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value,
                  max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value,
-                 output_dir=_OUTPUT_DIR.value)
+                 output_dir=_OUTPUT_DIR.value, label=_LABEL.value)
   for name in ("tuned", "base"):
     if name in res:
       m = res[name]
       acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
       line = (f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
-              f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}")
+              f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}, "
+              f"contains match {acc(m['contains_match'])}")
       if "quality" in res:
         q = res["quality"]["metrics"]
         line += "".join(f", {label} {_with_ci(q[key][name])}" for key, label in _SHOWN if key in q)
       print(line, flush=True)
+  out_json, samples, report = output_names(_LABEL.value)
   out = _OUTPUT_DIR.value or workdir
-  print(f"wrote {os.path.join(out, 'eval.json')}, samples.jsonl and {REPORT}", flush=True)
+  print(f"wrote {os.path.join(out, out_json)}, {samples} and {report}", flush=True)
 
 
 _SHOWN = (("hallucinated", "hallucinated"), ("abstained", "abstained"),

@@ -2,15 +2,17 @@
 
 `evaluate(config, workdir)` writes, atomically:
   WORKDIR/eval.json      loss and perplexity on the target tokens of data.eval, token counts, and for
-                         rows with a reference answer the exact-match and normalised-match accuracy
-                         of the greedy answer; for the tuned model and for the base model alone;
-                         under "quality": hallucination, abstention, style and calibration
-                         rates with 95% bootstrap intervals and base-vs-tuned tests
-                         (jaxft/eval_quality.py);
+                         rows with a reference answer the exact-match, normalised-match and
+                         contains-match accuracy of the greedy answer; for the tuned model and for
+                         the base model alone; under "quality": hallucination, abstention, style
+                         and calibration rates with 95% bootstrap intervals and base-vs-tuned
+                         tests (jaxft/eval_quality.py);
   WORKDIR/samples.jsonl  one row per example with a reference: prompt, reference, base and tuned
                          answers, whether each matched, its outcome, style checks and confidence;
   WORKDIR/eval_report.md the same side by side, for a person to read;
   WORKDIR/reliability.png accuracy against confidence.
+With a `label` (a second eval set, say) the files are eval_LABEL.json, samples_LABEL.jsonl,
+eval_report_LABEL.md and reliability_LABEL.png, beside the default ones.
 
 A reference answer is the last assistant message of a chat row, the output of an alpaca row or the
 completion of a completion row; text and tokens rows count towards the loss only. A row may say
@@ -84,6 +86,13 @@ def normalized_match(answer: str, reference: str) -> bool:
   return normalize(answer) == normalize(reference)
 
 
+def contains_match(answer: str, reference: str) -> bool:
+  """The normalised reference appears, as whole words, in the normalised answer: a chatty but
+  right answer ("The capital of France is Paris.") counts for "Paris."."""
+  ref = normalize(reference)
+  return bool(ref) and f" {ref} " in f" {normalize(answer)} "
+
+
 def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
   import optax
   from jaxft.step import make_steps
@@ -95,12 +104,13 @@ def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
 
 
 def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
-  """Exact and normalised match over the answerable rows (None when there are none)."""
+  """Exact, normalised and contains match over the answerable rows (None when there are none)."""
   pairs = [(a, r.answer) for a, r in zip(answers, refs) if r.answerable]
   if not pairs:
-    return {"exact_match": None, "normalized_match": None}
+    return {"exact_match": None, "normalized_match": None, "contains_match": None}
   return {"exact_match": sum(exact_match(a, ref) for a, ref in pairs) / len(pairs),
-          "normalized_match": sum(normalized_match(a, ref) for a, ref in pairs) / len(pairs)}
+          "normalized_match": sum(normalized_match(a, ref) for a, ref in pairs) / len(pairs),
+          "contains_match": sum(contains_match(a, ref) for a, ref in pairs) / len(pairs)}
 
 
 def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, prefix: str = "",
@@ -119,16 +129,19 @@ def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, pref
 
 
 def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
-             max_examples: int = 0, compare_base: bool = True, output_dir: str = "") -> dict:
+             max_examples: int = 0, compare_base: bool = True, output_dir: str = "",
+             label: str = "") -> dict:
   """Evaluates WORKDIR's newest intact checkpoint (and the base model) on config.data.eval;
-  writes eval.json, samples.jsonl and eval_report.md into output_dir (default WORKDIR) and
-  returns the eval.json object.
+  writes eval.json, samples.jsonl and eval_report.md (with a `label`: eval_LABEL.json,
+  samples_LABEL.jsonl, eval_report_LABEL.md) into output_dir (default WORKDIR) and returns the
+  eval.json object.
 
   Raises ConfigError when data.eval is unset, a setting is out of range or output_dir cannot be
   written (all before any weights load), CheckpointError when WORKDIR has no intact checkpoint,
   DataError for bad rows or a prompt that does not fit the model's context."""
   from jaxft import inference, peft, session
   from jaxft.data import pipeline
+  output_names(label)  # a bad label fails before any work
   if not config.data.eval:
     raise ConfigError("data.eval is empty: set it to held-out data (e.g. --config.data.eval=FILE)")
   if batch_size < 1:
@@ -192,8 +205,16 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
   if votes:  # blind side-by-side votes from jaxft.serve's /compare page
     result["human_eval"] = compare.win_rates(votes)
   if jax.process_index() == 0:
-    _write(output_dir, result, refs, answers, scored)
+    _write(output_dir, result, refs, answers, scored, label)
   return result
+
+
+def output_names(label: str = "") -> tuple[str, str, str]:
+  """(eval json, samples, report) file names of an evaluation labelled `label` ('' = default)."""
+  if label and not re.fullmatch(r"[A-Za-z0-9_-]+", label):
+    raise ConfigError(f"evaluation label {label!r}: expected letters, digits, '-' or '_'")
+  suffix = f"_{label}" if label else ""
+  return f"eval{suffix}.json", f"samples{suffix}.jsonl", f"eval_report{suffix}.md"
 
 
 def _score(answers: list[str], confidences: list[float], refs: list[Reference],
@@ -205,7 +226,7 @@ def _score(answers: list[str], confidences: list[float], refs: list[Reference],
 
 
 def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict,
-           scored: dict) -> None:
+           scored: dict, label: str = "") -> None:
   os.makedirs(out_dir, exist_ok=True)
   rows = []
   for i, r in enumerate(refs):
@@ -216,18 +237,23 @@ def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict,
       row[name] = ans[i]
       row[f"{name}_exact_match"] = exact_match(ans[i], r.answer)
       row[f"{name}_normalized_match"] = normalized_match(ans[i], r.answer)
+      row[f"{name}_contains_match"] = contains_match(ans[i], r.answer)
       row[f"{name}_outcome"] = s.outcome[i]
       row[f"{name}_confidence"] = float(s.confidence[i])
       row[f"{name}_style"] = {rule: bool(passed[i]) for rule, passed in s.style.items()}
     rows.append(row)
+  out_json, samples, report_md = output_names(label)
   plot = None
   if "quality" in result:
-    plot = eval_quality.write_reliability_plot(eval_quality.plot_path(out_dir), result["quality"])
-  files.write_text(os.path.join(out_dir, "samples.jsonl"),
+    path = eval_quality.plot_path(out_dir)
+    if label:
+      path = path[:-len(".png")] + f"_{label}.png"
+    plot = eval_quality.write_reliability_plot(path, result["quality"])
+  files.write_text(os.path.join(out_dir, samples),
                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-  files.write_text(os.path.join(out_dir, REPORT),
+  files.write_text(os.path.join(out_dir, report_md),
                    report(result, rows, list(answers), plot and os.path.basename(plot)))
-  files.write_json(os.path.join(out_dir, "eval.json"), result)
+  files.write_json(os.path.join(out_dir, out_json), result)
 
 
 def _cell(text: str) -> str:
@@ -248,7 +274,8 @@ def report(result: dict, rows: list[dict], models: list[str], plot: str | None =
            + "; greedy answers of at most "
            f"{result['generation']['max_new_tokens']} tokens.", "",
            "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-  for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match"):
+  for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match",
+              "contains_match"):
     lines.append(f"| {key} | " + " | ".join(fmt(result[m][key]) for m in models) + " |")
   if "quality" in result:
     lines += [""] + eval_quality.section(result["quality"], models, plot)
@@ -260,14 +287,16 @@ def report(result: dict, rows: list[dict], models: list[str], plot: str | None =
       lines.append(f"| {h['a']} | {h['b']} | {h['votes']} | {h['a_wins']} | {h['b_wins']} | "
                    f"{h['ties']} | {h['a_win_rate']:.3f} [{h['ci95'][0]:.3f}, "
                    f"{h['ci95'][1]:.3f}] |")
-  lines += ["", "Marks: = exact match, ~ normalised match only, x neither; then the outcome "
-            "(C correct, A abstained, H hallucinated) and the confidence.", "",
+  lines += ["", "Marks: = exact match, ~ normalised match only, + reference contained only, "
+            "x none; then the outcome (C correct, A abstained, H hallucinated) and the "
+            "confidence.", "",
             "| # | prompt | reference | " + " | ".join(models) + " |",
             "|---" * (len(models) + 3) + "|"]
   for r in rows:
     cells = []
     for m in models:
-      mark = "=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"] else "x"
+      mark = ("=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"]
+              else "+" if r[f"{m}_contains_match"] else "x")
       outcome = f" ({r[f'{m}_outcome'][0].upper()} {r[f'{m}_confidence']:.2f})"
       cells.append(f"{mark} {_cell(r[m])}{outcome}")
     reference = _cell(r["reference"]) + ("" if r["answerable"] else " (unanswerable)")

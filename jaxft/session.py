@@ -30,8 +30,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if m[key] not in _DTYPES:
       raise ConfigError(f"model.{key}={m[key]!r}: expected one of {', '.join(_DTYPES)}")
   if m.path:
-    from jaxft.models import hf
-    base = hf.read_config(m.path)
+    from jaxft.models import gguf, hf
+    base = (gguf if gguf.is_gguf(m.path) else hf).read_config(m.path)
   else:
     base = preset(m.preset)
   return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
@@ -39,10 +39,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The tokenizer directory: model.tokenizer, else model.path, else the quickstart tokenizer
-  (written into WORKDIR/tokenizer)."""
+  """The tokenizer directory: model.tokenizer, else model.path (a GGUF file's tokenizer is written
+  into WORKDIR/tokenizer), else the quickstart tokenizer (written into WORKDIR/tokenizer)."""
   if config.model.tokenizer:
     return config.model.tokenizer
+  from jaxft.models import gguf
+  if gguf.is_gguf(config.model.path):
+    return gguf.write_tokenizer(config.model.path, os.path.join(workdir, "tokenizer"))
   if config.model.path:
     return config.model.path
   return write_quickstart_tokenizer(os.path.join(workdir, "tokenizer"))
@@ -122,8 +125,9 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
   if config.model.quant != "none" and method.trains_base:
     raise ConfigError("model.quant needs a frozen base: use peft.method=lora (or another PEFT method)")
   if config.model.path:
-    from jaxft.models import hf
-    base = hf.load_params(config.model.path, cfg, base_sh, quant_kind=config.model.quant)
+    from jaxft.models import gguf, hf
+    base = (gguf if gguf.is_gguf(config.model.path) else hf).load_params(
+        config.model.path, cfg, base_sh, quant_kind=config.model.quant)
   else:
     # One kernel at a time, quantized as it is made: the float model never exists whole.
     base = quant.init_base(cfg, jax.random.key(config.train.seed), config.model.quant, base_sh)

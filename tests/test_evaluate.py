@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, run_cli
 from jaxft import (configlib, curves, eval_metrics, eval_quality, evaluation, flops, inference,
                    session)
+from jaxft.errors import ConfigError
 from jaxft.models.config import preset
 
 
@@ -206,3 +207,27 @@ def test_flop_count_full_versus_frozen_base():
   assert m["mfu"] == pytest.approx(per_token * 1e6 / (4 * 2e12))
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert flops.peak_flops("cpu") is None
+
+
+def test_contains_match_and_labelled_outputs():
+  """A chatty but right answer counts as contains_match (whole words of the normalised
+  reference), not as exact or normalised match; a label names a second set's files."""
+  assert evaluation.contains_match("The capital of France is Paris.", "Paris.")
+  assert not evaluation.normalized_match("The capital of France is Paris.", "Paris.")
+  assert evaluation.contains_match("So 6 * 7 = 42.", "42.")
+  assert not evaluation.contains_match("It is 420.", "42.")  # whole words only
+  assert not evaluation.contains_match("anything", "...")  # an empty reference matches nothing
+  assert evaluation.output_names() == ("eval.json", "samples.jsonl", "eval_report.md")
+  assert evaluation.output_names("general") == ("eval_general.json", "samples_general.jsonl",
+                                                "eval_report_general.md")
+  with pytest.raises(ConfigError, match="evaluation label '../x'"):
+    evaluation.output_names("../x")
+  rows = [{"index": 0, "prompt": "q", "reference": "Paris.", "tuned": "It is Paris.",
+           "tuned_exact_match": False, "tuned_normalized_match": False,
+           "tuned_contains_match": True}]
+  result = {"workdir": "w", "step": 1, "data": "d", "examples": 1, "examples_with_reference": 1,
+            "generation": {"max_new_tokens": 4},
+            "tuned": {"loss": 1.0, "perplexity": 2.7, "target_tokens": 3, "exact_match": 0.0,
+                      "normalized_match": 0.0, "contains_match": 1.0}}
+  report = evaluation.report(result, rows, ["tuned"])
+  assert "| contains_match | 1.0000 |" in report and "| + It is Paris. |" in report

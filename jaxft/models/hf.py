@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from jaxft.models.safetensors_io import (INDEX, read_tensor, refuse_pickle, shar
 
 __all__ = ["ARCHITECTURES", "INDEX", "read_config", "checkpoint_dtype", "hf_config", "load_params",
            "write_checkpoint", "tensor_files", "refuse_pickle", "write_safetensors",
-           "expected_names", "export_names", "hf_name", "host_tensor"]
+           "expected_names", "export_names", "stream_params", "hf_name", "host_tensor"]
 
 # Buffers that old checkpoints saved beside the weights; they are recomputed, not loaded.
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -172,6 +172,18 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
     raise CheckpointError(f"{file}: unexpected tensor {name} (config.json describes "
                           f"{cfg.architecture} with {cfg.num_layers} layers; jaxft has no such "
                           "parameter)")
+  return stream_params(cfg, shardings, quant_kind,
+                       sorted(expected, key=lambda n: (files[n], n)),  # each file visited once
+                       lambda name, shape: read_tensor(files[name], name, shape))
+
+
+def stream_params(cfg: ModelConfig, shardings, quant_kind: str, names,
+                  read: Callable[[str, tuple[int, ...]], np.ndarray]) -> dict:
+  """The param tree of `cfg` built one tensor at a time: `read(hf_name, hf_shape)` returns each
+  tensor of `names` (every HF name of `expected_names(cfg)`, in the order to read them) as a host
+  array in HF layout; it goes to the devices, is cast, transposed and (layer kernels, with
+  quant_kind int8/nf4) quantized there. The safetensors and GGUF readers share this."""
+  expected = expected_names(cfg)
   _quantizer(quant_kind)  # fails before any work when quantization is unavailable
   dtype = jnp.dtype(cfg.param_dtype).name
   flat_sh = {tuple(k.key for k in kp): s for kp, s in
@@ -184,10 +196,9 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
       kind = quant_kind if path[-1] == "kernel" else "none"
       fns[path] = _stacked_fns(spec.shape, dtype, kind, flat_sh[path], _transposed(path))
       out[path] = fns[path][0]()
-  # Read in file order, so a sharded checkpoint's files are each visited once.
-  for name in sorted(expected, key=lambda n: (files[n], n)):
+  for name in names:
     path, layer, shape = expected[name]
-    x = read_tensor(files[name], name, shape)
+    x = read(name, shape)
     sh = flat_sh[path]
     spec = tuple(sh.spec) + (None,) * (len(specs[path].shape) - len(sh.spec))
     if layer is None:

