@@ -222,12 +222,12 @@ def test_contains_match_and_labelled_outputs():
                                                 "eval_report_general.md")
   with pytest.raises(ConfigError, match="evaluation label '../x'"):
     evaluation.output_names("../x")
-  rows = [{"index": 0, "prompt": "q", "reference": "Paris.", "tuned": "It is Paris.",
-           "tuned_exact_match": False, "tuned_normalized_match": False,
-           "tuned_contains_match": True}]
+  rows = [{"index": 0, "prompt": "q", "reference": "Paris.", "answerable": True,
+           "tuned": "It is Paris.", "tuned_exact_match": False, "tuned_normalized_match": False,
+           "tuned_contains_match": True, "tuned_outcome": "correct", "tuned_confidence": 0.9}]
   result = {"workdir": "w", "step": 1, "data": "d", "examples": 1, "examples_with_reference": 1,
             "generation": {"max_new_tokens": 4},
             "tuned": {"loss": 1.0, "perplexity": 2.7, "target_tokens": 3, "exact_match": 0.0,
                       "normalized_match": 0.0, "contains_match": 1.0}}
   report = evaluation.report(result, rows, ["tuned"])
-  assert "| contains_match | 1.0000 |" in report and "| + It is Paris. |" in report
+  assert "| contains_match | 1.0000 |" in report and "| + It is Paris. (C 0.90) |" in report
