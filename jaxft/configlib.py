@@ -85,13 +85,13 @@ LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
                   "data.eval", "mesh", "model.remat", "model.attention", "eval")
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-  """{"a.b": v} from nested dicts."""
+def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
+  """{"a.b": v} from nested dicts (joined by `sep`)."""
   out = {}
   for k, v in d.items():
-    key = f"{prefix}.{k}" if prefix else k
+    key = f"{prefix}{sep}{k}" if prefix else k
     if isinstance(v, dict):
-      out.update(flat(v, key))
+      out.update(flat(v, key, sep))
     else:
       out[key] = v
   return out

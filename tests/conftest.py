@@ -30,3 +30,20 @@ def run_cli(module, *args, env=None, timeout=600):
   e = dict(os.environ, **(env or {}))
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=e, capture_output=True,
                         text=True, timeout=timeout)
+
+
+def tiny_config(**over):
+  """configs/quickstart.py on the tiny preset, quiet, logging every step; keyword arguments set
+  dotted keys: tiny_config(**{"train.steps": 3, "peft.lora.rank": 4})."""
+  from jaxft import configlib
+  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c.model.preset = "tiny"
+  c.train.progress = False
+  c.train.log_every = 1
+  for key, value in over.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -14,28 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
-from jaxft import configlib, export, session, trainer, workdir as workdir_lib
+from conftest import ROOT, run_cli, tiny_config
+from jaxft import export, session, trainer, workdir as workdir_lib
 from jaxft.data import pipeline, sources
 from jaxft.data.tokenize import Encoder
 from jaxft.errors import CheckpointError, ConfigError, DataError
 
 TINY = ["--config=configs/quickstart.py", "--config.model.preset=tiny",
         "--config.train.progress=False", "--config.train.log_every=1"]
-
-
-def tiny_config(**over):
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
-  c.model.preset = "tiny"
-  c.train.progress = False
-  c.train.log_every = 1
-  for key, value in over.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def metric_rows(wd):

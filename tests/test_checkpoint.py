@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, tiny_config
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.progress=False", "--config.train.log_every=1"]
 TINY = QUICK + ["--config.model.preset=tiny"]
@@ -150,18 +150,6 @@ def _nan_at(step_k):
     return step_mod.StepFns(train, fns.eval)
 
   return make
-
-
-def tiny_config(**over):
-  from jaxft import configlib
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
-  c.model.preset = "tiny"
-  c.train.progress = False
-  c.train.log_every = 1
-  for k, v in over.items():
-    node, *_ = k.split(".")
-    c[node][k.split(".", 1)[1]] = v
-  return c
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxft import configlib
 from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.models.config import ModelConfig
@@ -37,14 +38,7 @@ def merge_trees(a: Params, b: Params) -> Params:
 
 def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
   """{'a': {'b': x}} -> {'a/b': x}."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else k
-    if isinstance(v, dict):
-      out.update(flatten(v, path))
-    else:
-      out[path] = v
-  return out
+  return configlib.flat(tree, prefix, "/")
 
 
 def unflatten(flat: dict[str, Any]) -> Params:
