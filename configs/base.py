@@ -100,6 +100,10 @@ def get_config(arg=None):
   c.eval.style.min_words = 0      # at least this many words; 0 = off
   c.eval.style.must_match = ""    # a regex the answer must match (re.search; anchor with ^ $)
   c.eval.style.must_not_contain = ()  # phrases the answer must not contain (case-insensitive)
+  # Which match makes an answer correct (hallucination, calibration): exact | normalized (after
+  # lower-casing and dropping punctuation and articles) | contains (the normalised reference appears
+  # in the answer: for chatty answers to short references).
+  c.eval.correct = "normalized"
   c.eval.confident = 0.9          # answers with a mean token probability >= this count as confident
   c.eval.calibration_bins = 10    # equal-width confidence bins of the calibration error and plot
   c.eval.bootstrap = 2000         # bootstrap resamples of the rows for the 95% intervals

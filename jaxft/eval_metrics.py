@@ -60,6 +60,9 @@ class Style:
     return {rule: passed[rule]() for rule in self.rules}
 
 
+MATCHES = ("exact", "normalized", "contains")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   abstain: tuple[re.Pattern, ...]
@@ -68,6 +71,7 @@ class Settings:
   bins: int = 10
   bootstrap: int = 2000
   seed: int = 0
+  correct: str = "normalized"  # which match makes an answer correct: exact | normalized | contains
 
 
 def _regex(pattern, key: str, flags: int = 0) -> re.Pattern:
@@ -113,8 +117,10 @@ def settings(ev) -> Settings:
                       "for the 95% intervals)")
   if not 0 <= ev.seed < 2**63:
     raise ConfigError(f"eval.seed={ev.seed}: must be in [0, 2**63)")
+  if ev.correct not in MATCHES:
+    raise ConfigError(f"eval.correct={ev.correct!r}: expected one of {', '.join(MATCHES)}")
   return Settings(abstain, style, float(ev.confident), int(ev.calibration_bins),
-                  int(ev.bootstrap), int(ev.seed))
+                  int(ev.bootstrap), int(ev.seed), ev.correct)
 
 
 # -- per answer ----------------------------------------------------------------------------------

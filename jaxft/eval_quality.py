@@ -38,11 +38,13 @@ class Scored:
 
 
 def score(answers: Sequence[str], confidences: Sequence[float], exact: Sequence[bool],
-          normalized: Sequence[bool], answerable: Sequence[bool], st: em.Settings) -> Scored:
-  """Scores the answers of one model; `normalized` (the answer matches the reference after
-  normalisation) decides `correct`."""
+          normalized: Sequence[bool], answerable: Sequence[bool], st: em.Settings,
+          right: Sequence[bool] | None = None) -> Scored:
+  """Scores the answers of one model; `right` (by default `normalized`: the answer matches the
+  reference after normalisation; `eval.correct` chooses) decides `correct`."""
+  right = normalized if right is None else right
   outcome = [em.outcome(m, em.abstains(a, st.abstain), ok)
-             for a, m, ok in zip(answers, normalized, answerable)]
+             for a, m, ok in zip(answers, right, answerable)]
   checks = [st.style.check(a) for a in answers]
   style = {rule: np.asarray([c[rule] for c in checks], bool) for rule in st.style.rules}
   return Scored(np.asarray(exact, bool), np.asarray(normalized, bool), outcome,
@@ -106,7 +108,7 @@ def summarize(models: dict[str, Scored], answerable: Sequence[bool], st: em.Sett
       "settings": {"abstain_patterns": [p.pattern for p in st.abstain],
                    "style_rules": list(st.style.rules), "confident": st.confident,
                    "calibration_bins": st.bins, "bootstrap_resamples": st.bootstrap,
-                   "seed": st.seed, "level": em.LEVEL,
+                   "seed": st.seed, "level": em.LEVEL, "correct": st.correct,
                    "interval": "percentile bootstrap over rows",
                    "test": "McNemar exact (per-row yes/no rates over the same rows), paired "
                            "bootstrap (otherwise)"},
@@ -153,13 +155,18 @@ def table(summary: dict, models: list[str]) -> list[str]:
   return lines
 
 
+_MATCH_WORDS = {"exact": "exact match", "normalized": "normalised match",
+                "contains": "the reference inside the answer"}
+
+
 def section(summary: dict, models: list[str], plot: str | None) -> list[str]:
   """The report's section on hallucination, style and calibration."""
   s = summary["settings"]
   n, k = summary["rows"], summary["answerable_rows"]
   lines = ["## Hallucination, style and calibration", "",
            f"{n} rows with a reference, {k} answerable, {n - k} unanswerable. Outcome of an answer: "
-           "correct (normalised match on an answerable row), abstained (matches an abstention "
+           f"correct ({_MATCH_WORDS[s.get('correct', 'normalized')]} on an answerable row), "
+           "abstained (matches an abstention "
            "pattern) or hallucinated (neither). Confidence: the mean probability of the answer's "
            "tokens; calibration scores it against being right (correct, or an abstention on an "
            "unanswerable row). Intervals: 95% percentile bootstrap over rows "

@@ -196,7 +196,7 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
     logging.info("%s: loss %.4f, exact match %s", name, metrics["loss"], metrics["exact_match"])
   scored = {}
   if refs:
-    scored = {name: _score(answers[name], confidences[name], refs, quality) for name in answers}
+    scored = {name: score_answers(answers[name], confidences[name], refs, quality) for name in answers}
     result["quality"] = eval_quality.summarize(scored, [r.answerable for r in refs], quality)
     for name in answers:
       result[name].update({k: result["quality"]["metrics"][k][name]["value"] for k in
@@ -217,12 +217,17 @@ def output_names(label: str = "") -> tuple[str, str, str]:
   return f"eval{suffix}.json", f"samples{suffix}.jsonl", f"eval_report{suffix}.md"
 
 
-def _score(answers: list[str], confidences: list[float], refs: list[Reference],
-           quality: eval_metrics.Settings) -> eval_quality.Scored:
+def score_answers(answers: list[str], confidences: list[float], refs: list[Reference],
+                  quality: eval_metrics.Settings) -> eval_quality.Scored:
+  """One model's answers scored against the references; `quality.correct` (eval.correct) names
+  the match that makes an answer correct."""
+  match = {"exact": exact_match, "normalized": normalized_match,
+           "contains": contains_match}[quality.correct]
   return eval_quality.score(answers, confidences,
                             [exact_match(a, r.answer) for a, r in zip(answers, refs)],
                             [normalized_match(a, r.answer) for a, r in zip(answers, refs)],
-                            [r.answerable for r in refs], quality)
+                            [r.answerable for r in refs], quality,
+                            [match(a, r.answer) for a, r in zip(answers, refs)])
 
 
 def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict,

@@ -65,6 +65,29 @@ def test_outcomes_and_rates_of_hand_built_answers():
   assert other.outcome == ["correct", "correct"] + ["hallucinated"] * 6
 
 
+def test_eval_correct_chooses_the_match_that_makes_an_answer_correct():
+  # Chatty answers to short references (the SmolLM2 general questions): wrong by normalised match,
+  # right when the reference is inside the answer; an abstention stays an abstention.
+  rows = [("Paris.", "The capital of France is Paris."), ("New Delhi.", "The capital is Delhi."),
+          ("Seven.", "I don't know."), ("42.", "42")]
+  refs = [evaluation.Reference(None, ref) for ref, _ in rows]
+  answers = [a for _, a in rows]
+  outcomes = {}
+  for correct in ("exact", "normalized", "contains"):
+    c = _config()
+    c.eval.correct = correct
+    outcomes[correct] = evaluation.score_answers(answers, [0.5] * 4, refs,
+                                                 em.settings(c.eval)).outcome
+  assert outcomes["exact"] == ["hallucinated", "hallucinated", "abstained", "hallucinated"]
+  assert outcomes["normalized"] == ["hallucinated", "hallucinated", "abstained", "correct"]
+  assert outcomes["contains"] == ["correct", "hallucinated", "abstained", "correct"]
+  c = _config()
+  c.eval.correct = "fuzzy"
+  with pytest.raises(ConfigError, match="eval.correct='fuzzy': expected one of exact, normalized, "
+                                        "contains"):
+    em.settings(c.eval)
+
+
 def test_style_rubric_pass_rates_per_rule_and_overall():
   st = _settings(max_words=3, min_words=1, must_match=r"^[A-Z][^.!?]*\.$",
                  must_not_contain=("capital", "I think"))
