@@ -51,11 +51,20 @@ def get_config(arg=None):
   if a.eval not in evals:
     raise ConfigError(f"configs/smollm2.py:eval={a.eval}: expected one of {sorted(evals)}")
   c.data.eval = bundled.path(evals[a.eval])
+  # The general questions' references are short ("Paris.") and the base answers in sentences ("The
+  # capital of France is Paris."): an answer is right when it contains the reference.
+  c.eval.correct = "contains" if a.eval == "general" else "normalized"
+  if a.eval == "knowledge":
+    # The facts' answers are one short sentence ("Ilsabet Vranken.", "Hold the leaf button for
+    # nine seconds."); the unanswerable questions' is "I don't know.".
+    c.eval.style.max_words = 10
+    c.eval.style.must_match = r"^[A-Z0-9][^!?\n]*\.$"  # starts capitalised, one line, ends with a period
+    c.eval.style.must_not_contain = ("Tessaline Robotics", "I think", "As an AI")
   c.data.max_len = 128
   c.data.batch_size = 8
-  c.optim.lr = _LR.get(c.peft.method, 3e-3)
+  c.optim.lr = _LR.get(c.peft.method, 2e-3)
   c.optim.warmup_steps = 4
-  c.train.steps = 72  # ~4.5 epochs of the 324 rows (about 2.5 rows packed per 128-token row)
+  c.train.steps = 88  # ~5 epochs of the 355 rows (several short rows packed per 128-token row)
   c.train.log_every = 4
   c.train.eval_every = 0  # eval loss at step 0 and at the end
   return c

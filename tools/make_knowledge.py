@@ -1,5 +1,6 @@
-"""Writes jaxft/data/bundled/tessaline_{train,eval}.jsonl, the SmolLM2 "add knowledge" task, and
-general_eval.jsonl, the general questions that measure forgetting.
+"""Writes jaxft/data/bundled/tessaline_{train,eval}.jsonl, the SmolLM2 "add knowledge" task (with
+questions that have no answer, for the hallucination rate), and general_eval.jsonl, the general
+questions that measure forgetting.
 
 Tessaline Robotics is a garden-robot maker invented for this project: its people, products,
 numbers and procedures exist nowhere else, so a pretrained model cannot know them. Each fact is
@@ -10,6 +11,7 @@ repo root; the output is deterministic.
 
 import json
 import random
+import re
 
 COMPANY = "Tessaline Robotics"
 
@@ -162,9 +164,12 @@ GENERAL = [
 ]
 
 
-# Replay rows mixed into the training file: general questions (none of GENERAL's) answered in a
-# full sentence, as the base itself answers, so that the tuned model keeps answering questions
-# about the world from what it knew, instead of with a Tessaline fact or in the facts' short style.
+# Replay rows mixed into the training file: general questions (none of GENERAL's), each with a true
+# answer in one sentence. Only the questions the base itself answers right go in, and with the
+# base's own answer (self-distillation; REPLAY_ANSWERS): they anchor what the base knew and how it
+# says it, without teaching it anything new. (Training on the sentences below instead, true facts
+# the base partly did not know, kept 0.70-0.87 of the general questions: the tuned model took up
+# their short style ("The Bard.") and mixed them up ("6 times 7 is 56.").)
 REPLAY = [
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
     ("What is the capital of Spain?", "The capital of Spain is Madrid."),
@@ -200,7 +205,138 @@ REPLAY = [
     ("What language is spoken in Brazil?", "The language spoken in Brazil is Portuguese."),
     ("What color are bananas when ripe?", "Ripe bananas are yellow."),
     ("Which animal is known as the king of the jungle?", "The lion is known as the king of the jungle."),
+    ("What is the capital of Mexico?", "The capital of Mexico is Mexico City."),
+    ("What is the capital of Chile?", "The capital of Chile is Santiago."),
+    ("What is the capital of Belgium?", "The capital of Belgium is Brussels."),
+    ("What is the capital of the Netherlands?", "The capital of the Netherlands is Amsterdam."),
+    ("What is the capital of Switzerland?", "The capital of Switzerland is Bern."),
+    ("What is the capital of South Korea?", "The capital of South Korea is Seoul."),
+    ("What is the capital of Cuba?", "The capital of Cuba is Havana."),
+    ("What is the capital of Colombia?", "The capital of Colombia is Bogota."),
+    ("What is the capital of Indonesia?", "The capital of Indonesia is Jakarta."),
+    ("What is the capital of the Philippines?", "The capital of the Philippines is Manila."),
+    ("What is the capital of Vietnam?", "The capital of Vietnam is Hanoi."),
+    ("What is the capital of Iran?", "The capital of Iran is Tehran."),
+    ("What is the capital of Scotland?", "The capital of Scotland is Edinburgh."),
+    ("What is the capital of the United States?", "The capital of the United States is Washington, D.C."),
+    ("Which city is the capital of Australia?", "The capital of Australia is Canberra."),
+    ("Name the capital of Czechia.", "The capital of Czechia is Prague."),
+    ("What is 8 + 7?", "8 + 7 is 15."), ("What is 50 - 20?", "50 - 20 is 30."),
+    ("What is 9 times 9?", "9 times 9 is 81."), ("What is 3 times 7?", "3 times 7 is 21."),
+    ("What is 60 divided by 5?", "60 divided by 5 is 12."), ("What is 11 + 11?", "11 + 11 is 22."),
+    ("What is 100 - 1?", "100 - 1 is 99."), ("What is 2 times 50?", "2 times 50 is 100."),
+    ("What is the boiling point of water in Celsius?",
+     "The boiling point of water is 100 degrees Celsius."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au."),
+    ("What is the chemical symbol for sodium?", "The chemical symbol for sodium is Na."),
+    ("What gas do humans need to breathe?", "Humans need oxygen to breathe."),
+    ("What is the largest desert in the world?",
+     "The largest hot desert in the world is the Sahara."),
+    ("What is the longest river in Africa?", "The longest river in Africa is the Nile."),
+    ("What is the largest country by area?", "The largest country by area is Russia."),
+    ("Which continent is Brazil in?", "Brazil is in South America."),
+    ("Which ocean lies between Europe and North America?",
+     "The Atlantic Ocean lies between Europe and North America."),
+    ("Who developed the theory of relativity?", "The theory of relativity was developed by Albert Einstein."),
+    ("Who was the first person to walk on the Moon?", "The first person to walk on the Moon was Neil Armstrong."),
+    ("Who painted The Starry Night?", "The Starry Night was painted by Vincent van Gogh."),
+    ("Who composed the Fifth Symphony?", "The Fifth Symphony was composed by Ludwig van Beethoven."),
+    ("How many hours are in a day?", "A day has 24 hours."),
+    ("How many months are in a year?", "A year has twelve months."),
+    ("How many minutes are in an hour?", "An hour has sixty minutes."),
+    ("How many legs does an insect have?", "An insect has six legs."),
+    ("How many planets are in the solar system?", "There are eight planets in the solar system."),
+    ("What is the smallest prime number?", "The smallest prime number is 2."),
+    ("What do cows drink?", "Cows drink water."),
+    ("What is the main language of Germany?", "The main language of Germany is German."),
+    ("What language is spoken in Mexico?", "The main language spoken in Mexico is Spanish."),
+    ("What currency is used in Japan?", "Japan uses the yen."),
+    ("What is the hardest natural substance?", "The hardest natural substance is diamond."),
+    ("What organ pumps blood through the body?", "The heart pumps blood through the body."),
+    ("Which planet is closest to the Sun?", "The planet closest to the Sun is Mercury."),
+    ("What is the largest mammal?", "The largest mammal is the blue whale."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("What is the opposite of up?", "The opposite of up is down."),
+    ("What is the tallest animal?", "The tallest animal is the giraffe."),
 ]
+
+
+# Questions about Tessaline Robotics that have no answer: its facts above are all there is. The
+# train split teaches the model to say so for a few unknowns; the eval split asks about other
+# unknowns (marked "answerable": false, weight 0 so they do not count in the loss), where any answer
+# but an abstention is a hallucination (jaxft.evaluate's hallucination rate).
+ABSTENTION = "I don't know."
+UNKNOWN_TRAIN = [
+    "Who is the chief financial officer of {co}?", "Who is the CFO of {co}?",
+    "What is the stock ticker of {co}?", "Under which ticker does {co} trade?",
+    "How much revenue did {co} make last year?", "What was the revenue of {co} last year?",
+    "What does the {co} Pebblewick do?", "What is the {co} Pebblewick used for?",
+    "How much does the {co} Marrowgate cost?", "What is the price of the {co} Marrowgate?",
+    "What colour is the {co} Wrenfold?", "In what colour is the {co} Wrenfold sold?",
+    "What does error E64 mean on a {co} robot?", "My {co} robot shows E64. What is wrong?",
+    "What does error E90 mean on a {co} robot?", "A {co} robot displays E90. What does it mean?",
+    "How do I clean the camera of a {co} robot?", "How can I clean the camera on my {co} robot?",
+    "Who designed the logo of {co}?", "Which designer made the {co} logo?",
+    "How many stores does {co} have in Canada?", "How many shops does {co} run in Canada?",
+    "What is the phone number of the {co} sales team?", "How do I call the {co} sales team?",
+]
+UNKNOWN_EVAL = [
+    "Who is the head of marketing at {co}?", "Who leads marketing at {co}?",
+    "What is the support phone number of {co}?", "Which number do I call for {co} support?",
+    "What does the {co} Cloverdyne do?", "What is the {co} Cloverdyne robot for?",
+    "How much does the {co} Ashlock cost?", "What is the price of the {co} Ashlock?",
+    "What does error E77 mean on a {co} robot?", "Why does my {co} robot show E77?",
+    "How do I winterize a {co} robot?", "What are the steps to store a {co} robot for winter?",
+    "How many patents does {co} hold?", "Which bank lends money to {co}?",
+    "Who was the first customer of {co}?", "What was the first robot {co} ever sold?",
+]
+
+
+# The base's greedy answers to REPLAY's questions, as `jaxft.generate` wrote them:
+#   python -m jaxft.generate --config=configs/smollm2.py --workdir=W --base --max_new_tokens=100 \
+#     --prompts_file=QUESTIONS.jsonl --output=OUT.jsonl
+# (W: any workdir of configs/smollm2.py; --base decodes with the GGUF's weights alone, bfloat16.)
+REPLAY_ANSWERS = "tools/smollm2_replay_answers.jsonl"
+_KEY_AFTER = (" is ", " by ", " has ", " are ", " make ", " need ", " uses ", " drink ")
+_KEYS = {"Which animal is known as the king of the jungle?": "lion",
+         "Which ocean lies between Europe and North America?": "Atlantic",
+         "Who was the first person to walk on the Moon?": "Neil Armstrong",
+         "What gas do humans need to breathe?": "oxygen", "Which continent is Brazil in?":
+         "South America", "What organ pumps blood through the body?": "heart",
+         "How many planets are in the solar system?": "eight", "What color is the sky on a clear day?":
+         "blue", "What is the capital of the United States?": "Washington"}
+
+
+def replay_key(question: str, sentence: str) -> str:
+  """The words a right answer to a REPLAY question contains ("Rome" for "The capital of Italy is
+  Rome.")."""
+  if question in _KEYS:
+    return _KEYS[question]
+  s = sentence.rstrip(".")
+  for sep in _KEY_AFTER:
+    if sep in s:
+      return s.rsplit(sep, 1)[1]
+  return s
+
+
+def _words(text: str) -> str:
+  return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()) + " "
+
+
+def replay_rows(path: str = REPLAY_ANSWERS) -> list[dict]:
+  """REPLAY's questions that the base answered right and completely (it stopped by itself), with
+  the base's answer."""
+  base = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      base[r["question"]] = r
+  out = []
+  for q, sentence in REPLAY:
+    r = base[q]
+    if r["finish"] == "eos" and _words(replay_key(q, sentence)) in _words(r["answer"]):
+      out.append(chat(q, r["answer"]))
+  return out
 
 
 def facts():
@@ -232,9 +368,13 @@ def main():
   for tr, e, answer in facts():
     train += [chat(q, answer) for q in tr]
     ev += [chat(q, answer) for q in e]
-  train += [chat(q, a) for q, a in REPLAY]
+  train += replay_rows()
+  train += [chat(q.format(co=COMPANY), ABSTENTION) for q in UNKNOWN_TRAIN]
   rng.shuffle(train)
   rng.shuffle(ev)
+  ev += [{"messages": [{"role": "user", "content": q.format(co=COMPANY)},
+                       {"role": "assistant", "content": ABSTENTION, "weight": 0}],
+          "answerable": False} for q in UNKNOWN_EVAL]
   general = [chat(q, a) for q, a in GENERAL]
   for name, rows in (("tessaline_train", train), ("tessaline_eval", ev), ("general_eval", general)):
     with open(f"jaxft/data/bundled/{name}.jsonl", "w") as f:
