@@ -10,6 +10,10 @@ Quant types (--quant): f32, f16, bf16, q8_0, and q4_k_m: Q4_K for most matrices,
 output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (the first and last
 eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
 K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms stay float32.
+
+Tokenizers: SentencePiece (tokenizer.model) as llama.cpp's `llama` model (pieces, scores, types,
+add_space_prefix); byte-level BPE (tokenizer.json, e.g. SmolLM2's rebuilt from its GGUF) as `gpt2`
+(tokens, merges, types, and the pre-tokenizer's llama.cpp name: gpt2 or smollm).
 """
 
 from __future__ import annotations
