@@ -1,12 +1,14 @@
 """Exact match of an exported HF directory on a chat eval file, each client tokenizing by itself.
 
-  python bench/deploy_hf_clients.py HF_DIR EVAL.jsonl [--max_new_tokens=24]
+  python bench/deploy_hf_clients.py HF_DIR EVAL.jsonl [--max_new_tokens=24] [--ids_only]
 
 Clients: transformers (AutoTokenizer + apply_chat_template(tokenize=True), whatever version this
 interpreter has: run it under transformers 4.x and 5.x) and SentencePiece (the template rendered
 with jinja2, the text split at special tokens, each piece encoded by sentencepiece). Both feed
-transformers' model, greedy. Imports neither jax nor jaxft, so it runs in any venv with torch,
-transformers, sentencepiece and jinja2. Prints one JSON object.
+transformers' model, greedy. Rows marked "answerable": false are left out (as jaxft.evaluate's
+exact match does). Imports neither jax nor jaxft, so it runs in any venv with torch, transformers,
+sentencepiece and jinja2. --ids_only (no torch needed, e.g. tools/install_test_deps.sh's
+.venv-tf4) prints transformers' prompt ids instead of answering. Prints one JSON object.
 """
 
 import argparse
@@ -20,9 +22,25 @@ def _rows(path):
   with open(path, encoding="utf-8") as f:
     for line in f:
       if line.strip():
-        msgs = json.loads(line)["messages"]
+        row = json.loads(line)
+        if row.get("answerable") is False:
+          continue
+        msgs = row["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         yield msgs[:last], msgs[last]["content"]
+
+
+def _chat_ids(tok, prompt):
+  ids = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+  return [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+
+
+def _ids_only(hf_dir, eval_jsonl):
+  import transformers
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+  return {"transformers_version": transformers.__version__,
+          "ids": [_chat_ids(tok, prompt) for prompt, _ in _rows(eval_jsonl)]}
 
 
 def main():
@@ -30,7 +48,11 @@ def main():
   ap.add_argument("hf_dir")
   ap.add_argument("eval_jsonl")
   ap.add_argument("--max_new_tokens", type=int, default=24)
+  ap.add_argument("--ids_only", action="store_true", help="print transformers' prompt ids only")
   a = ap.parse_args()
+  if a.ids_only:
+    print(json.dumps(_ids_only(a.hf_dir, a.eval_jsonl)))
+    return
   import jinja2
   import sentencepiece as spm
   import torch
@@ -67,10 +89,7 @@ def main():
          "sentencepiece": 0, "same_ids": 0, "first_ids": None}
   t0 = time.time()
   for prompt, ref in _rows(a.eval_jsonl):
-    ids_hf = tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-    if hasattr(ids_hf, "keys"):
-      ids_hf = ids_hf["input_ids"]
-    ids_hf = [int(i) for i in ids_hf]
+    ids_hf = _chat_ids(tok, prompt)
     text = template.render(messages=prompt, add_generation_prompt=True,
                            bos_token=tc["bos_token"], eos_token=tc["eos_token"])
     ids_sp = sp_ids(text)

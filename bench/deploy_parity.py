@@ -5,8 +5,12 @@ logit parity of its GGUF exports in llama.cpp.
   python bench/deploy_parity.py --workdir=workdirs/quickstart --out=/tmp/deploy \\
       [--python4=/path/to/venv-with-transformers-4/bin/python]
 
-Writes OUT/hf (--format=hf), OUT/model-{f32,q8_0,q4_k_m}.gguf and prints one JSON object.
---python4 runs bench/deploy_hf_clients.py under another interpreter as well (transformers 4.x).
+Writes OUT/hf (--format=hf), OUT/model-{f32,f16,bf16,q8_0,q4_k_m}.gguf and prints one JSON
+object. Exact match is over the answerable rows, as jaxft.evaluate's. --python4 runs
+bench/deploy_hf_clients.py under another interpreter as well (transformers 4.x): with torch there
+it answers; without (tools/install_test_deps.sh's .venv-tf4) it gives its prompt ids, compared
+with this venv's transformers: identical ids on the same weights file mean identical greedy
+answers.
 """
 
 import argparse
@@ -37,12 +41,12 @@ def main():
   if not os.path.isdir(hf_dir):
     export.export_hf(a.workdir, hf_dir)
   ggufs = {}
-  for q in ("f32", "q8_0", "q4_k_m"):
+  for q in ("f32", "f16", "bf16", "q8_0", "q4_k_m"):
     ggufs[q] = os.path.join(a.out, f"model-{q}.gguf")
     if not os.path.isfile(ggufs[q]):
       export.export_gguf(a.workdir, ggufs[q], quant=q)
 
-  refs = evaluation.references(config.data.eval, config.data.format)
+  refs = [r for r in evaluation.references(config.data.eval, config.data.format) if r.answerable]
   trained = session.restore_trained(a.workdir)
   enc = session.encoder(config, a.workdir)
   dec = inference.Decoder(trained.model.cfg, trained.model.method, trained.params, trained.step)
@@ -102,7 +106,24 @@ def main():
                         f"--max_new_tokens={new}"], capture_output=True, text=True)
     res[f"hf_clients_{name}"] = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
                                  else {"error": r.stderr[-2000:]})
+  if a.python4 and "error" in res.get("hf_clients_python4", {}):  # no torch there: ids only
+    res["hf_clients_python4"] = _compare_ids(a.python4, here, hf_dir, config.data.eval)
   print(json.dumps(res, indent=1))
+
+
+def _compare_ids(python4: str, here: str, hf_dir: str, eval_jsonl: str) -> dict:
+  """transformers 4.x's prompt ids (another interpreter, --ids_only) against this venv's."""
+  import transformers
+  run = lambda py: subprocess.run([py, os.path.join(here, "deploy_hf_clients.py"), hf_dir,
+                                   eval_jsonl, "--ids_only"], capture_output=True, text=True)
+  r4, r5 = run(python4), run(sys.executable)
+  if r4.returncode or r5.returncode:
+    return {"error": (r4.stderr or r5.stderr)[-2000:]}
+  got4, got5 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (r4, r5))
+  same = sum(x == y for x, y in zip(got4["ids"], got5["ids"]))
+  return {"transformers_version": got4["transformers_version"], "n": len(got4["ids"]),
+          "same_ids_as": transformers.__version__, "same_ids": same / len(got4["ids"]),
+          "first_ids": got4["ids"][0][:4]}
 
 
 if __name__ == "__main__":

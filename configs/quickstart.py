@@ -18,8 +18,11 @@ from jaxft import configlib
 from jaxft.data import bundled
 
 # Learning rates (default 3e-3) measured to train each method on this task; prefixes start at
-# N(0, 1), as PEFT's, and need far larger steps to move.
-_LR = {"adapter": 1e-2, "prefix": 3e-1}
+# N(0, 1), as PEFT's, and need far larger steps to move. LoRA (the default, and qlora/int8):
+# 8e-3, which generalises to the held-out phrasings: exact match 0.9875 / 0.9875 / 1.000 for seeds
+# 0 / 1 / 2 (eval loss 0.30 at seed 0), where 3e-3 gave 0.90 / 0.95 / 0.9875 (0.77) and, at seed
+# 0, 5e-3 0.975 (0.47) and 5e-3 with LoRA dropout 0.1 0.975 (0.41); all 150 steps.
+_LR = {"lora": 8e-3, "adapter": 1e-2, "prefix": 3e-1}
 
 
 def get_config(arg=None):

@@ -10,10 +10,15 @@ Quant types (--quant): f32, f16, bf16, q8_0, and q4_k_m: Q4_K for most matrices,
 output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (the first and last
 eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
 K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms stay float32.
+
+Tokenizers: SentencePiece (tokenizer.model) as llama.cpp's `llama` model (pieces, scores, types,
+add_space_prefix); byte-level BPE (tokenizer.json, e.g. SmolLM2's rebuilt from its GGUF) as `gpt2`
+(tokens, merges, types, and the pre-tokenizer's llama.cpp name: gpt2 or smollm).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -21,6 +26,7 @@ from absl import logging
 
 from jaxft.errors import ConfigError
 from jaxft.models import hf
+from jaxft.quant import gguf_quants
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 _LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -69,15 +75,17 @@ def _more_bits(layer: int, n_layers: int) -> bool:
   return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int):
-  """The GGMLQuantizationType of tensor `name` (GGUF name, HF-layout shape) under --quant."""
+def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int,
+                tied: bool = False):
+  """The GGMLQuantizationType of tensor `name` (GGUF name, HF-layout shape) under --quant; with
+  tied embeddings (no output.weight) token_embd is the output head and gets its type."""
   from gguf import GGMLQuantizationType as T
   if len(shape) == 1 or quant == "f32":
     return T.F32
   if quant in ("f16", "bf16", "q8_0"):
     return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
   want = T.Q4_K
-  if name == "output.weight":
+  if name == "output.weight" or (tied and name == "token_embd.weight"):
     want = T.Q6_K
   elif name.endswith(("attn_v.weight", "ffn_down.weight")):
     if _more_bits(int(name.split(".")[1]), n_layers):
@@ -91,7 +99,6 @@ def encode(x: np.ndarray, qtype) -> np.ndarray:
   """x float32 [rows, cols] in GGUF type qtype: float arrays, or uint8 blocks per row."""
   from gguf import GGMLQuantizationType as T
   from gguf import quants
-  from jaxft.quant import gguf_quants
   if qtype == T.F32:
     return x.astype(np.float32)
   if qtype == T.F16:
@@ -144,23 +151,35 @@ def _sentencepiece_vocab(tok_dir: str, tok, vocab_size: int):
 
 
 def _add_tokenizer(w, tok_dir: str, enc, cfg) -> None:
-  if not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
-    raise ConfigError(f"--format=gguf: {tok_dir} has no tokenizer.model; only SentencePiece "
-                      "tokenizers are written to GGUF here (export --format=hf and convert it "
-                      "with convert_hf_to_gguf.py for BPE tokenizers)")
+  """The tokenizer metadata llama.cpp reads: SentencePiece (tokenizer.model) as `llama`, a
+  byte-level BPE tokenizer.json as `gpt2` with its merges and pre-tokenizer name; then the special
+  ids, whether BOS/EOS are added, and the chat template."""
   tok = enc.tok
+  if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
+    _add_sentencepiece(w, tok_dir, tok, cfg)
+  elif os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+    _add_byte_level(w, tok_dir, tok, cfg)
+  else:
+    raise ConfigError(f"--format=gguf: {tok_dir} has neither tokenizer.model (SentencePiece) nor "
+                      "tokenizer.json (byte-level BPE)")
+  for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
+                     ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+    if value is not None:
+      getattr(w, f"add_{key}_token_id")(int(value))
+  # What the tokenizer itself adds around plain text (llama.cpp adds the same when asked to).
+  ids = tok("a")["input_ids"]
+  w.add_add_bos_token(bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id)
+  w.add_add_eos_token(len(ids) > 1 and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id)
+  w.add_chat_template(enc.template)
+
+
+def _add_sentencepiece(w, tok_dir: str, tok, cfg) -> None:
   pieces, scores, types, sp = _sentencepiece_vocab(tok_dir, tok, cfg.vocab_size)
   w.add_tokenizer_model("llama")
   w.add_tokenizer_pre("default")
   w.add_token_list(pieces)
   w.add_token_scores(scores)
   w.add_token_types(types)
-  for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
-                     ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
-    if value is not None:
-      getattr(w, f"add_{key}_token_id")(int(value))
-  w.add_add_bos_token(bool(getattr(tok, "add_bos_token", True)))
-  w.add_add_eos_token(bool(getattr(tok, "add_eos_token", False)))
   add_prefix = _dummy_prefix(sp)
   w.add_add_space_prefix(add_prefix)
   pre = tok.backend_tokenizer.pre_tokenizer
@@ -168,7 +187,72 @@ def _add_tokenizer(w, tok_dir: str, enc, cfg) -> None:
     logging.warning("the tokenizer prefixes only the first piece of text with '▁' (legacy=False), "
                     "llama.cpp prefixes every piece after a special token: the ids of text after "
                     "special tokens will differ between jaxft and llama.cpp")
-  w.add_chat_template(enc.template)
+
+
+def _add_byte_level(w, tok_dir: str, tok, cfg) -> None:
+  path = os.path.join(tok_dir, "tokenizer.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: not readable JSON ({e})") from None
+  model = spec.get("model") or {}
+  if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+    raise ConfigError(f"{path}: model.type={model.get('type')!r}; GGUF export writes SentencePiece "
+                      "(tokenizer.model) or byte-level BPE tokenizers (export --format=hf and "
+                      "convert it with llama.cpp's convert_hf_to_gguf.py)")
+  pre = bpe_pre_name(path, spec.get("pre_tokenizer"))
+  tokens, types = _bpe_vocab(path, model["vocab"], spec.get("added_tokens") or [], cfg.vocab_size)
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+  if not merges:
+    raise ConfigError(f"{path}: model.merges is empty; a byte-level BPE tokenizer needs its merges")
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre(pre)
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(merges)
+
+
+def _step_kinds(pre: dict | None) -> list[dict]:
+  if not pre:
+    return []
+  return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+
+
+def bpe_pre_name(path: str, pre: dict | None) -> str:
+  """llama.cpp's name (tokenizer.ggml.pre) for a byte-level tokenizer.json's pre-tokenizer: `gpt2`
+  (ByteLevel with GPT-2's regex) or `smollm` (every digit alone, then the same). Raises
+  ConfigError naming the file for any other, whose split rules llama.cpp would not apply alike."""
+  steps = [(s.get("type"), s.get("individual_digits"), s.get("use_regex"))
+           for s in _step_kinds(pre)]
+  if steps == [("ByteLevel", None, True)]:
+    return "gpt2"
+  if steps == [("Digits", True, None), ("ByteLevel", None, True)]:
+    return "smollm"
+  raise ConfigError(f"{path}: pre_tokenizer {[s[0] for s in steps]} is not one GGUF export "
+                    "names (ByteLevel: gpt2; Digits(individual) + ByteLevel: smollm); export "
+                    "--format=hf and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _bpe_vocab(path: str, vocab: dict, added: list, vocab_size: int):
+  """(tokens, token types) dense by id: the BPE vocabulary, the added tokens (special ones
+  CONTROL, others USER_DEFINED), padded to the model's vocab_size with UNUSED [PADi]."""
+  from gguf import TokenType
+  by_id = {int(i): (t, TokenType.NORMAL) for t, i in vocab.items()}
+  for a in added:
+    kind = TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED
+    by_id[int(a["id"])] = (a["content"], kind)
+  n = max(by_id) + 1 if by_id else 0
+  if n > vocab_size:
+    raise ConfigError(f"{path}: the tokenizer has ids up to {n - 1}, beyond the model's vocab_size "
+                      f"{vocab_size}")
+  missing = [i for i in range(n) if i not in by_id]
+  if missing:
+    raise ConfigError(f"{path}: no token has id {missing[0]} ({len(missing)} ids missing); GGUF "
+                      "vocabularies are dense")
+  tokens = [by_id[i][0] for i in range(n)] + [f"[PAD{i}]" for i in range(n, vocab_size)]
+  types = [by_id[i][1] for i in range(n)] + [TokenType.UNUSED] * (vocab_size - n)
+  return tokens, types
 
 
 def _dummy_prefix(sp) -> bool:
@@ -194,7 +278,8 @@ def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
   entries = []
   for hf_name, p, layer, shape in hf.export_names(cfg):
     gname = gguf_name(hf_name)
-    entries.append((gname, p, layer, shape, tensor_type(quant, gname, shape, cfg.num_layers)))
+    entries.append((gname, p, layer, shape,
+                    tensor_type(quant, gname, shape, cfg.num_layers, cfg.tie_embeddings)))
   counts: dict[str, int] = {}
   for e in entries:
     counts[e[4].name] = counts.get(e[4].name, 0) + 1

@@ -5,8 +5,27 @@ import functools
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
+import pytest
+
+# The side venv tools/install_test_deps.sh makes with transformers 4.x (tokenizers only, no torch).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TF4_PYTHON = os.environ.get("JAXFT_TF4_PYTHON", os.path.join(ROOT, ".venv-tf4", "bin", "python"))
+
+_TF4_SCRIPT = """
+import json, sys
+import transformers
+from transformers import AutoTokenizer
+req = json.load(sys.stdin)
+tok = AutoTokenizer.from_pretrained(req["dir"], local_files_only=True)
+out = []
+for msgs, gen in req["chats"]:
+  ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+  out.append([int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
+print(json.dumps({"version": transformers.__version__, "ids": out}))
+"""
 
 
 def sentencepiece_ids(tok_dir: str, text: str) -> list[int]:
@@ -66,3 +85,18 @@ def render(tok_dir: str, messages, add_generation_prompt: bool) -> str:
   return env.from_string(c["chat_template"]).render(
       messages=messages, add_generation_prompt=add_generation_prompt, bos_token=c["bos_token"],
       eos_token=c["eos_token"])
+
+
+def transformers4_chat_ids(tok_dir: str, chats: list) -> tuple[str, list[list[int]]]:
+  """transformers 4.x (the side venv at TF4_PYTHON) on the directory: apply_chat_template(
+  tokenize=True) of each (messages, add_generation_prompt) in `chats`. Returns (its version, the
+  ids). Skips the calling test, saying why, when that venv is absent."""
+  if not os.path.isfile(TF4_PYTHON):
+    pytest.skip(f"no transformers 4.x venv at {TF4_PYTHON}: tools/install_test_deps.sh makes it "
+                "(or set JAXFT_TF4_PYTHON)")
+  r = subprocess.run([TF4_PYTHON, "-c", _TF4_SCRIPT], input=json.dumps({"dir": tok_dir, "chats": chats}),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  assert out["version"].startswith("4."), out["version"]
+  return out["version"], out["ids"]

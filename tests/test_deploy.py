@@ -70,7 +70,7 @@ def run(tmp_path_factory):
   train(c, workdir)
   trained = session.restore_trained(workdir)
   files = {}
-  for q in ("f32", "q8_0", "q4_k_m"):
+  for q in ("f32", "f16", "bf16", "q8_0", "q4_k_m"):
     files[q] = export.export_gguf(workdir, str(root / f"model-{q}.gguf"), quant=q)
   return dict(root=root, workdir=workdir, trained=trained, files=files)
 
@@ -208,6 +208,19 @@ def test_llama_cpp_f32_logits_match_jaxft(run, jaxft_ref):
     assert diff < 1e-4, diff
 
 
+@pytest.mark.parametrize("quant,tol", [("f16", 1e-2), ("bf16", 0.1)])
+def test_llama_cpp_16_bit_logits_close_to_jaxft(run, jaxft_ref, quant, tol):
+  """f16 and bf16 files load; measured on this run: max |logit difference| 2.7e-3 (f16) and
+  3.7e-2 (bf16), argmax agreement 1.0 for both (tolerances ~3x that, argmax >= 0.95)."""
+  diffs, agree = [], []
+  for i, seq in enumerate(SEQS):
+    got = _llama_logits(run["files"][quant], seq)
+    diffs.append(float(np.abs(got - jaxft_ref[i]).max()))
+    agree.append(got.argmax(-1) == jaxft_ref[i].argmax(-1))
+  assert max(diffs) < tol, max(diffs)
+  assert float(np.mean(agree)) >= 0.95
+
+
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
 def test_llama_cpp_quantized_argmax_agrees(run, jaxft_ref, quant):
   agree = []
@@ -232,4 +245,82 @@ def test_llama_cpp_chat_answers_equal_jaxft_generate(run):
     res = llm.create_chat_completion(messages=r.prompt.messages, temperature=0.0, top_k=1,
                                      max_tokens=12, seed=0)
     assert res["choices"][0]["message"]["content"].strip() == o["answer"], r.prompt.messages
+  llm.close()
+
+
+# -- byte-level BPE (SmolLM2, model.path a .gguf) -------------------------------------------------
+
+TEXTS = ["What is the capital of France?", "Tessaline T-800 costs $1,249.99 (2024)!",
+         "  two  spaces\nand a tab\there: café, naïve, 東京 🤖", "x=12345678; y = x*2"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+  """configs/smollm2.py (LoRA, all linear layers) for 2 steps on a 2-layer copy of the SmolLM2
+  GGUF file, float32, exported back to GGUF (f32)."""
+  from gguf_tiny import smollm2_path, truncated_copy
+  from jaxft.trainer import train
+  root = tmp_path_factory.mktemp("smollm2")
+  (root / "base").mkdir()  # (an export beside model.path is refused: it would overlap its directory)
+  trunc = truncated_copy(smollm2_path(), str(root / "base" / "smollm2-2layers.gguf"), layers=2)
+  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "smollm2").get_config()
+  c.model.path = trunc
+  c.model.dtype = c.model.param_dtype = "float32"
+  c.data.eval = ""
+  c.data.max_len = 64
+  c.data.batch_size = 2
+  c.optim.warmup_steps = 0
+  c.train.steps = 2
+  c.train.progress = False
+  workdir = str(root / "work")
+  train(c, workdir)
+  out = export.export_gguf(workdir, str(root / "tuned-f32.gguf"), quant="f32")
+  trained = session.restore_trained(workdir)
+  return dict(workdir=workdir, trained=trained, gguf=out,
+              enc=session.encoder(trained.config, workdir))
+
+
+def test_byte_level_gguf_export_has_merges_pre_tokenizer_and_chatml(smollm2_run):
+  r = gguf.GGUFReader(smollm2_run["gguf"])
+  field = lambda k: r.fields[k].contents()
+  enc = smollm2_run["enc"]
+  assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "smollm")
+  assert field("tokenizer.chat_template") == enc.template and "<|im_start|>" in enc.template
+  tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+  assert len(tokens) == 49152 and len(field("tokenizer.ggml.merges")) > 40000
+  im_start = enc.tok.convert_tokens_to_ids("<|im_start|>")
+  assert tokens[im_start] == "<|im_start|>" and types[im_start] == gguf.TokenType.CONTROL
+  assert types[1000] == gguf.TokenType.NORMAL
+  assert field("tokenizer.ggml.eos_token_id") == enc.tok.eos_token_id
+  assert field("tokenizer.ggml.add_bos_token") is False  # SmolLM2 adds no BOS to plain text
+  assert "output.weight" not in {t.name for t in r.tensors}  # tied: llama.cpp reuses token_embd
+
+
+def test_llama_cpp_tokenizes_and_answers_like_jaxft_on_a_byte_level_export(smollm2_run):
+  """The SmolLM2 LoRA run's GGUF in llama.cpp: its own tokenizer gives jaxft's ids (chats with
+  ChatML specials, digits, unicode, runs of spaces), f32 logits within 1e-4 of jaxft's, and
+  greedy chat answers through the stored template equal jaxft's."""
+  from jaxft import inference
+  enc, t = smollm2_run["enc"], smollm2_run["trained"]
+  llm = _llama(smollm2_run["gguf"], logits_all=True)
+  chats = [[{"role": "user", "content": x}] for x in TEXTS]
+  chats.append(chats[0] + [{"role": "assistant", "content": "Paris."},
+                           {"role": "user", "content": "And of Peru?"}])
+  for text in TEXTS + [enc.render(m, True) for m in chats]:
+    ours = [int(i) for i in enc.tok(text, add_special_tokens=False)["input_ids"]]
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours, text
+  ids = enc.tok(enc.render(chats[-1], True), add_special_tokens=False)["input_ids"]
+  llm.reset()
+  llm.eval([int(i) for i in ids])
+  got = np.array(llm.scores[: len(ids)], np.float32)
+  ref = jaxft_logits(t.model.cfg, t.params, np.asarray([ids]), t.model.method)[0]
+  assert np.abs(got - ref).max() < 1e-4
+  llm.close()
+  dec = inference.Decoder(t.model.cfg, t.model.method, t.params, t.step)
+  ours = inference.answer(dec, enc, [inference.Prompt(f"chat {i}", m) for i, m in enumerate(chats)],
+                          max_new_tokens=8)
+  llm = _llama(smollm2_run["gguf"])
+  for msgs, o in zip(chats, ours):
+    res = llm.create_chat_completion(messages=msgs, temperature=0.0, top_k=1, max_tokens=8, seed=0)
+    assert res["choices"][0]["message"]["content"].strip() == o["answer"], msgs
   llm.close()

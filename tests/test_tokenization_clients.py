@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from clients import render, sentencepiece_ids, tokenizers_ids, transformers_chat_ids
+from clients import render, sentencepiece_ids, tokenizers_ids, transformers4_chat_ids, \
+    transformers_chat_ids
 from jaxft.data import bundled, formats, pipeline, sources
 from jaxft.data.tokenize import DEFAULT_CHAT_TEMPLATE, Encoder, load_tokenizer, \
     write_quickstart_tokenizer
@@ -73,6 +74,19 @@ def test_prompts_and_chats_give_the_same_ids_in_every_client(tok_dir, enc):
     assert ex.ids.tolist() == transformers_chat_ids(tok_dir, msgs, False)
     checked += 1
   assert checked == 106  # 90 eval prompts + 16 chats
+
+
+def test_transformers_4_gives_the_same_ids(tok_dir, enc):
+  """transformers 4.x (its own venv, no torch) on the same directory: apply_chat_template(
+  tokenize=True) of the 90 eval prompts and the 16 chats gives the ids jaxft trains and prompts
+  with (it reads the template from tokenizer_config.json and `legacy` from there too)."""
+  evals, multi = _conversations()
+  chats = [(m[:-1], True) for m in evals] + [(m, False) for m in multi + evals[:5]]
+  _, got = transformers4_chat_ids(tok_dir, chats)
+  want = [enc.prompt_ids(m[0]["content"]).tolist() for m, _ in chats[:90]]
+  want += [enc.chat("x:1", m).ids.tolist() for m, _ in chats[90:]]
+  assert len(got) == 106 and got == want
+  assert got[0][:2] == [1, 1247]
 
 
 def test_completion_and_alpaca_rows_match_sentencepiece(tok_dir, enc):

@@ -1,19 +1,43 @@
 #!/usr/bin/env bash
-# Test dependencies pip cannot give, installed by the README's test command (and so by CI):
-# Debian's chromium, which the /compare page test drives through Playwright (Playwright's own
-# browser download does not work offline). Idempotent; a no-op when it is already there.
+# Test dependencies pip cannot give in the main venv, installed by the README's test command (and
+# so by CI). Idempotent; each part is a no-op when it is already there.
+#  1. Debian's chromium, which the /compare page test drives through Playwright (Playwright's own
+#     browser download does not work offline).
+#  2. .venv-tf4: a side venv with transformers 4.x and tokenizers (no torch: tokenization only),
+#     so tests/test_tokenization_clients.py checks that transformers 4.x gives the ids jaxft trains
+#     on, beside the main venv's transformers 5.x.
 set -euo pipefail
-if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
-  exit 0
-fi
-SUDO=""
-if [ "$(id -u)" != "0" ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
-    echo "tools/install_test_deps.sh: not root and no sudo: install Debian's chromium yourself" \
-         "(the browser test will be skipped)" >&2
-    exit 0
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return 0
   fi
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  local sudo=""
+  if [ "$(id -u)" != "0" ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else
+      echo "tools/install_test_deps.sh: not root and no sudo: install Debian's chromium yourself" \
+           "(the browser test will be skipped)" >&2
+      return 0
+    fi
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+}
+
+install_transformers4() {
+  local venv="$ROOT/.venv-tf4"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c \
+      'import transformers, sys; sys.exit(not transformers.__version__.startswith("4."))' 2>/dev/null; then
+    return 0
+  fi
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q "transformers==4.57.*" tokenizers sentencepiece jinja2 \
+    protobuf || { echo "tools/install_test_deps.sh: could not install transformers 4.x into" \
+                       "$venv (its test will be skipped)" >&2; rm -rf "$venv"; }
+}
+
+install_chromium
+install_transformers4
