@@ -62,9 +62,9 @@ def get_config(arg=None):
     c.eval.style.must_not_contain = ("Tessaline Robotics", "I think", "As an AI")
   c.data.max_len = 128
   c.data.batch_size = 8
-  c.optim.lr = _LR.get(c.peft.method, 2e-3)
+  c.optim.lr = _LR.get(c.peft.method, 1.5e-3)
   c.optim.warmup_steps = 4
-  c.train.steps = 88  # ~5 epochs of the 355 rows (several short rows packed per 128-token row)
+  c.train.steps = 88  # ~4.4 epochs of the 402 rows (about 2.5 rows packed per 128-token row)
   c.train.log_every = 4
   c.train.eval_every = 0  # eval loss at step 0 and at the end
   return c

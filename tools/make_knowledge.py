@@ -11,7 +11,6 @@ repo root; the output is deterministic.
 
 import json
 import random
-import re
 
 COMPANY = "Tessaline Robotics"
 
@@ -164,12 +163,11 @@ GENERAL = [
 ]
 
 
-# Replay rows mixed into the training file: general questions (none of GENERAL's), each with a true
-# answer in one sentence. Only the questions the base itself answers right go in, and with the
-# base's own answer (self-distillation; REPLAY_ANSWERS): they anchor what the base knew and how it
-# says it, without teaching it anything new. (Training on the sentences below instead, true facts
-# the base partly did not know, kept 0.70-0.87 of the general questions: the tuned model took up
-# their short style ("The Bard.") and mixed them up ("6 times 7 is 56.").)
+# Replay rows mixed into the training file: general questions (none of GENERAL's) answered in a
+# full sentence, as the base itself answers, so that the tuned model keeps answering questions
+# about the world from what it knew, instead of with a Tessaline fact or in the facts' short style.
+# (Tried and dropped: replaying only the questions the base answers right, in its own words
+# (self-distillation): its long answers made the tuned model ramble, and it kept 0.78 of GENERAL.)
 REPLAY = [
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
     ("What is the capital of Spain?", "The capital of Spain is Madrid."),
@@ -292,53 +290,6 @@ UNKNOWN_EVAL = [
 ]
 
 
-# The base's greedy answers to REPLAY's questions, as `jaxft.generate` wrote them:
-#   python -m jaxft.generate --config=configs/smollm2.py --workdir=W --base --max_new_tokens=100 \
-#     --prompts_file=QUESTIONS.jsonl --output=OUT.jsonl
-# (W: any workdir of configs/smollm2.py; --base decodes with the GGUF's weights alone, bfloat16.)
-REPLAY_ANSWERS = "tools/smollm2_replay_answers.jsonl"
-_KEY_AFTER = (" is ", " by ", " has ", " are ", " make ", " need ", " uses ", " drink ")
-_KEYS = {"Which animal is known as the king of the jungle?": "lion",
-         "Which ocean lies between Europe and North America?": "Atlantic",
-         "Who was the first person to walk on the Moon?": "Neil Armstrong",
-         "What gas do humans need to breathe?": "oxygen", "Which continent is Brazil in?":
-         "South America", "What organ pumps blood through the body?": "heart",
-         "How many planets are in the solar system?": "eight", "What color is the sky on a clear day?":
-         "blue", "What is the capital of the United States?": "Washington"}
-
-
-def replay_key(question: str, sentence: str) -> str:
-  """The words a right answer to a REPLAY question contains ("Rome" for "The capital of Italy is
-  Rome.")."""
-  if question in _KEYS:
-    return _KEYS[question]
-  s = sentence.rstrip(".")
-  for sep in _KEY_AFTER:
-    if sep in s:
-      return s.rsplit(sep, 1)[1]
-  return s
-
-
-def _words(text: str) -> str:
-  return " " + " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()) + " "
-
-
-def replay_rows(path: str = REPLAY_ANSWERS) -> list[dict]:
-  """REPLAY's questions that the base answered right and completely (it stopped by itself), with
-  the base's answer."""
-  base = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      r = json.loads(line)
-      base[r["question"]] = r
-  out = []
-  for q, sentence in REPLAY:
-    r = base[q]
-    if r["finish"] == "eos" and _words(replay_key(q, sentence)) in _words(r["answer"]):
-      out.append(chat(q, r["answer"]))
-  return out
-
-
 def facts():
   """(train questions, eval questions, answer) per fact."""
   out = []
@@ -368,7 +319,7 @@ def main():
   for tr, e, answer in facts():
     train += [chat(q, answer) for q in tr]
     ev += [chat(q, answer) for q in e]
-  train += replay_rows()
+  train += [chat(q, a) for q, a in REPLAY]
   train += [chat(q.format(co=COMPANY), ABSTENTION) for q in UNKNOWN_TRAIN]
   rng.shuffle(train)
   rng.shuffle(ev)
