@@ -153,6 +153,30 @@ def tree_shardings(spec_tree, mesh: Mesh, rules: Rules | None = None):
                       spec_tree, is_leaf=is_leaf)
 
 
+def spread_over_fsdp(shardings, spec_tree):
+  """`shardings` (of a tree of llama.ParamSpec-like leaves) with every array that the fsdp axis
+  does not split yet split over it on its largest dimension that fsdp divides and no mesh axis
+  uses. For the small trainable leaves (LoRA A/B) whose axes map to `tensor` only: on a mesh
+  without a tensor axis they would otherwise be whole on every chip, with their optimizer state."""
+  is_leaf = lambda x: hasattr(x, "axes") and hasattr(x, "shape")
+
+  def one(sh: NamedSharding, spec) -> NamedSharding:
+    n = sh.mesh.shape["fsdp"]
+    parts = list(sh.spec) + [None] * (len(spec.shape) - len(sh.spec))
+    used = {a for p in parts if p is not None for a in (p if isinstance(p, tuple) else (p,))}
+    if n == 1 or "fsdp" in used:
+      return sh
+    free = [i for i, p in enumerate(parts)  # (never the scanned layer axis: sliced per layer)
+            if p is None and spec.axes[i] != "layers" and spec.shape[i] % n == 0]
+    if not free:
+      return sh
+    parts[max(free, key=lambda i: spec.shape[i])] = "fsdp"
+    return NamedSharding(sh.mesh, P(*parts))
+
+  return jax.tree.map(one, shardings, spec_tree, is_leaf=lambda x: isinstance(x, NamedSharding)
+                      or is_leaf(x))
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """`spec` applied to an array of `shape` (same rank), replicating the dims it does not divide."""
   parts = list(spec) + [None] * (len(shape) - len(spec))

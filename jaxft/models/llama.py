@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxft import target
 from jaxft.models.config import ModelConfig
 from jaxft.models.rope import apply_rope, inverse_frequencies
 
@@ -236,7 +237,7 @@ def attention_impl(cfg: ModelConfig, plain: bool = True) -> str:
     return "einsum"
   if cfg.attention != "auto":
     return cfg.attention
-  if (jax.default_backend() == "gpu"
+  if (target.platform() == "gpu"
       and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0
       and cfg.head_dim <= 128):
     return "cudnn"
@@ -377,7 +378,8 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   x = x + adapter.block_output("attn", p, attn, dtype)
 
   h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-  mlp = lin("down_proj", swiglu(lin("gate_proj", h), lin("up_proj", h)))
+  act = target.constrain(swiglu(lin("gate_proj", h), lin("up_proj", h)), ("batch", "length", "mlp"))
+  mlp = lin("down_proj", act)
   x = x + adapter.block_output("mlp", p, mlp, dtype)
   return x, new_cache
 
@@ -394,7 +396,11 @@ def pack_16bit(tree):
 
   Why: XLA's CPU backend has no bf16 dynamic-slice, so a scan over bf16 weights upcasts the whole
   stacked array to float32 once per step, then slices and re-rounds it per layer (2x the weights'
-  bytes written, 3x read). An integer slice is native everywhere; the casts are bit-casts."""
+  bytes written, 3x read). An integer slice is native everywhere; the casts are bit-casts. Only
+  programs built for CPU pack (jaxft.target): accelerators slice 16-bit floats natively."""
+  if target.platform() != "cpu":
+    return tree
+
   def one(x):
     if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _PACKED:
       return jax.lax.bitcast_convert_type(x, _PACKED[jnp.dtype(x.dtype)])
@@ -409,6 +415,9 @@ def unpack_16bit(tree):
       return jax.lax.bitcast_convert_type(x, _UNPACKED[jnp.dtype(x.dtype)])
     return x
   return jax.tree.map(one, tree)
+
+
+_ACTS = ("batch", "length", "embed")  # logical axes of the hidden states (jaxft.target)
 
 
 def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
@@ -441,6 +450,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
     segment_ids = jnp.ones((B, T), jnp.int32)
   # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, step.pack_frozen)
   x = unpack_16bit(jnp.take(params["embed"]["embedding"], tokens, axis=0)).astype(dtype)
+  x = target.constrain(x, _ACTS)  # rows stay on their chips through every layer (FSDP)
   q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   kv_seg = segment_ids
   if cache is not None:
@@ -456,7 +466,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
     p, layer_rng, layer_cache = xs
     ctx = {"positions": positions, "mask": mask, "rng": None if rng is None else layer_rng,
            "cache": layer_cache, "cache_index": cache_index}
-    return _layer(cfg, adapter, inv_freq, x, p, ctx)
+    x, new_cache = _layer(cfg, adapter, inv_freq, x, p, ctx)
+    return target.constrain(x, _ACTS), new_cache
 
   layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
   layers = adapter.layer_params(cfg, params)  # params["layers"], or derived by the method
