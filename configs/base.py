@@ -69,6 +69,7 @@ def get_config(arg=None):
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
+  c.train.compile_cache = ""      # persistent compilation cache: "" = WORKDIR/compile_cache, none = off, or a dir
   c.train.objective = "sft"       # sft | dpo | orpo | simpo (the last three read preference pairs)
   c.train.precompute_reference = False  # dpo: reference log-probs of the starting model, computed
                                   # once before training (needed by full fine-tuning; with a PEFT

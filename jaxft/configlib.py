@@ -81,7 +81,8 @@ SHAPE_KEYS = ("model.path", "model.preset", "model.quant", "model.param_dtype", 
               "peft.targets", "peft.lora.rank", "peft.adapter", "peft.prefix", "optim.clip_norm",
               "optim.weight_decay")
 LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.eval_accuracy", "train.progress", "train.peak_tflops", "checkpoint",
+                  "train.eval_accuracy", "train.progress", "train.peak_tflops",
+                  "train.compile_cache", "checkpoint",
                   "data.eval", "mesh", "model.remat", "model.attention", "eval")
 
 

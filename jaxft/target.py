@@ -55,6 +55,11 @@ def activation_mesh(mesh: Mesh):
     _MESH.reset(token)
 
 
+def current_mesh() -> Mesh | None:
+  """The activation mesh of the step being traced, or None."""
+  return _MESH.get()
+
+
 def _size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 

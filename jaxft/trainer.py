@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxft import (checkpoint, configlib, curves, files, flops, objectives, optim, peft, session,
-                   sharding, target, workdir as workdir_lib)
+from jaxft import (checkpoint, compile_cache, configlib, curves, files, flops, objectives, optim,
+                   peft, session, sharding, target, workdir as workdir_lib)
 from jaxft.data import pipeline, preference
 from jaxft.errors import CheckpointError, JaxftError
 from jaxft.metrics import MetricsWriter
@@ -244,6 +244,9 @@ def train(config, workdir: str) -> dict:
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    cache = compile_cache.use(config.train.compile_cache, workdir)  # before anything compiles
+    if cache:
+      logging.info("compilation cache: %s", cache)
     return _train(config, workdir, mesh, model_cfg, objective)
 
 

@@ -38,7 +38,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots
-  attention: str = "auto"  # auto | einsum | xla | cudnn (see llama.attention_impl)
+  attention: str = "auto"  # auto | einsum | xla | cudnn | splash (see llama.attention_impl)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -46,8 +46,9 @@ class ModelConfig:
                         f"num_kv_heads={self.num_kv_heads}")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat={self.remat!r}: expected none, full or dots")
-    if self.attention not in ("auto", "einsum", "xla", "cudnn"):
-      raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla or cudnn")
+    if self.attention not in ("auto", "einsum", "xla", "cudnn", "splash"):
+      raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla, cudnn "
+                        "or splash")
 
   @property
   def q_size(self) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import target
+from jaxft.models import attention_kernels
 from jaxft.models.config import ModelConfig
 from jaxft.models.rope import apply_rope, inverse_frequencies
 
@@ -222,21 +223,26 @@ def _linear_bwd(dtype, res, g):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-ATTENTION = ("auto", "einsum", "xla", "cudnn")
+ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
-def attention_impl(cfg: ModelConfig, plain: bool = True) -> str:
+def attention_impl(cfg: ModelConfig, plain: bool = True, length: int = 0) -> str:
   """The attention implementation `cfg.attention` (model.attention) resolves to.
 
   `plain`: no KV cache and no prefix keys, so queries and keys share positions (causal is the
   usual lower triangle). auto: cuDNN's fused (flash) attention through
   `jax.nn.dot_product_attention` on GPUs in bf16/fp16 for plain attention, else jaxft's einsum
   path, which serves every case (packed segments, sliding windows, KV caches, prefix keys) and on
-  CPU measured as fast as the XLA implementation of `jax.nn.dot_product_attention`."""
+  CPU measured as fast as the XLA implementation of `jax.nn.dot_product_attention`; on TPUs the
+  splash (flash) Pallas kernel (models/attention_kernels.py) for plain attention over `length`
+  tokens that it supports. The platform is the one the program is built for (jaxft.target), not
+  necessarily this host's."""
   if not plain:
     return "einsum"
   if cfg.attention != "auto":
     return cfg.attention
+  if target.platform() == "tpu" and attention_kernels.supported(length or 128, cfg.head_dim):
+    return "splash"
   if (target.platform() == "gpu"
       and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0
       and cfg.head_dim <= 128):
@@ -303,7 +309,8 @@ def _causal_blocks(T: int) -> int:
   return min(T // 128, 8)
 
 
-def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1):
+def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1,
+            segment_ids=None, window=None):
   """q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H*hd] in `dtype`. Softmax in float32.
 
   einsum: the G = H/K query heads that share a key/value head become rows of one [T*G, S] score
@@ -314,6 +321,8 @@ def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1):
   B, T, H, hd = q.shape
   S, K = k.shape[1], k.shape[2]
   G = H // K
+  if impl == "splash":  # plain attention only: causal within segments (and the window)
+    return attention_kernels.splash(q, k, v, segment_ids, dtype, window)
   if impl in ("xla", "cudnn"):  # plain attention only (see attention_impl): causal is exact
     out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                        mask=mask[:, None], is_causal=True, implementation=impl)
@@ -372,8 +381,9 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), mask], axis=-1)
   plain = ctx["cache"] is None and prefix is None
-  impl = attention_impl(cfg, plain=plain)
-  attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1)
+  impl = attention_impl(cfg, plain=plain, length=T)
+  attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1,
+                 ctx["segment_ids"], cfg.sliding_window)
   attn = lin("o_proj", attn)
   x = x + adapter.block_output("attn", p, attn, dtype)
 
@@ -464,7 +474,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
 
   def body(x, xs):
     p, layer_rng, layer_cache = xs
-    ctx = {"positions": positions, "mask": mask, "rng": None if rng is None else layer_rng,
+    ctx = {"positions": positions, "mask": mask, "segment_ids": segment_ids, "rng": None if rng is None else layer_rng,
            "cache": layer_cache, "cache_index": cache_index}
     x, new_cache = _layer(cfg, adapter, inv_freq, x, p, ctx)
     return target.constrain(x, _ACTS), new_cache
