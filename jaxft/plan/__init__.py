@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 from typing import Any
 
@@ -174,6 +175,9 @@ def chip_memory_gib(device) -> float | None:
       return stats["bytes_limit"] / _GIB
   except Exception:  # deviceless topology devices and CPUs report nothing
     pass
+  if device.platform == "cpu":  # the host's memory, shared by its CPU devices
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / _GIB / max(1, len(jax.local_devices(backend="cpu")))
   for name, gib in HBM_GIB:
     if name.lower() in device.device_kind.lower():
       return gib
@@ -315,12 +319,16 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
-def plan(config, topology: str = "local", chips: int = 0, time: bool = True) -> dict:
+def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
+         memory_gib: float = 0.0) -> dict:
   """Builds, compiles and reports the train step of `config` on `topology`; see the module doc.
-  time=False skips the two extra compiles of the time estimate (then reported unknown)."""
+  time=False skips the two extra compiles of the time estimate (then reported unknown);
+  memory_gib > 0 replaces the chip's memory (a chip the table does not know, or a share of one)."""
   devices = topology_devices(topology, chips)
   ab = build(config, devices)
   secs = estimate_seconds(config, devices) if time else None
   r = report(config, ab, compile_step(ab), secs)
+  if memory_gib > 0:
+    r["chip_gib"], r["fits"] = memory_gib, r["total_gib"] <= memory_gib
   r["topology"] = topology if not chips else f"{topology} (first {chips} chips)"
   return r

@@ -24,6 +24,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", "local",
                                 "'local' or a TPU topology name: v5e:2x2, v5p:2x2x1, v6e:8x8, ...")
 _CHIPS = flags.DEFINE_integer("chips", 0, "Use only the first N chips of the topology (0: all).")
 _TIME = flags.DEFINE_bool("time", True, "Estimate the step time (two more, shallow, compiles).")
+_MEMORY = flags.DEFINE_float("memory_gib", 0.0, "Memory per chip in GiB (0: the chip's own).")
 _JSON = flags.DEFINE_bool("json", False, "Print the plan as one JSON object.")
 
 
@@ -34,7 +35,8 @@ def _main(argv):
     # which locks a file in the temporary directory: let a second planner, or a test beside it,
     # load it too. No TPU is opened.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  r = plan.plan(_CONFIG.value, _TOPOLOGY.value, _CHIPS.value, _TIME.value)
+  r = plan.plan(_CONFIG.value, _TOPOLOGY.value, _CHIPS.value, _TIME.value,
+                _MEMORY.value)
   print(json.dumps(r, indent=1) if _JSON.value else plan.format_report(r), flush=True)
   if r["fits"] is False:
     sys.exit(1)
