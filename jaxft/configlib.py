@@ -62,7 +62,7 @@ def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) 
   c.model.preset = preset
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
-  c.model.remat = "dots"
+  c.model.remat = "auto"  # dots on CPU, full on accelerators (llama._remat)
   apply_method(c, method)
   c.data.max_len = 2048
   c.data.batch_size = 16
