@@ -20,7 +20,8 @@ from jaxft.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 # Logical axis -> mesh axis (None = replicated). fsdp shards the model dimension of every matrix
-# (ZeRO-3 style: gathered per layer inside the scan); tensor shards heads, MLP and vocabulary
+# (ZeRO-3 style: gathered per layer inside the scan, since the decoder pins activations to the batch
+# axes, jaxft.target); tensor shards heads, MLP and vocabulary
 # (Megatron style). LoRA A/B reuse the logical axes of the kernel they adapt, so they are sharded
 # like it on those dimensions; their rank dimension (`lora`) stays whole.
 RULES: dict[str, str | tuple[str, ...] | None] = {
