@@ -23,7 +23,8 @@ AXES = ("data", "fsdp", "tensor")
 # (ZeRO-3 style: gathered per layer inside the scan, since the decoder pins activations to the batch
 # axes, jaxft.target); tensor shards heads, MLP and vocabulary
 # (Megatron style). LoRA A/B reuse the logical axes of the kernel they adapt, so they are sharded
-# like it on those dimensions; their rank dimension (`lora`) stays whole.
+# like it on those dimensions; a leaf that fsdp does not split that way is split over fsdp on its
+# rank (`spread_over_fsdp`), so that no trainable leaf is whole on every chip.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None, "norm": None, "lora": None,
     "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor",
