@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import flops, objectives, peft, quant, session, sharding, target, trainer
+from jaxft import flops, peft, quant, session, sharding, target, trainer
 from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.step import pack_frozen
