@@ -430,6 +430,13 @@ def unpack_16bit(tree):
 _ACTS = ("batch", "length", "embed")  # logical axes of the hidden states (jaxft.target)
 
 
+def remat_policy(cfg: ModelConfig) -> str:
+  """model.remat with auto resolved for the platform being built for (see `_remat`)."""
+  if cfg.remat == "auto":
+    return "dots" if target.platform() == "cpu" else "full"
+  return cfg.remat
+
+
 def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
   """model.remat: none keeps every residual of a layer for the backward; full keeps only the layer's
   input and recomputes the layer in the backward (least memory, about a third more FLOPs); dots
@@ -437,9 +444,7 @@ def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
   (norms, activations, attention); auto is dots in programs built for CPU (jaxft.target) and full
   on accelerators, where dots kept 25 GB per chip for Llama-3-8B at batch 8 x 2048 on four 16 GB
   v5e chips and full fits (`python -m jaxft.plan` shows what a config needs)."""
-  remat = cfg.remat
-  if remat == "auto":
-    remat = "dots" if target.platform() == "cpu" else "full"
+  remat = remat_policy(cfg)
   if remat == "full":
     return jax.checkpoint(fn)
   if remat == "dots":

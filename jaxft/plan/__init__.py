@@ -244,13 +244,15 @@ def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
   n_added = 0 if ab.method.trains_base else peft.count_params(trainable)
   step_flops = rows * T * flops.train_flops_per_token(ab.cfg, ab.method.trains_base, n_added, keys)
   peak = _peak(device, config)
+  with target.building_for(device.platform):  # what the compiled step chose
+    attention, remat = llama.attention_impl(ab.cfg, length=T), llama.remat_policy(ab.cfg)
   tok = None if secs is None else rows * T / secs / chips
   return {
       "topology": config_topology(ab), "chips": chips, "device_kind": device.device_kind,
       "mesh": {a: int(ab.mesh.shape[a]) for a in sharding.AXES},
       "model": {"layers": ab.cfg.num_layers, "hidden": ab.cfg.hidden_size},
-      "method": ab.method.name, "quant": config.model.quant, "remat": ab.cfg.remat,
-      "attention": llama.attention_impl(ab.cfg),
+      "method": ab.method.name, "quant": config.model.quant, "remat": remat,
+      "attention": attention,
       "batch": rows, "accum": config.optim.accum_steps, "seq": T,
       "gib": {k: v / _GIB for k, v in parts.items()}, "total_gib": total / _GIB,
       "chip_gib": hbm, "fits": None if hbm is None else total / _GIB <= hbm,
