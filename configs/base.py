@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.model.dtype = "float32"       # compute dtype of matmuls (float32 | bfloat16)
   c.model.param_dtype = "float32" # storage dtype of float parameters
   c.model.quant = "none"          # none | int8 | nf4: how the frozen base kernels are stored
-  c.model.remat = "none"          # none | full | dots: activation rematerialisation per layer
+  c.model.remat = "none"          # none | full | dots | auto (dots on CPU, full on accelerators): activation rematerialisation per layer
   c.model.attention = "auto"      # auto | einsum | xla | cudnn (auto: cuDNN on GPUs in bf16)
   c.model.tokenizer = ""          # tokenizer directory; empty = model.path (or the quickstart one)
 
@@ -69,6 +69,7 @@ def get_config(arg=None):
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
+  c.train.compile_cache = ""      # persistent compilation cache: "" = WORKDIR/compile_cache, none = off, or a dir
   c.train.objective = "sft"       # sft | dpo | orpo | simpo (the last three read preference pairs)
   c.train.precompute_reference = False  # dpo: reference log-probs of the starting model, computed
                                   # once before training (needed by full fine-tuning; with a PEFT

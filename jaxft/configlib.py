@@ -62,7 +62,7 @@ def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) 
   c.model.preset = preset
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"
-  c.model.remat = "dots"
+  c.model.remat = "auto"  # dots on CPU, full on accelerators (llama._remat)
   apply_method(c, method)
   c.data.max_len = 2048
   c.data.batch_size = 16
@@ -81,7 +81,8 @@ SHAPE_KEYS = ("model.path", "model.preset", "model.quant", "model.param_dtype", 
               "peft.targets", "peft.lora.rank", "peft.adapter", "peft.prefix", "optim.clip_norm",
               "optim.weight_decay")
 LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.eval_accuracy", "train.progress", "train.peak_tflops", "checkpoint",
+                  "train.eval_accuracy", "train.progress", "train.peak_tflops",
+                  "train.compile_cache", "checkpoint",
                   "data.eval", "mesh", "model.remat", "model.attention", "eval")
 
 

@@ -119,7 +119,8 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
   rules = sharding.rules_from_config(config.mesh)
   specs = llama.param_specs(cfg)
   base_sh = sharding.tree_shardings(specs, mesh, rules)
-  added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules)
+  added_sh = sharding.spread_over_fsdp(
+      sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules), method.trainable_specs(cfg))
   if config.model.quant not in quant.KINDS:
     raise ConfigError(f"model.quant={config.model.quant!r}: expected one of {', '.join(quant.KINDS)}")
   if config.model.quant != "none" and method.trains_base:

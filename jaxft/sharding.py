@@ -20,9 +20,11 @@ from jaxft.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 # Logical axis -> mesh axis (None = replicated). fsdp shards the model dimension of every matrix
-# (ZeRO-3 style: gathered per layer inside the scan); tensor shards heads, MLP and vocabulary
+# (ZeRO-3 style: gathered per layer inside the scan, since the decoder pins activations to the batch
+# axes, jaxft.target); tensor shards heads, MLP and vocabulary
 # (Megatron style). LoRA A/B reuse the logical axes of the kernel they adapt, so they are sharded
-# like it on those dimensions; their rank dimension (`lora`) stays whole.
+# like it on those dimensions; a leaf that fsdp does not split that way is split over fsdp on its
+# rank (`spread_over_fsdp`), so that no trainable leaf is whole on every chip.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None, "norm": None, "lora": None,
     "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor",
@@ -151,6 +153,30 @@ def tree_shardings(spec_tree, mesh: Mesh, rules: Rules | None = None):
   is_leaf = lambda x: hasattr(x, "axes") and hasattr(x, "shape")
   return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s.axes, s.shape, mesh, rules)),
                       spec_tree, is_leaf=is_leaf)
+
+
+def spread_over_fsdp(shardings, spec_tree):
+  """`shardings` (of a tree of llama.ParamSpec-like leaves) with every array that the fsdp axis
+  does not split yet split over it on its largest dimension that fsdp divides and no mesh axis
+  uses. For the small trainable leaves (LoRA A/B) whose axes map to `tensor` only: on a mesh
+  without a tensor axis they would otherwise be whole on every chip, with their optimizer state."""
+  is_leaf = lambda x: hasattr(x, "axes") and hasattr(x, "shape")
+
+  def one(sh: NamedSharding, spec) -> NamedSharding:
+    n = sh.mesh.shape["fsdp"]
+    parts = list(sh.spec) + [None] * (len(spec.shape) - len(sh.spec))
+    used = {a for p in parts if p is not None for a in (p if isinstance(p, tuple) else (p,))}
+    if n == 1 or "fsdp" in used:
+      return sh
+    free = [i for i, p in enumerate(parts)  # (never the scanned layer axis: sliced per layer)
+            if p is None and spec.axes[i] != "layers" and spec.shape[i] % n == 0]
+    if not free:
+      return sh
+    parts[max(free, key=lambda i: spec.shape[i])] = "fsdp"
+    return NamedSharding(sh.mesh, P(*parts))
+
+  return jax.tree.map(one, shardings, spec_tree, is_leaf=lambda x: isinstance(x, NamedSharding)
+                      or is_leaf(x))
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

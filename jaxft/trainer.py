@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxft import (checkpoint, configlib, curves, files, flops, objectives, optim, peft, session,
-                   sharding, workdir as workdir_lib)
+from jaxft import (checkpoint, compile_cache, configlib, curves, files, flops, objectives, optim,
+                   peft, session, sharding, target, workdir as workdir_lib)
 from jaxft.data import pipeline, preference
 from jaxft.errors import CheckpointError, JaxftError
 from jaxft.metrics import MetricsWriter
@@ -49,16 +49,18 @@ def state_shardings(tx, trainable_shardings, mesh) -> dict:
           "rng": rep, "skipped": rep}
 
 
+def fresh_state(tx, trainable, seed: int) -> dict:
+  """The train state's leaves other than `trainable`: step, optimizer state, rng, skipped."""
+  return {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(trainable),
+          "rng": jax.random.key_data(jax.random.key(seed)), "skipped": jnp.zeros((), jnp.int32)}
+
+
 def init_state(tx, trainable, seed: int, shardings: dict) -> dict:
   """The train state around `trainable` (already on the mesh); the optimizer state and counters
   are created directly on their shardings."""
-
-  def fresh(tr):
-    return {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(tr),
-            "rng": jax.random.key_data(jax.random.key(seed)), "skipped": jnp.zeros((), jnp.int32)}
-
   out_sh = {k: v for k, v in shardings.items() if k != "trainable"}
-  return dict(jax.jit(fresh, out_shardings=out_sh)(trainable), trainable=trainable)
+  fresh = jax.jit(lambda tr: fresh_state(tx, tr, seed), out_shardings=out_sh)
+  return dict(fresh(trainable), trainable=trainable)
 
 
 def jit_train_step(steps, mesh, state_sh: dict, frozen_sh):
@@ -69,7 +71,8 @@ def jit_train_step(steps, mesh, state_sh: dict, frozen_sh):
   replicated."""
 
   def _train_step(state, batch, frozen):
-    s, m = steps.train(dict(state, rng=jax.random.wrap_key_data(state["rng"])), batch, frozen)
+    with target.activation_mesh(mesh):  # activations pinned to the batch axes as it traces
+      s, m = steps.train(dict(state, rng=jax.random.wrap_key_data(state["rng"])), batch, frozen)
     # Read from the metrics, never from the (donated) state after the next step was dispatched.
     m = dict(m, tokens=jnp.sum(batch["segment_ids"] > 0), skipped=s["skipped"])
     return dict(s, rng=jax.random.key_data(s["rng"])), m
@@ -114,14 +117,21 @@ def prepare(config, model: session.Model) -> Prepared:
   dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
   if dtypes(jax.eval_shape(pack_frozen, frozen)) != dtypes(frozen):
     frozen = jax.jit(pack_frozen, donate_argnums=0, out_shardings=frozen_sh)(frozen)
+  tx, steps, state_sh, train_step = build_step(config, model.cfg, method, mesh, trainable_sh,
+                                               frozen_sh)
+  state = init_state(tx, trainable, config.train.seed, state_sh)
+  return Prepared(frozen, state, state_sh, frozen_sh, steps, train_step)
+
+
+def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):
+  """(optimizer, StepFns, train-state shardings, the jitted train step) of `config`: what `prepare`
+  runs and what `jaxft.plan` compiles on abstract arrays (one code path)."""
   tx, schedule = optim.make(config.optim, config.train.steps)
-  steps = make_steps(model.cfg, method, tx, schedule, config.train.skip_nonfinite,
+  steps = make_steps(cfg, method, tx, schedule, config.train.skip_nonfinite,
                      dropout=getattr(method, "dropout", 0.0) > 0,
                      objective=objectives.from_config(config, method.trains_base))
   state_sh = state_shardings(tx, trainable_sh, mesh)
-  state = init_state(tx, trainable, config.train.seed, state_sh)
-  return Prepared(frozen, state, state_sh, frozen_sh, steps,
-                  jit_train_step(steps, mesh, state_sh, frozen_sh))
+  return tx, steps, state_sh, jit_train_step(steps, mesh, state_sh, frozen_sh)
 
 
 def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0,
@@ -234,6 +244,9 @@ def train(config, workdir: str) -> dict:
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    cache = compile_cache.use(config.train.compile_cache, workdir)  # before anything compiles
+    if cache:
+      logging.info("compilation cache: %s", cache)
     return _train(config, workdir, mesh, model_cfg, objective)
 
 

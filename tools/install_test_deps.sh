@@ -6,6 +6,10 @@
 #  2. .venv-tf4: a side venv with transformers 4.x and tokenizers (no torch: tokenization only),
 #     so tests/test_tokenization_clients.py checks that transformers 4.x gives the ids jaxft trains
 #     on, beside the main venv's transformers 5.x.
+#  3. libtpu, for the deviceless TPU compile of tests/test_plan.py, into .libtpu/ beside the
+#     checkout rather than the venv: installed there it makes every CPU-only jax process probe for
+#     a TPU (about a second and several error lines on stderr per process). The test puts .libtpu
+#     on PYTHONPATH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -39,5 +43,18 @@ install_transformers4() {
                        "$venv (its test will be skipped)" >&2; rm -rf "$venv"; }
 }
 
+install_libtpu() {
+  if [ -d "$ROOT/.libtpu/libtpu" ]; then
+    return 0
+  fi
+  local req
+  req="$(python -c 'import importlib.metadata as m; print(next((r.split(";")[0].strip() for r in m.requires("jax") or [] if r.startswith("libtpu")), ""))')"
+  if [ -n "$req" ]; then
+    python -m pip install -q --no-deps --target "$ROOT/.libtpu" "$req" ||
+      echo "tools/install_test_deps.sh: cannot install $req (the TPU plan test will be skipped)" >&2
+  fi
+}
+
+install_libtpu
 install_chromium
 install_transformers4

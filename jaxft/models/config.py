@@ -37,17 +37,18 @@ class ModelConfig:
   # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: str = "none"  # none | full | dots
-  attention: str = "auto"  # auto | einsum | xla | cudnn (see llama.attention_impl)
+  remat: str = "none"  # none | full | dots | auto (see llama._remat)
+  attention: str = "auto"  # auto | einsum | xla | cudnn | splash (see llama.attention_impl)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads={self.num_heads} is not a multiple of "
                         f"num_kv_heads={self.num_kv_heads}")
-    if self.remat not in ("none", "full", "dots"):
-      raise ConfigError(f"model.remat={self.remat!r}: expected none, full or dots")
-    if self.attention not in ("auto", "einsum", "xla", "cudnn"):
-      raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla or cudnn")
+    if self.remat not in ("none", "full", "dots", "auto"):
+      raise ConfigError(f"model.remat={self.remat!r}: expected none, full, dots or auto")
+    if self.attention not in ("auto", "einsum", "xla", "cudnn", "splash"):
+      raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla, cudnn "
+                        "or splash")
 
   @property
   def q_size(self) -> int:

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxft import target
+from jaxft.models import attention_kernels
 from jaxft.models.config import ModelConfig
 from jaxft.models.rope import apply_rope, inverse_frequencies
 
@@ -221,22 +223,27 @@ def _linear_bwd(dtype, res, g):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-ATTENTION = ("auto", "einsum", "xla", "cudnn")
+ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
-def attention_impl(cfg: ModelConfig, plain: bool = True) -> str:
+def attention_impl(cfg: ModelConfig, plain: bool = True, length: int = 0) -> str:
   """The attention implementation `cfg.attention` (model.attention) resolves to.
 
   `plain`: no KV cache and no prefix keys, so queries and keys share positions (causal is the
   usual lower triangle). auto: cuDNN's fused (flash) attention through
   `jax.nn.dot_product_attention` on GPUs in bf16/fp16 for plain attention, else jaxft's einsum
   path, which serves every case (packed segments, sliding windows, KV caches, prefix keys) and on
-  CPU measured as fast as the XLA implementation of `jax.nn.dot_product_attention`."""
+  CPU measured as fast as the XLA implementation of `jax.nn.dot_product_attention`; on TPUs the
+  splash (flash) Pallas kernel (models/attention_kernels.py) for plain attention over `length`
+  tokens that it supports. The platform is the one the program is built for (jaxft.target), not
+  necessarily this host's."""
   if not plain:
     return "einsum"
   if cfg.attention != "auto":
     return cfg.attention
-  if (jax.default_backend() == "gpu"
+  if target.platform() == "tpu" and attention_kernels.supported(length or 128, cfg.head_dim):
+    return "splash"
+  if (target.platform() == "gpu"
       and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0
       and cfg.head_dim <= 128):
     return "cudnn"
@@ -302,7 +309,8 @@ def _causal_blocks(T: int) -> int:
   return min(T // 128, 8)
 
 
-def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1):
+def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1,
+            segment_ids=None, window=None):
   """q [B,T,H,hd], k/v [B,S,K,hd], mask [B,T,S] -> [B,T,H*hd] in `dtype`. Softmax in float32.
 
   einsum: the G = H/K query heads that share a key/value head become rows of one [T*G, S] score
@@ -313,6 +321,8 @@ def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1):
   B, T, H, hd = q.shape
   S, K = k.shape[1], k.shape[2]
   G = H // K
+  if impl == "splash":  # plain attention only: causal within segments (and the window)
+    return attention_kernels.splash(q, k, v, segment_ids, dtype, window)
   if impl in ("xla", "cudnn"):  # plain attention only (see attention_impl): causal is exact
     out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                        mask=mask[:, None], is_causal=True, implementation=impl)
@@ -371,13 +381,15 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), mask], axis=-1)
   plain = ctx["cache"] is None and prefix is None
-  impl = attention_impl(cfg, plain=plain)
-  attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1)
+  impl = attention_impl(cfg, plain=plain, length=T)
+  attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1,
+                 ctx["segment_ids"], cfg.sliding_window)
   attn = lin("o_proj", attn)
   x = x + adapter.block_output("attn", p, attn, dtype)
 
   h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-  mlp = lin("down_proj", swiglu(lin("gate_proj", h), lin("up_proj", h)))
+  act = target.constrain(swiglu(lin("gate_proj", h), lin("up_proj", h)), ("batch", "length", "mlp"))
+  mlp = lin("down_proj", act)
   x = x + adapter.block_output("mlp", p, mlp, dtype)
   return x, new_cache
 
@@ -394,7 +406,11 @@ def pack_16bit(tree):
 
   Why: XLA's CPU backend has no bf16 dynamic-slice, so a scan over bf16 weights upcasts the whole
   stacked array to float32 once per step, then slices and re-rounds it per layer (2x the weights'
-  bytes written, 3x read). An integer slice is native everywhere; the casts are bit-casts."""
+  bytes written, 3x read). An integer slice is native everywhere; the casts are bit-casts. Only
+  programs built for CPU pack (jaxft.target): accelerators slice 16-bit floats natively."""
+  if target.platform() != "cpu":
+    return tree
+
   def one(x):
     if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _PACKED:
       return jax.lax.bitcast_convert_type(x, _PACKED[jnp.dtype(x.dtype)])
@@ -411,14 +427,27 @@ def unpack_16bit(tree):
   return jax.tree.map(one, tree)
 
 
+_ACTS = ("batch", "length", "embed")  # logical axes of the hidden states (jaxft.target)
+
+
+def remat_policy(cfg: ModelConfig) -> str:
+  """model.remat with auto resolved for the platform being built for (see `_remat`)."""
+  if cfg.remat == "auto":
+    return "dots" if target.platform() == "cpu" else "full"
+  return cfg.remat
+
+
 def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
   """model.remat: none keeps every residual of a layer for the backward; full keeps only the layer's
   input and recomputes the layer in the backward (least memory, about a third more FLOPs); dots
   keeps the outputs of the linear layers (tagged "linear" by `matmul`) and recomputes the rest
-  (norms, activations, attention)."""
-  if cfg.remat == "full":
+  (norms, activations, attention); auto is dots in programs built for CPU (jaxft.target) and full
+  on accelerators, where dots kept 25 GB per chip for Llama-3-8B at batch 8 x 2048 on four 16 GB
+  v5e chips and full fits (`python -m jaxft.plan` shows what a config needs)."""
+  remat = remat_policy(cfg)
+  if remat == "full":
     return jax.checkpoint(fn)
-  if cfg.remat == "dots":
+  if remat == "dots":
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names("linear"))
   return fn
 
@@ -441,6 +470,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
     segment_ids = jnp.ones((B, T), jnp.int32)
   # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, step.pack_frozen)
   x = unpack_16bit(jnp.take(params["embed"]["embedding"], tokens, axis=0)).astype(dtype)
+  x = target.constrain(x, _ACTS)  # rows stay on their chips through every layer (FSDP)
   q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   kv_seg = segment_ids
   if cache is not None:
@@ -454,9 +484,10 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
 
   def body(x, xs):
     p, layer_rng, layer_cache = xs
-    ctx = {"positions": positions, "mask": mask, "rng": None if rng is None else layer_rng,
+    ctx = {"positions": positions, "mask": mask, "segment_ids": segment_ids, "rng": None if rng is None else layer_rng,
            "cache": layer_cache, "cache_index": cache_index}
-    return _layer(cfg, adapter, inv_freq, x, p, ctx)
+    x, new_cache = _layer(cfg, adapter, inv_freq, x, p, ctx)
+    return target.constrain(x, _ACTS), new_cache
 
   layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
   layers = adapter.layer_params(cfg, params)  # params["layers"], or derived by the method

@@ -1,0 +1,127 @@
+"""The scale targets of issue 21 through `python -m jaxft.plan`, into a JSON file and docs/scale.md.
+
+    python bench/scale_table.py                   # every target not yet in bench/scale.json
+    python bench/scale_table.py --only=8b-qlora-v5e1 --time
+    python bench/scale_table.py --render          # docs/scale.md from bench/scale.json alone
+
+Each target is compiled once, deviceless, for its TPU topology (libtpu from `pip install
+"jaxft[tpu]"`, or the ROOT/.libtpu directory that tools/install_test_deps.sh fills), in its own
+process, and its plan is added to bench/scale.json as it finishes (so an interrupted run keeps what
+it had). The figures come from XLA's compiler and cost model for chips that were not there: memory
+per chip as XLA allocates it, not measured on hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from jaxft import files  # noqa: E402  (after the path: run from a checkout)
+
+RESULTS = os.path.join(ROOT, "bench", "scale.json")
+DOC = os.path.join(ROOT, "docs", "scale.md")
+_FSDP = ["mesh.data=1", "mesh.fsdp=-1"]
+
+# name -> (config, topology, chips, overrides)
+TARGETS = {
+    "8b-qlora-v5e1": ("llama3.py:size=8b,method=qlora", "v5e:2x2", 1, ["data.batch_size=4"]),
+    "8b-lora-v5e4-b16": ("llama3.py:size=8b,method=lora", "v5e:2x2", 0, ["data.batch_size=16"]),
+    "8b-qlora-v5e4-b16": ("llama3.py:size=8b,method=qlora", "v5e:2x2", 0, ["data.batch_size=16"]),
+    "70b-qlora-v5e4": ("llama3.py:size=70b,method=qlora", "v5e:2x2", 0, ["data.batch_size=8"]),
+    "8b-full-v5e16": ("llama3.py:size=8b,method=full", "v5e:4x4", 0, ["data.batch_size=16"]),
+    "8b-qlora-v5p1-128k": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
+                           ["data.batch_size=1", "data.max_len=131072"]),
+    # the same on v6e:8x8 (256 chips, 16 hosts): one row per chip, fsdp over all of them
+    "8b-qlora-v6e256": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "8b-lora-v6e256": ("llama3.py:size=8b,method=lora", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "70b-qlora-v6e256": ("llama3.py:size=70b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "8b-full-v6e256": ("llama3.py:size=8b,method=full", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "8b-qlora-v6e256-128k": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0,
+                             ["data.batch_size=256", "data.max_len=131072"]),
+}
+
+
+def command(name: str, time: bool) -> list[str]:
+  config, topology, chips, over = TARGETS[name]
+  args = [sys.executable, "-m", "jaxft.plan", f"--config=configs/{config}",
+          f"--topology={topology}", f"--chips={chips}", "--json", f"--time={str(time).lower()}"]
+  return args + [f"--config.{kv}" for kv in (_FSDP if chips != 1 else []) + over]
+
+
+def run(name: str, time: bool) -> dict:
+  env = dict(os.environ)
+  libtpu = os.path.join(ROOT, ".libtpu")
+  if os.path.isdir(libtpu):
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [libtpu, env.get("PYTHONPATH")]))
+  r = subprocess.run(command(name, time), cwd=ROOT, env=env, capture_output=True, text=True)
+  if r.returncode not in (0, 1) or "{" not in r.stdout:
+    return {"name": name, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+  out = json.loads(r.stdout[r.stdout.index("{"):])
+  out["name"] = name
+  out["command"] = " ".join(["python"] + command(name, time)[1:])
+  return out
+
+
+def _cell(x, spec):
+  return "unknown" if x is None else spec.format(x)
+
+
+def render(results: dict) -> str:
+  rows = ["| target | model | method | batch x seq | topology (mesh) | GiB per chip | fits | "
+          "largest buffer | est. tokens/s per chip | est. MFU |", "|" + "---|" * 10]
+  for name in TARGETS:
+    r = results.get(name)
+    if r is None:
+      rows.append(f"| {name} | | | | | not compiled yet | | | | |")
+      continue
+    if "error" in r:
+      rows.append(f"| {name} | | | | | error: {r['error']} | | | | |")
+      continue
+    model = {32: "Llama-3-8B", 80: "Llama-3-70B"}.get(r["model"]["layers"], r["model"]["layers"])
+    method = "qlora" if r["quant"] == "nf4" else r["method"]
+    mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 chip"
+    big = r["largest_buffers"][0] if r["largest_buffers"] else None
+    rows.append(
+        f"| {name} | {model} | {method} | {r['batch']} x {r['seq']} | {r['topology']} ({mesh}) | "
+        f"{r['total_gib']:.2f} of {r['chip_gib']:.0f} | {'yes' if r['fits'] else '**no**'} | "
+        f"{'' if big is None else big['shape'] + ' ' + format(big['gib'], '.2f')} | "
+        f"{_cell(r['tokens_per_sec_per_chip'], '{:.0f}')} | {_cell(r['mfu'], '{:.0%}')} |")
+  return "\n".join(rows)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--only", default="", help="comma-separated target names")
+  ap.add_argument("--time", action="store_true", help="also XLA's time estimate (2 more compiles)")
+  ap.add_argument("--render", action="store_true", help="only write docs/scale.md from the JSON")
+  ap.add_argument("--redo", action="store_true", help="compile targets already in the JSON again")
+  a = ap.parse_args()
+  results = {}
+  if os.path.exists(RESULTS):
+    with open(RESULTS, encoding="utf-8") as f:
+      results = json.load(f)
+  names = [n for n in (a.only.split(",") if a.only else TARGETS) if n]
+  for name in [] if a.render else names:
+    if name in results and not a.redo:
+      continue
+    print(f"{name}: compiling", flush=True)
+    results[name] = run(name, a.time)
+    files.write_json(RESULTS, results)
+    print(f"{name}: {json.dumps({k: results[name].get(k) for k in ('total_gib', 'fits', 'error')})}",
+          flush=True)
+  table = render(results)
+  print(table)
+  with open(DOC, encoding="utf-8") as f:
+    doc = f.read()
+  start, end = "<!-- table -->", "<!-- /table -->"
+  files.write_text(DOC, doc[:doc.index(start) + len(start)] + "\n" + table + "\n" + doc[doc.index(end):])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,336 @@
+"""Will a config fit, and how fast might it go: the train step compiled for chips one may not have.
+
+`plan(config, topology)` builds jaxft's own train step (`trainer.build_step`, the function
+`jaxft.train` jits) over abstract arrays only: the base, the method's leaves, the optimizer state
+and the batch are `jax.eval_shape`s of jaxft's init, quantize, split and optimizer functions, so no
+weight is read and nothing is allocated. It compiles the step for the devices of a TPU topology
+(deviceless, through libtpu: `pip install "jaxft[tpu]"`) or for the local devices, and reports per
+chip what XLA's compiler says: the bytes of frozen and trainable parameters, optimizer state,
+temporaries, the total against the chip's memory and the largest buffers; FLOPs per step from
+jaxft's own count (jaxft/flops.py); XLA's cost-model step time when it is meaningful (positive, and
+the program has no loops, whose bodies the cost model counts once), else unknown; and from it the
+implied tokens/s per chip and MFU, labelled model estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import flops, peft, quant, session, sharding, target, trainer
+from jaxft.errors import ConfigError
+from jaxft.models import llama
+from jaxft.step import pack_frozen
+
+# Memory per chip (GiB) by device kind, matched as substrings in order (TPU topology devices do not
+# report their memory; local accelerators do, through memory_stats).
+HBM_GIB = (("TPU v6 lite", 32.0), ("TPU v6e", 32.0), ("TPU v5 lite", 16.0), ("TPU v5e", 16.0),
+           ("TPU v5p", 95.0), ("TPU v5", 95.0), ("TPU v4", 32.0), ("H200", 141.0),
+           ("H100", 80.0), ("A100", 80.0), ("L4", 24.0))
+_GIB = 2.0 ** 30
+
+
+def topology_devices(topology: str, chips: int = 0) -> list:
+  """The devices of `topology` ('local', or a TPU name such as 'v5e:2x2'), the first `chips` of
+  them when chips > 0 (a one-chip mesh from 'v5e:2x2'). Raises ConfigError naming the topology."""
+  if topology == "local":
+    devices = jax.devices()
+  else:
+    try:
+      from jax.experimental import topologies
+      devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except ImportError as e:
+      raise ConfigError(f"--topology={topology}: needs libtpu (pip install 'jaxft[tpu]'): {e}")
+    except Exception as e:  # libtpu's own error for an unknown name or a missing wheel
+      raise ConfigError(f"--topology={topology}: cannot build its devices ({e}); names look like "
+                        "v5e:2x2, v5p:2x2x1, v6e:8x8, and need libtpu (pip install 'jaxft[tpu]')")
+  if chips > len(devices):
+    raise ConfigError(f"--chips={chips}: the topology {topology} has {len(devices)}")
+  return list(devices)[:chips] if chips > 0 else list(devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Abstract:
+  """The train step of a config over abstract arguments, ready to lower."""
+  cfg: Any
+  method: Any
+  mesh: Any
+  train_step: Any  # jitted (state, batch, frozen) -> (state, metrics)
+  state: Any       # ShapeDtypeStruct trees
+  batch: Any
+  frozen: Any
+  state_shardings: Any
+  frozen_shardings: Any
+
+
+def _strip(tree):
+  """Plain ShapeDtypeStructs (no sharding): the jitted step declares its own."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _abstract_params(config, cfg, method, base_sh, added_sh):
+  """(base, added) as abstract trees: llama.init_params (quantized as config.model.quant says)
+  and the method's init, completed from the base."""
+  kind = config.model.quant
+  if kind not in quant.KINDS:
+    raise ConfigError(f"model.quant={kind!r}: expected one of {', '.join(quant.KINDS)}")
+  if kind != "none" and method.trains_base:
+    raise ConfigError("model.quant needs a frozen base: use peft.method=lora (or another PEFT method)")
+  key = jax.random.key(config.train.seed)
+  base = jax.eval_shape(functools.partial(llama.init_params, cfg), key)
+  if kind != "none":
+    base = jax.eval_shape(lambda b: quant.quantize_base(b, kind, base_sh), base)
+  added = jax.eval_shape(functools.partial(method.init, cfg), key)
+  added = jax.eval_shape(functools.partial(method.init_from_base, cfg), base, added)
+  return base, added
+
+
+def build(config, devices, layers: int | None = None) -> Abstract:
+  """The train step of `config` on a mesh of `devices`, with abstract state, batch and frozen
+  tree (the shapes `jaxft.train` would feed it); `layers` replaces the model's depth (for the time
+  estimate). Raises ConfigError for configs train refuses."""
+  trainer.check_config(config)
+  if config.train.objective != "sft":
+    raise ConfigError(f"train.objective={config.train.objective!r}: jaxft.plan plans sft steps")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
+  cfg = session.model_config(config)
+  if layers is not None:
+    cfg = cfg.replace(num_layers=layers)
+  sharding.check_model_fits(mesh, cfg)
+  method = peft.from_config(config.peft, cfg)
+  rules = sharding.rules_from_config(config.mesh)
+  base_sh = sharding.tree_shardings(llama.param_specs(cfg), mesh, rules)
+  added_sh = sharding.spread_over_fsdp(
+      sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules),
+      method.trainable_specs(cfg))
+  with target.building_for(devices[0].platform):
+    base, added = _abstract_params(config, cfg, method, base_sh, added_sh)
+    trainable, frozen = method.split(base, added)
+    trainable_sh, frozen_sh = method.split(base_sh, added_sh)
+    trainable_sh = sharding.value_shardings(trainable, trainable_sh)
+    frozen_sh = sharding.value_shardings(frozen, frozen_sh)
+    frozen = jax.eval_shape(pack_frozen, frozen)  # as trainer.prepare stores it
+    tx, _, state_sh, step = trainer.build_step(config, cfg, method, mesh, trainable_sh, frozen_sh)
+    state = jax.eval_shape(lambda tr: dict(trainer.fresh_state(tx, tr, config.train.seed),
+                                           trainable=tr), trainable)
+  accum, rows, T = config.optim.accum_steps, config.data.batch_size, config.data.max_len
+  shape = (accum, rows // accum, T)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32)
+           for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
+  return Abstract(cfg, method, mesh, step, _strip(state), batch, _strip(frozen), state_sh,
+                  frozen_sh)
+
+
+def compile_step(ab: Abstract):
+  """The step compiled for the mesh's devices (deviceless for a TPU topology)."""
+  with target.building_for(ab.mesh.devices.flat[0].platform):
+    return ab.train_step.lower(ab.state, ab.batch, ab.frozen).compile()
+
+
+def per_chip_bytes(tree, shardings) -> int:
+  """Bytes of the largest shard of `tree`'s arrays on one chip, summed over the arrays."""
+  total = 0
+  for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    total += math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+_HLO_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+              "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
+              "u64": 8, "f64": 8}
+_SHAPE = re.compile(r"%(\S+) = (\w+)\[([\d,]*)\][^ ]* (\S+?)\(")
+
+
+def largest_buffers(hlo_text: str, n: int = 5) -> list[dict]:
+  """The `n` largest array results of the compiled (per-chip) program: shape, op and GiB."""
+  seen: dict[str, dict] = {}
+  for m in _SHAPE.finditer(hlo_text):
+    _, dtype, dims, op = m.groups()
+    if dtype in ("token", "tuple") or op in ("parameter", "get-tuple-element", "bitcast"):
+      continue
+    size = _HLO_BYTES.get(dtype)
+    if size is None:
+      continue
+    shape = f"{dtype}[{dims}]"
+    gib = math.prod(int(d) for d in dims.split(",") if d) * size / _GIB
+    if shape not in seen or seen[shape]["gib"] < gib:
+      seen[shape] = {"shape": shape, "op": op, "gib": gib}
+  return sorted(seen.values(), key=lambda b: -b["gib"])[:n]
+
+
+def chip_memory_gib(device) -> float | None:
+  """The memory of one chip: the device's own report when it has one, else the table."""
+  try:
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+      return stats["bytes_limit"] / _GIB
+  except Exception:  # deviceless topology devices and CPUs report nothing
+    pass
+  if device.platform == "cpu":  # the host's memory, shared by its CPU devices
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / _GIB / max(1, len(jax.local_devices(backend="cpu")))
+  for name, gib in HBM_GIB:
+    if name.lower() in device.device_kind.lower():
+      return gib
+  return None
+
+
+def _xla_seconds(compiled) -> float | None:
+  """XLA's cost-model time of one run of `compiled`, or None when it has none or a negative one.
+
+  On TPU each `ConcatBitcast` custom call enters the model as -1 s (seen with libtpu 0.0.42 on
+  v5e); those are added back."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  secs = (cost or {}).get("optimal_seconds")
+  if secs is None:
+    return None
+  secs = float(secs) + compiled.as_text().count('custom_call_target="ConcatBitcast"')
+  return secs if secs > 0 else None
+
+
+def estimate_seconds(config, devices) -> float | None:
+  """XLA's cost-model time of one train step, or None when the cost model gives none.
+
+  The cost model counts a loop's body once whatever its trip count, so the step of the real depth
+  (a scan over the layers) is not costed directly: the same step is compiled with 0 and with 1
+  layer (a one-trip scan is no loop), and the time is t0 + layers * (t1 - t0). The loss head's
+  chunk loops (jaxft/step.py) stay counted once: an underestimate of the head's few percent."""
+  times = []
+  for layers in (0, 1):
+    ab = build(config, devices, layers=layers)
+    times.append(_xla_seconds(compile_step(ab)))
+  if None in times or times[1] <= times[0]:
+    return None
+  layers = session.model_config(config).num_layers
+  return times[0] + layers * (times[1] - times[0])
+
+
+def _peak(device, config) -> float | None:
+  per = config.train.peak_tflops
+  return per * 1e12 if per > 0 else flops.peak_flops(device.device_kind)
+
+
+def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
+  """The plan's figures (per chip unless named otherwise) as a JSON-able dict; `secs` is the
+  estimated step time (estimate_seconds) or None."""
+  device = ab.mesh.devices.flat[0]
+  chips = ab.mesh.size
+  mem = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  trainable = ab.state["trainable"]
+  opt = {k: v for k, v in ab.state.items() if k != "trainable"}
+  parts = {
+      "frozen_params": per_chip_bytes(ab.frozen, ab.frozen_shardings),
+      "trainable_params": per_chip_bytes(trainable, ab.state_shardings["trainable"]),
+      "optimizer_state": per_chip_bytes(opt, {k: ab.state_shardings[k] for k in opt}),
+      "temporaries": int(mem.temp_size_in_bytes),
+  }
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  hbm = chip_memory_gib(device)
+  T, rows = config.data.max_len, config.data.batch_size
+  window = ab.cfg.sliding_window
+  keys = flops.attended_keys(np.ones((1, T), np.int32), window) / T  # full rows, causal
+  n_added = 0 if ab.method.trains_base else peft.count_params(trainable)
+  step_flops = rows * T * flops.train_flops_per_token(ab.cfg, ab.method.trains_base, n_added, keys)
+  peak = _peak(device, config)
+  with target.building_for(device.platform):  # what the compiled step chose
+    attention, remat = llama.attention_impl(ab.cfg, length=T), llama.remat_policy(ab.cfg)
+  tok = None if secs is None else rows * T / secs / chips
+  return {
+      "topology": config_topology(ab), "chips": chips, "device_kind": device.device_kind,
+      "mesh": {a: int(ab.mesh.shape[a]) for a in sharding.AXES},
+      "model": {"layers": ab.cfg.num_layers, "hidden": ab.cfg.hidden_size},
+      "method": ab.method.name, "quant": config.model.quant, "remat": remat,
+      "attention": attention,
+      "batch": rows, "accum": config.optim.accum_steps, "seq": T,
+      "gib": {k: v / _GIB for k, v in parts.items()}, "total_gib": total / _GIB,
+      "chip_gib": hbm, "fits": None if hbm is None else total / _GIB <= hbm,
+      "largest_buffers": largest_buffers(hlo),
+      "flops_per_step": step_flops, "flops_per_chip": step_flops / chips,
+      "xla_step_seconds": secs,
+      "tokens_per_sec_per_chip": tok,
+      "mfu": None if tok is None or not peak else tok * step_flops / (rows * T) / peak,
+      "peak_tflops": None if not peak else peak / 1e12,
+  }
+
+
+def config_topology(ab: Abstract) -> str:
+  d = ab.mesh.devices.flat[0]
+  return f"{d.platform} x{ab.mesh.size}"
+
+
+def knobs(r: dict) -> list[str]:
+  """What to turn when the plan does not fit, the likeliest first."""
+  out = []
+  if r["remat"] != "full":
+    out.append("--config.model.remat=full (keep only each layer's input for the backward)")
+  if r["batch"] // r["accum"] > r["mesh"]["data"] * r["mesh"]["fsdp"]:
+    out.append(f"--config.optim.accum_steps={2 * r['accum']} (same batch, half the rows at once)"
+               f" or a smaller --config.data.batch_size")
+  if r["mesh"]["fsdp"] < r["chips"]:
+    out.append("--config.mesh.fsdp=-1 --config.mesh.data=1 (shard every weight over all chips)")
+  if r["quant"] == "none" and r["method"] != "full":
+    out.append("--config.model.quant=nf4 (a 4-bit base: QLoRA)")
+  out.append(f"--config.data.max_len={r['seq'] // 2} (shorter rows)")
+  out.append("more chips (a larger --topology)")
+  return out
+
+
+def _fmt(x, spec="{:.2f}", none="unknown"):
+  return none if x is None else spec.format(x)
+
+
+def format_report(r: dict) -> str:
+  """The plan as text for people."""
+  g = r["gib"]
+  mesh = ", ".join(f"{a}={n}" for a, n in r["mesh"].items())
+  lines = [
+      f"plan: {r['method']} (quant {r['quant']}), {r['model']['layers']} layers x "
+      f"{r['model']['hidden']}, batch {r['batch']} x {r['seq']} (accum {r['accum']}), remat "
+      f"{r['remat']}, attention {r['attention']}",
+      f"      on {r['chips']} x {r['device_kind']} (mesh {mesh}); figures per chip, from XLA's "
+      "compiler (not measured on hardware)",
+      f"  frozen params     {g['frozen_params']:9.3f} GiB",
+      f"  trainable params  {g['trainable_params']:9.3f} GiB",
+      f"  optimizer state   {g['optimizer_state']:9.3f} GiB",
+      f"  temporaries       {g['temporaries']:9.3f} GiB",
+      f"  total             {r['total_gib']:9.3f} GiB of {_fmt(r['chip_gib'], '{:.2f}')} GiB: "
+      + {True: "fits", False: "DOES NOT FIT", None: "chip memory unknown"}[r["fits"]],
+      "  largest buffers:  " + "; ".join(f"{b['shape']} {b['op']} {b['gib']:.2f} GiB"
+                                         for b in r["largest_buffers"][:4]),
+      f"  FLOPs per step    {r['flops_per_step']:.4g} (jaxft's model count, "
+      f"{r['flops_per_chip']:.4g} per chip)",
+      f"  XLA step time     {_fmt(r['xla_step_seconds'], '{:.3f} s')} (XLA's cost model, layers "
+      "extrapolated from 0- and 1-layer compiles)",
+      f"  tokens/s per chip {_fmt(r['tokens_per_sec_per_chip'], '{:.0f}')} (model estimate)",
+      f"  MFU               {_fmt(r['mfu'], '{:.1%}')} (model estimate)",
+  ]
+  if r["fits"] is False:
+    lines.append("  to fit, turn one of: " + "; ".join(knobs(r)))
+  return "\n".join(lines)
+
+
+def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
+         memory_gib: float = 0.0) -> dict:
+  """Builds, compiles and reports the train step of `config` on `topology`; see the module doc.
+  time=False skips the two extra compiles of the time estimate (then reported unknown);
+  memory_gib > 0 replaces the chip's memory (a chip the table does not know, or a share of one)."""
+  devices = topology_devices(topology, chips)
+  ab = build(config, devices)
+  secs = estimate_seconds(config, devices) if time else None
+  r = report(config, ab, compile_step(ab), secs)
+  if memory_gib > 0:
+    r["chip_gib"], r["fits"] = memory_gib, r["total_gib"] <= memory_gib
+  r["topology"] = topology if not chips else f"{topology} (first {chips} chips)"
+  return r

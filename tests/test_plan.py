@@ -1,0 +1,113 @@
+"""jaxft.plan (the train step compiled for a TPU topology without a TPU, or for local devices) and
+the persistent compilation cache."""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+from conftest import ROOT, tiny_config
+
+# libtpu lives outside the test venv, in ROOT/.libtpu (tools/install_test_deps.sh puts it there):
+# installed into the venv it makes every CPU-only jax process probe for a TPU and print errors.
+LIBTPU = os.path.join(ROOT, ".libtpu")
+
+
+def _libtpu_dir() -> str:
+  """The directory holding the libtpu package matching this jax (installed on first use), or a
+  skip that says why it cannot be had."""
+  if os.path.isdir(os.path.join(LIBTPU, "libtpu")):
+    return LIBTPU
+  reqs = [r.split(";")[0].strip() for r in importlib.metadata.requires("jax") or []
+          if r.startswith("libtpu") and "tpu" in r]
+  if not reqs:
+    pytest.skip(f"jax {jax.__version__} names no libtpu wheel, so no deviceless TPU compile")
+  r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                      LIBTPU, reqs[0]], capture_output=True, text=True)
+  if r.returncode:
+    pytest.skip(f"the libtpu wheel ({reqs[0]}) cannot be installed here, so the deviceless TPU "
+                f"plan cannot run: {r.stderr.strip().splitlines()[-1:]}")
+  return LIBTPU
+
+
+def _plan(args, libtpu=None, timeout=900):
+  env = dict(os.environ)
+  if libtpu:
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [libtpu, env.get("PYTHONPATH")]))
+  return subprocess.run([sys.executable, "-m", "jaxft.plan", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _config_only_checkpoint(directory):
+  """An HF model directory with config.json alone: no weights file exists to be read."""
+  os.makedirs(directory)
+  cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
+         "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
+         "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  return directory
+
+
+def test_plan_for_v5e_2x2_without_a_tpu_or_weights(tmp_path):
+  libtpu = _libtpu_dir()
+  model = _config_only_checkpoint(str(tmp_path / "model"))
+  r = _plan(["--config=configs/quickstart.py", "--topology=v5e:2x2", "--json", "--time=false",
+             f"--config.model.path={model}", "--config.model.dtype=bfloat16",
+             "--config.model.param_dtype=bfloat16", "--config.data.max_len=256",
+             "--config.data.batch_size=8", "--config.mesh.data=1", "--config.mesh.fsdp=-1"], libtpu)
+  assert r.returncode == 0, r.stderr[-3000:]
+  plan = json.loads(r.stdout[r.stdout.index("{"):])
+  assert plan["chips"] == 4 and "v5 lite" in plan["device_kind"].lower()
+  assert plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert plan["fits"] is True and plan["chip_gib"] == 16.0
+  assert 0 < plan["total_gib"] < 1
+  g = plan["gib"]
+  # the bf16 base: embedding, output projection and 2 x 7 kernels split four ways (fsdp), the
+  # norms (1,280 values) whole on every chip; LoRA a little of it
+  split = 2 * 512 * 256 + 2 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512)
+  assert g["frozen_params"] * 2**30 == pytest.approx(split * 2 / 4 + 1280 * 2, rel=1e-6)
+  assert 0 < g["trainable_params"] < g["frozen_params"]
+  assert g["optimizer_state"] >= 2 * g["trainable_params"] * 0.99  # Adam's two moments
+  assert plan["attention"] == "splash"  # chosen for the TPU target, not this CPU host
+  assert plan["largest_buffers"] and plan["flops_per_step"] > 0
+  assert os.listdir(model) == ["config.json"]
+
+
+def test_a_plan_that_does_not_fit_exits_1_with_the_knobs():
+  r = _plan(["--config=configs/quickstart.py", "--config.model.preset=tiny", "--time=false",
+             "--memory_gib=0.0001", "--config.data.batch_size=4", "--config.data.max_len=64"])
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "DOES NOT FIT" in r.stdout
+  assert "--config.model.remat=full" in r.stdout and "--config.data.max_len=32" in r.stdout
+
+
+@pytest.fixture
+def restore_cache_settings():
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  yield
+  cc.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_a_resumed_run_loads_its_compiled_step_from_the_cache(tmp_path, restore_cache_settings):
+  from jaxft import trainer
+  hits = []
+  jax.monitoring.register_event_listener(
+      lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+  workdir = str(tmp_path / "run")
+  trainer.train(tiny_config(**{"train.steps": 1, "data.eval": ""}), workdir)
+  cache = os.path.join(workdir, "compile_cache")
+  assert os.path.isdir(cache) and len(os.listdir(cache)) > 0
+  assert not hits
+  jax.clear_caches()  # what a new process starts with
+  trainer.train(tiny_config(**{"train.steps": 2, "data.eval": ""}), workdir)  # resumes at 1
+  assert len(hits) > 0
