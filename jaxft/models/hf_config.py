@@ -184,6 +184,8 @@ def read_config(path: str) -> ModelConfig:
         **_family_fields(file, arch, c, layers))
   except KeyError as e:
     raise ConfigError(f"{file}: missing key {e.args[0]!r}") from None
+  except ConfigError as e:  # ModelConfig's own checks (layer_types, heads) name the file too
+    raise (e if str(e).startswith(file) else ConfigError(f"{file}: {e}")) from None
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{file}: {e}") from None
   try:
@@ -222,9 +224,14 @@ def _check_expressible(cfg: ModelConfig) -> None:
       raise ConfigError(f"{arch} cannot express {key}={value!r}")
 
 
+def _int_if_whole(x: float) -> float | int:
+  """transformers' Gemma configs type query_pre_attn_scalar as int (a float is refused)."""
+  return int(x) if float(x).is_integer() else x
+
+
 def _gemma_keys(cfg: ModelConfig, rope: dict) -> dict:
   out = {"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
-         "query_pre_attn_scalar": cfg.query_pre_attn_scalar or cfg.head_dim,
+         "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
          "sliding_window": cfg.sliding_window,
          "layer_types": list(cfg.layer_types or [
              "sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.num_layers),
