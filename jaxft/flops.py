@@ -97,7 +97,13 @@ class FlopCounter:
 
   def observe(self, segment_ids: np.ndarray) -> None:
     """Counts the tokens and attended keys of a (local) batch."""
-    self._keys += attended_keys(segment_ids, self.cfg.sliding_window)
+    cfg = self.cfg
+    if cfg.layer_types is None:
+      self._keys += attended_keys(segment_ids, cfg.sliding_window)
+    else:  # Gemma 2/3: the window holds only on the sliding layers (mean over the layers)
+      n = sum(t == "sliding_attention" for t in cfg.layer_types)
+      self._keys += (n * attended_keys(segment_ids, cfg.sliding_window)
+                     + (cfg.num_layers - n) * attended_keys(segment_ids)) / cfg.num_layers
     self._tokens += int((np.asarray(segment_ids) > 0).sum())
 
   def per_token(self) -> float:

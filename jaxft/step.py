@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft import objectives
-from jaxft.models import llama
+from jaxft.models import families, llama
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import Method, merge_trees
 
@@ -215,6 +215,9 @@ def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_
   chunk, so that beyond that size the full [B*T, vocab] logits never exist. With
   `head_trained=False` (the output projection gets no gradient) the forward forms the gradient
   for h itself and keeps only that."""
+  if cfg.final_softcap:  # Gemma 2: the chunked kernels below assume plain logits
+    return families.softcapped_token_losses(cfg, llama.output_kernel(cfg, params), h, targets,
+                                            chunk_tokens)
   B, T, D = h.shape
   n = B * T
   dtype = jnp.dtype(cfg.dtype)

@@ -9,7 +9,8 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 def make_tiny(kind: str, directory: str, seed: int = 0, dtype=None, max_shard_size=None,
               **overrides):
   """Saves a random tiny LlamaForCausalLM (GQA, Llama 3 rope scaling), MistralForCausalLM
-  (sliding window 4) or Qwen2ForCausalLM (q/k/v bias, tied embeddings) with save_pretrained and
+  (sliding window 4), Qwen2ForCausalLM (q/k/v bias, tied embeddings), Qwen3ForCausalLM (q/k norms,
+  untied), Gemma2ForCausalLM or Gemma3ForCausalLM (text) with save_pretrained and
   returns the torch model (float32, eval mode). Every weight, norms and biases included, is
   perturbed so that a mis-mapped tensor shows in the logits."""
   import torch
@@ -27,6 +28,23 @@ def make_tiny(kind: str, directory: str, seed: int = 0, dtype=None, max_shard_si
   elif kind == "qwen2":
     kw.setdefault("tie_word_embeddings", True)
     cls, conf = transformers.Qwen2ForCausalLM, transformers.Qwen2Config
+  elif kind == "qwen3":
+    cls, conf = transformers.Qwen3ForCausalLM, transformers.Qwen3Config
+  elif kind == "gemma2":  # alternating sliding (window 4) and global layers, both soft-caps
+    kw.update(num_hidden_layers=kw["num_hidden_layers"] if "num_hidden_layers" in overrides else 4)
+    kw.setdefault("sliding_window", 4)
+    kw.setdefault("query_pre_attn_scalar", 24)
+    kw.setdefault("attn_logit_softcapping", 5.0)  # small: the caps bend these random scores
+    kw.setdefault("final_logit_softcapping", 3.0)
+    cls, conf = transformers.Gemma2ForCausalLM, transformers.Gemma2Config
+  elif kind == "gemma3":  # 5:1 pattern over 7 layers, local/global RoPE bases, linear scaling
+    kw.update(num_hidden_layers=kw["num_hidden_layers"] if "num_hidden_layers" in overrides else 7)
+    kw.setdefault("sliding_window", 4)
+    kw.setdefault("query_pre_attn_scalar", 16)
+    kw.setdefault("rope_parameters", {
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    cls, conf = transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig
   else:
     raise ValueError(kind)
   model = cls(conf(**kw, attn_implementation="eager"))

@@ -39,6 +39,23 @@ def test_llama3_variants(arg, preset, method, quant):
   assert (c.model.preset, c.peft.method, c.model.quant) == (preset, method, quant)
 
 
+@pytest.mark.parametrize("name,arch,billions", [
+    ("qwen3", "Qwen3ForCausalLM", 8.19), ("gemma2", "Gemma2ForCausalLM", 9.24),
+    ("gemma3", "Gemma3ForCausalLM", 11.77),  # Gemma 3 12B's language model (no vision tower)
+])
+def test_family_configs_have_the_published_sizes(name, arch, billions):
+  import jax
+  import numpy as np
+  from jaxft.models import llama
+  from jaxft.models.config import preset
+  c = load(name, "method=qlora")
+  assert (c.peft.method, c.model.quant, c.peft.targets) == ("lora", "nf4", "all-linear")
+  cfg = preset(c.model.preset)
+  assert cfg.architecture == arch
+  n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(llama.param_specs(cfg), is_leaf=llama.is_spec))
+  assert round(n / 1e9, 2) == billions
+
+
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "base"])
 def test_each_shipped_config_trains_on_tiny_data(tmp_path, name):
   from jaxft.data import bundled

@@ -39,6 +39,19 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | auto (see llama._remat)
   attention: str = "auto"  # auto | einsum | xla | cudnn | splash (see llama.attention_impl)
+  # Family features (Qwen3, Gemma 2/3); the defaults are Llama's. Read by the one decoder.
+  qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Gemma 3)
+  norm_plus_one: bool = False  # norms scale by (1 + weight) and weights start at 0 (Gemma)
+  hidden_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+  post_norms: bool = False  # extra norms on the attention and MLP outputs (Gemma 2/3)
+  attn_softcap: float | None = None  # cap * tanh(scores / cap) (Gemma 2)
+  final_softcap: float | None = None  # the same on the logits (Gemma 2)
+  query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power, not head_dim's
+  # Per layer "sliding_attention" | "full_attention" (Gemma 2/3); None: every layer is as
+  # `sliding_window` says.
+  layer_types: tuple[str, ...] | None = None
+  rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -49,6 +62,23 @@ class ModelConfig:
     if self.attention not in ("auto", "einsum", "xla", "cudnn", "splash"):
       raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla, cudnn "
                         "or splash")
+    if self.hidden_act not in ("silu", "gelu_tanh"):
+      raise ConfigError(f"hidden_act={self.hidden_act!r}: expected silu or gelu_tanh")
+    if self.layer_types is not None:
+      kinds = set(self.layer_types) - {"sliding_attention", "full_attention"}
+      if kinds or len(self.layer_types) != self.num_layers:
+        raise ConfigError(f"layer_types={list(self.layer_types)}: expected {self.num_layers} "
+                          "entries, each sliding_attention or full_attention")
+      if "sliding_attention" in self.layer_types and not self.sliding_window:
+        raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...] | None:
+    """Which layers use the sliding window when layers differ (layer_types mixes both), else None:
+    then every layer is alike (sliding when `sliding_window` is set)."""
+    if self.layer_types is None or len(set(self.layer_types)) < 2:
+      return None
+    return tuple(t == "sliding_attention" for t in self.layer_types)
 
   @property
   def q_size(self) -> int:
@@ -60,6 +90,28 @@ class ModelConfig:
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+
+# The fixed layer features of each architecture beyond Llama's (hf_config reads and writes them).
+_GEMMA = dict(norm_plus_one=True, hidden_act="gelu_tanh", scale_embeddings=True, post_norms=True)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {}, "MistralForCausalLM": {}, "Qwen2ForCausalLM": dict(qkv_bias=True),
+    "Qwen3ForCausalLM": dict(qk_norm=True),
+    "Gemma2ForCausalLM": _GEMMA,
+    "Gemma3ForCausalLM": dict(_GEMMA, qk_norm=True),
+}
+_FEATURES = ("qkv_bias", "qk_norm", "norm_plus_one", "hidden_act", "scale_embeddings", "post_norms")
+
+
+def family_features(arch: str) -> dict[str, Any]:
+  """The ModelConfig fields `arch` fixes (qk_norm, norm_plus_one, ...), every one of them."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in _FEATURES}
+  return dict(defaults, **FAMILIES[arch])
+
+
+def _layer_pattern(n: int, every: int) -> tuple[str, ...]:
+  """Gemma's layer_types: every `every`-th layer global, the others sliding."""
+  return tuple("full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n))
 
 
 # The embedded demo base: a tiny Llama-architecture model sized for the Mistral v1 tokenizer that
@@ -98,6 +150,25 @@ PRESETS = {
         vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=32768,
         architecture="MistralForCausalLM", bos_token_id=1, eos_token_id=2),
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, architecture="Qwen3ForCausalLM",
+        bos_token_id=151643, eos_token_id=151645, **FAMILIES["Qwen3ForCausalLM"]),
+    "gemma2-9b": ModelConfig(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_layers=42, num_heads=16,
+        num_kv_heads=8, head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=8192,
+        sliding_window=4096, layer_types=_layer_pattern(42, 2), query_pre_attn_scalar=256.0,
+        attn_softcap=50.0, final_softcap=30.0, tie_embeddings=True,
+        architecture="Gemma2ForCausalLM", bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        **FAMILIES["Gemma2ForCausalLM"]),
+    "gemma3-12b": ModelConfig(
+        vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_layers=48, num_heads=16,
+        num_kv_heads=8, head_dim=256, rope_theta=1000000.0, rope_local_theta=10000.0,
+        rope_scaling=(("factor", 8.0), ("rope_type", "linear")), rms_norm_eps=1e-6,
+        max_position_embeddings=131072, sliding_window=1024, layer_types=_layer_pattern(48, 6),
+        query_pre_attn_scalar=256.0, tie_embeddings=True, architecture="Gemma3ForCausalLM",
+        bos_token_id=2, eos_token_id=(1, 106), pad_token_id=0, **FAMILIES["Gemma3ForCausalLM"]),
 }
 
 

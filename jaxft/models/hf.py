@@ -55,15 +55,26 @@ for _n in llama.LINEARS:
   _LAYER_NAMES[f"{_block}.{_n}.weight"] = (_n, "kernel")
   if _n in ("q_proj", "k_proj", "v_proj"):
     _LAYER_NAMES[f"{_block}.{_n}.bias"] = (_n, "bias")
+_LAYER_NAMES.update({"self_attn.q_norm.weight": ("q_norm", "scale"),
+                     "self_attn.k_norm.weight": ("k_norm", "scale")})
+# Gemma 2/3 norm four times per layer; their post_attention_layernorm is the attention output's.
+_POST_NORM_NAMES = {"input_layernorm.weight": ("attn_norm", "scale"),
+                    "post_attention_layernorm.weight": ("attn_post_norm", "scale"),
+                    "pre_feedforward_layernorm.weight": ("mlp_norm", "scale"),
+                    "post_feedforward_layernorm.weight": ("mlp_post_norm", "scale")}
 _TOP_NAMES = {"model.embed_tokens.weight": ("embed", "embedding"),
               "model.norm.weight": ("final_norm", "scale"), "lm_head.weight": ("lm_head", "kernel")}
 _OURS_TO_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_OURS_TO_POST_NORM = {v: k for k, v in {**_LAYER_NAMES, **_POST_NORM_NAMES}.items()
+                      if k != "post_attention_layernorm.weight" or v[0] == "attn_post_norm"}
 
 
-def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
-  """The HF tensor name of our leaf `path` (e.g. ('layers', 'q_proj', 'kernel')) at `layer`."""
+def hf_name(path: tuple[str, ...], layer: int | None = None, post_norms: bool = False) -> str:
+  """The HF tensor name of our leaf `path` (e.g. ('layers', 'q_proj', 'kernel')) at `layer`;
+  `post_norms`: the Gemma 2/3 names of the four norms of a layer."""
   if path[0] == "layers":
-    return f"model.layers.{layer}.{_OURS_TO_LAYER[path[1:]]}"
+    names = _OURS_TO_POST_NORM if post_norms else _OURS_TO_LAYER
+    return f"model.layers.{layer}.{names[path[1:]]}"
   return {v: k for k, v in _TOP_NAMES.items()}[path]
 
 
@@ -81,7 +92,7 @@ def expected_names(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | N
       shape = shape[::-1]
     layers = range(cfg.num_layers) if path[0] == "layers" else [None]
     for i in layers:
-      out[hf_name(path, i)] = (path, i, tuple(shape))
+      out[hf_name(path, i, cfg.post_norms)] = (path, i, tuple(shape))
   return out
 
 

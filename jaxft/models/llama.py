@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import target
 from jaxft.models import attention_kernels
+from jaxft.models import families
 from jaxft.models.config import ModelConfig
 from jaxft.models.rope import apply_rope, inverse_frequencies
 
@@ -48,9 +49,11 @@ def param_specs(cfg: ModelConfig) -> Params:
   """Returns the tree of `ParamSpec`s of the base model (same structure as the params)."""
   L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   lin = lambda i, o, ai, ao: {"kernel": ParamSpec((L, i, o), ("layers", ai, ao), "normal")}
+  one = "zeros" if cfg.norm_plus_one else "ones"  # (1 + weight) norms start at weight 0
+  norm = lambda n: {"scale": ParamSpec((L, n), ("layers", "norm"), one)}
   layers = {
-      "attn_norm": {"scale": ParamSpec((L, D), ("layers", "norm"), "ones")},
-      "mlp_norm": {"scale": ParamSpec((L, D), ("layers", "norm"), "ones")},
+      "attn_norm": norm(D),
+      "mlp_norm": norm(D),
       "q_proj": lin(D, cfg.q_size, "embed", "heads"),
       "k_proj": lin(D, cfg.kv_size, "embed", "kv_heads"),
       "v_proj": lin(D, cfg.kv_size, "embed", "kv_heads"),
@@ -63,10 +66,14 @@ def param_specs(cfg: ModelConfig) -> Params:
     layers["q_proj"]["bias"] = ParamSpec((L, cfg.q_size), ("layers", "heads"), "zeros")
     layers["k_proj"]["bias"] = ParamSpec((L, cfg.kv_size), ("layers", "kv_heads"), "zeros")
     layers["v_proj"]["bias"] = ParamSpec((L, cfg.kv_size), ("layers", "kv_heads"), "zeros")
+  if cfg.qk_norm:
+    layers["q_norm"], layers["k_norm"] = norm(cfg.head_dim), norm(cfg.head_dim)
+  if cfg.post_norms:
+    layers["attn_post_norm"], layers["mlp_post_norm"] = norm(D), norm(D)
   specs = {
       "embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), "normal")},
       "layers": layers,
-      "final_norm": {"scale": ParamSpec((D,), ("norm",), "ones")},
+      "final_norm": {"scale": ParamSpec((D,), ("norm",), one)},
   }
   if not cfg.tie_embeddings:
     specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
@@ -352,16 +359,27 @@ def attention_mask(cfg: ModelConfig, q_idx, q_seg, kv_idx, kv_seg):
   return mask
 
 
+def norm(cfg: ModelConfig, x: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+  """The decoder's RMSNorm: by `scale`, or by (1 + scale) in float32 with cfg.norm_plus_one."""
+  if cfg.norm_plus_one:
+    scale = unpack_16bit(scale).astype(jnp.float32) + 1.0
+  return rms_norm(x, scale, cfg.rms_norm_eps)
+
+
 def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   """One decoder block. ctx holds positions, segment ids, indices, rng and the cache slice."""
   dtype = jnp.dtype(cfg.dtype)
   B, T, _ = x.shape
   lin = lambda name, h: adapter.linear(name, p[name], h, dtype, ctx["rng"])
 
-  h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
+  h = norm(cfg, x, p["attn_norm"]["scale"])
   q = lin("q_proj", h).reshape(B, T, cfg.num_heads, cfg.head_dim)
   k = lin("k_proj", h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   v = lin("v_proj", h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:  # per head, over head_dim, before RoPE (Qwen3, Gemma 3)
+    q, k = norm(cfg, q, p["q_norm"]["scale"]), norm(cfg, k, p["k_norm"]["scale"])
+  if families.query_scale(cfg) is not None:  # Gemma's query_pre_attn_scalar
+    q = q * jnp.asarray(families.query_scale(cfg), q.dtype)
   q = apply_rope(q, ctx["positions"], inv_freq)
   k = apply_rope(k, ctx["positions"], inv_freq)
 
@@ -381,15 +399,25 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
     mask = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), mask], axis=-1)
   plain = ctx["cache"] is None and prefix is None
-  impl = attention_impl(cfg, plain=plain, length=T)
-  attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1,
-                 ctx["segment_ids"], cfg.sliding_window)
+  if cfg.attn_softcap:
+    attn = families.softcap_attention(q, k, v, mask, dtype, cfg.attn_softcap)
+  else:
+    impl = attention_impl(cfg, plain=plain, length=T)
+    if impl == "splash" and cfg.sliding_layers is not None:
+      impl = "einsum"  # the splash kernel takes one window for every layer
+    attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1,
+                   ctx["segment_ids"], cfg.sliding_window)
   attn = lin("o_proj", attn)
+  if cfg.post_norms:
+    attn = norm(cfg, attn, p["attn_post_norm"]["scale"])
   x = x + adapter.block_output("attn", p, attn, dtype)
 
-  h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-  act = target.constrain(swiglu(lin("gate_proj", h), lin("up_proj", h)), ("batch", "length", "mlp"))
+  h = norm(cfg, x, p["mlp_norm"]["scale"])
+  act_fn = families.geglu if cfg.hidden_act == "gelu_tanh" else swiglu
+  act = target.constrain(act_fn(lin("gate_proj", h), lin("up_proj", h)), ("batch", "length", "mlp"))
   mlp = lin("down_proj", act)
+  if cfg.post_norms:
+    mlp = norm(cfg, mlp, p["mlp_post_norm"]["scale"])
   x = x + adapter.block_output("mlp", p, mlp, dtype)
   return x, new_cache
 
@@ -470,6 +498,8 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
     segment_ids = jnp.ones((B, T), jnp.int32)
   # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, step.pack_frozen)
   x = unpack_16bit(jnp.take(params["embed"]["embedding"], tokens, axis=0)).astype(dtype)
+  if cfg.scale_embeddings:  # Gemma: times sqrt(hidden) rounded to the compute dtype, as HF does
+    x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
   x = target.constrain(x, _ACTS)  # rows stay on their chips through every layer (FSDP)
   q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   kv_seg = segment_ids
@@ -479,20 +509,30 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
   kv_idx = jnp.broadcast_to(jnp.arange(kv_seg.shape[1], dtype=jnp.int32), kv_seg.shape)
   mask = attention_mask(cfg, q_idx, segment_ids, kv_idx, kv_seg)
   inv_freq = inverse_frequencies(cfg)
+  flags = local = None
+  if cfg.layer_types is not None:  # Gemma 2/3: sliding and global layers
+    mask_of = lambda w: attention_mask(cfg.replace(sliding_window=w, layer_types=None), q_idx,
+                                       segment_ids, kv_idx, kv_seg)
+    flags, (mask, inv_freq), local = families.layer_variants(cfg, mask_of, inv_freq)
   rngs = (jax.random.split(rng, cfg.num_layers) if rng is not None
           else jnp.zeros((cfg.num_layers,), jnp.uint32))
 
   def body(x, xs):
-    p, layer_rng, layer_cache = xs
-    ctx = {"positions": positions, "mask": mask, "segment_ids": segment_ids, "rng": None if rng is None else layer_rng,
-           "cache": layer_cache, "cache_index": cache_index}
-    x, new_cache = _layer(cfg, adapter, inv_freq, x, p, ctx)
+    p, layer_rng, layer_cache, sliding = xs
+    m, freq = mask, inv_freq
+    if sliding is not None:  # Gemma 2/3: this layer's mask (and RoPE base, rope_local_theta)
+      m = jnp.where(sliding, local[0], mask)
+      freq = jnp.where(sliding, jnp.asarray(local[1]), jnp.asarray(inv_freq))
+    ctx = {"positions": positions, "mask": m, "segment_ids": segment_ids,
+           "rng": None if rng is None else layer_rng, "cache": layer_cache,
+           "cache_index": cache_index}
+    x, new_cache = _layer(cfg, adapter, freq, x, p, ctx)
     return target.constrain(x, _ACTS), new_cache
 
   layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
   layers = adapter.layer_params(cfg, params)  # params["layers"], or derived by the method
-  x, new_kv = jax.lax.scan(_remat(cfg, body), x, (layers, rngs, layer_caches))
-  x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
+  x, new_kv = jax.lax.scan(_remat(cfg, body), x, (layers, rngs, layer_caches, flags))
+  x = norm(cfg, x, params["final_norm"]["scale"])
   new_cache = None if cache is None else {"k": new_kv["k"], "v": new_kv["v"], "seg": kv_seg}
   return x, new_cache
 
@@ -509,6 +549,8 @@ def logits(cfg: ModelConfig, params: Params, h: jnp.ndarray) -> jnp.ndarray:
   """Float32 logits [..., vocab] of hidden states h."""
   out = jax.lax.dot_general(h.astype(cfg.dtype), output_kernel(cfg, params).astype(cfg.dtype),
                             (((h.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  if cfg.final_softcap:  # Gemma 2's final_logit_softcapping
+    out = families.softcap(out, cfg.final_softcap)
   return out
 
 

@@ -1,0 +1,280 @@
+"""Qwen3, Gemma 2 and Gemma 3 (text) against transformers: logits of several tiny random configs
+(odd head counts, GQA, tied and untied embeddings, sliding windows shorter than the sequence),
+config.json in transformers 4 and 5 spellings, KV-cache decoding against transformers' greedy
+generation, and a LoRA run whose merged HF export and PEFT adapter give jaxft's logits and loss
+in transformers and PEFT; QLoRA (NF4) and int8 bases train on each family."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from hf_tiny import jaxft_logits, make_tiny, one_device_shardings, rel_err, torch_logits
+from jaxft import configlib, decode, export, peft, session
+from jaxft.errors import ConfigError
+from jaxft.models import hf
+
+FAMILIES = ("qwen3", "gemma2", "gemma3")
+# (kind, overrides): odd head counts, multi-query and no-GQA, tied and untied embeddings.
+VARIANTS = [
+    ("qwen3", {}),  # GQA 4/2, untied
+    ("qwen3", dict(num_attention_heads=3, num_key_value_heads=1, head_dim=24,
+                   tie_word_embeddings=True)),  # head_dim independent of hidden/heads
+    ("qwen3", dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8)),
+    ("gemma2", {}),  # 4 layers alternating sliding (window 4) / global, both soft-caps
+    ("gemma2", dict(hidden_size=60, num_attention_heads=3, num_key_value_heads=1, head_dim=20,
+                    tie_word_embeddings=False)),
+    ("gemma3", {}),  # 7 layers: 5 sliding, 1 global, 1 sliding; linear-scaled global RoPE
+    ("gemma3", dict(hidden_size=60, num_attention_heads=5, num_key_value_heads=1, head_dim=12,
+                    tie_word_embeddings=False, final_logit_softcapping=4.0)),
+]
+
+
+def _ids(t=12, vocab=128, batch=2, seed=0):
+  return np.random.RandomState(seed).randint(0, vocab, (batch, t))
+
+
+def _load(d, cfg=None, **kw):
+  cfg = cfg or hf.read_config(d)
+  return cfg, hf.load_params(d, cfg, one_device_shardings(cfg), **kw)
+
+
+@pytest.mark.parametrize("kind,over", VARIANTS,
+                         ids=[f"{k}-{i}" for i, (k, _) in enumerate(VARIANTS)])
+def test_logits_match_transformers(kind, over, tmp_path, capfd):
+  import transformers
+  d = str(tmp_path / "src")
+  model = make_tiny(kind, d, seed=len(over), **over)
+  ids = _ids(t=13)
+  ref = torch_logits(model, ids)
+  cfg, params = _load(d)
+  assert rel_err(jaxft_logits(cfg, params, ids), ref) < 1e-4
+  # written back, transformers reads the same model with no weight left out or over
+  out = str(tmp_path / "out")
+  os.makedirs(out)
+  hf.write_checkpoint(out, cfg, params, "float32")
+  assert hf.read_config(out) == cfg
+  capfd.readouterr()
+  back, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32",
+                                                                  output_loading_info=True)
+  assert type(back) is type(model)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert rel_err(torch_logits(back.eval(), ids), ref) < 1e-6
+  # Each feature is exercised: without it the logits would differ.
+  off = {"qwen3": dict(qk_norm=False),
+         "gemma2": dict(attn_softcap=None, query_pre_attn_scalar=None)}.get(kind, dict(rope_local_theta=None))
+  for key, value in off.items():
+    p = params if key != "qk_norm" else dict(params, layers={
+        k: v for k, v in params["layers"].items() if k not in ("q_norm", "k_norm")})
+    assert rel_err(jaxft_logits(cfg.replace(**{key: value}), p, ids), ref) > 1e-3, key
+  if kind != "qwen3":
+    assert cfg.sliding_window < ids.shape[1] and len(set(cfg.layer_types)) == 2
+    assert rel_err(jaxft_logits(cfg.replace(layer_types=None, sliding_window=None), params, ids),
+                   ref) > 1e-3
+  if kind == "gemma3":
+    assert dict(cfg.rope_scaling)["rope_type"] == "linear"
+    assert rel_err(jaxft_logits(cfg.replace(rope_scaling=None), params, ids), ref) > 1e-3
+  if cfg.final_softcap:
+    assert rel_err(jaxft_logits(cfg.replace(final_softcap=None), params, ids), ref) > 1e-3
+
+
+def _v4_spelling(c: dict) -> dict:
+  """A transformers 5 config.json rewritten as transformers 4 wrote it."""
+  c = dict(c)
+  c.pop("dtype", None)
+  c["torch_dtype"] = "bfloat16"
+  rope = c.pop("rope_parameters")
+  if "full_attention" in rope:  # Gemma 3
+    c["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    rope = dict(rope["full_attention"])
+    c["sliding_window_pattern"] = 6
+    c.pop("layer_types")
+  elif c["model_type"] == "gemma2":
+    c.pop("layer_types")  # Gemma 2 configs before layer_types: alternating from layer 0
+  c["rope_theta"] = rope.pop("rope_theta")
+  if rope.get("rope_type", "default") != "default":
+    rope["type"] = rope.pop("rope_type")
+    c["rope_scaling"] = rope
+  return c
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_read_config_transformers4_spelling(kind, tmp_path):
+  d = str(tmp_path / "m")
+  make_tiny(kind, d)
+  with open(os.path.join(d, "config.json")) as f:
+    c = json.load(f)
+  v5 = hf.read_config(d)
+  (tmp_path / "config.json").write_text(json.dumps(_v4_spelling(c)))
+  assert hf.read_config(str(tmp_path)) == v5
+  assert hf.checkpoint_dtype(str(tmp_path)) == "bfloat16"
+  # and what jaxft writes, transformers 5 reads back as the same model config
+  assert hf.hf_config(v5, "float32")["layer_types" if kind != "qwen3" else "head_dim"]
+
+
+def test_refusals(tmp_path):
+  d = str(tmp_path / "m")
+  make_tiny("gemma2", d)
+  c = json.load(open(os.path.join(d, "config.json")))
+  for bad, match in ((dict(hidden_activation="silu", hidden_act="silu"), "hidden_act='silu'"),
+                     (dict(attention_bias=True), "attention_bias=true"),
+                     (dict(layer_types=["sliding_attention"]), "layer_types")):
+    (tmp_path / "config.json").write_text(json.dumps(dict(c, **bad)))
+    with pytest.raises(ConfigError, match=f"config.json.*{match}"):
+      hf.read_config(str(tmp_path))
+  cfg = hf.read_config(d)
+  with pytest.raises(ConfigError, match="Gemma2ForCausalLM cannot express qk_norm=True"):
+    hf.hf_config(cfg.replace(qk_norm=True), "float32")
+  with pytest.raises(ConfigError, match="MistralForCausalLM cannot express layer_types"):
+    hf.hf_config(cfg.replace(architecture="MistralForCausalLM", norm_plus_one=False,
+                             hidden_act="silu", scale_embeddings=False, post_norms=False),
+                 "float32")
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
+  """jaxft's batched KV-cache decoding (left-padded prompts, windows shorter than the text) gives
+  transformers' greedy tokens."""
+  import torch
+  d = str(tmp_path / "m")
+  model = make_tiny(kind, d)
+  model.generation_config.eos_token_id = None
+  cfg, params = _load(d)
+  prompts = [np.asarray(p, np.int32) for p in (_ids(3, seed=1)[0], _ids(9, seed=2)[0])]
+  got = decode.generate(cfg, peft.Method(), params, prompts, max_new_tokens=10)
+  for prompt, g in zip(prompts, got):
+    with torch.no_grad():
+      want = model.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
+                            max_new_tokens=10, pad_token_id=0)[0, len(prompt):].numpy()
+    np.testing.assert_array_equal(g.tokens, want)
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == "
+            "'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _family_config(root, kind, quant="none", steps=3):
+  from jaxft.data.tokenize import load_tokenizer, write_quickstart_tokenizer
+  base = str(root / f"{kind}-base")
+  if not os.path.isdir(base):
+    make_tiny(kind, base, vocab_size=32000, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    tok = load_tokenizer(write_quickstart_tokenizer(str(root / f"{kind}-tok")))
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(base)
+  data = root / "train.jsonl"
+  with open(data, "w") as f:
+    for i in range(8):
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                       {"role": "assistant", "content": f"{2 * i}"}]}) + "\n")
+  config = configlib.sibling(os.path.join(ROOT, "configs", "base.py"), "base").get_config()
+  config.model.path = base
+  config.model.quant = quant
+  config.peft.targets = "all-linear"
+  config.peft.lora.rank = 4
+  config.data.train = str(data)
+  config.data.max_len = 32
+  config.data.batch_size = 2
+  config.optim.lr = 1e-2
+  config.optim.warmup_steps = 0
+  config.train.steps = steps
+  config.train.log_every = 1
+  config.train.progress = False
+  return config, base
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lora_run(request, tmp_path_factory):
+  """A 3-step LoRA run (all linear layers) on a tiny model of each family."""
+  from jaxft.trainer import train
+  root = tmp_path_factory.mktemp(request.param)
+  config, base = _family_config(root, request.param)
+  workdir = str(root / "work")
+  train(config, workdir)
+  trained = session.restore_trained(workdir)
+  ids = _ids(t=10, vocab=32000)
+  tuned = jaxft_logits(trained.model.cfg, trained.params, ids, trained.model.method)
+  return dict(root=root, base=base, workdir=workdir, ids=ids, tuned=tuned)
+
+
+def _loss(logits, ids):
+  """Mean next-token cross-entropy of float32 logits [B, T, V] on ids [B, T]."""
+  lg = logits[:, :-1].astype(np.float64)
+  lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+  return float(np.mean(lse - np.take_along_axis(lg, ids[:, 1:, None], -1)[..., 0]))
+
+
+def test_lora_exports_reproduce_jaxft_in_transformers_and_peft(lora_run):
+  import transformers
+  from peft import PeftModel
+  ids, tuned = lora_run["ids"], lora_run["tuned"]
+  base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["base"], dtype="float32")
+  assert rel_err(torch_logits(base.eval(), ids), tuned) > 1e-3  # the run changed the model
+  merged = str(lora_run["root"] / "merged")
+  export.export_hf(lora_run["workdir"], merged)
+  model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype="float32").eval()
+  got = torch_logits(model, ids)
+  assert rel_err(got, tuned) < 1e-4
+  assert abs(_loss(got, ids) - _loss(tuned, ids)) < 1e-4
+  adapter = str(lora_run["root"] / "adapter")
+  export.export_peft(lora_run["workdir"], adapter)
+  with open(os.path.join(adapter, "adapter_config.json")) as f:
+    assert sorted(json.load(f)["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+  peft_model = PeftModel.from_pretrained(base, adapter).eval()
+  got = torch_logits(peft_model, ids)
+  assert rel_err(got, tuned) < 1e-4
+  assert abs(_loss(got, ids) - _loss(tuned, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("kind,quant", [(k, "nf4") for k in FAMILIES] + [("gemma2", "int8")])
+def test_quantized_base_lora_trains(kind, quant, tmp_path):
+  """QLoRA (NF4) and int8 bases of each family: the base kernels stay quantized, the loss goes
+  down in a few steps."""
+  from jaxft import quant as jq
+  from jaxft.trainer import train
+  config, _ = _family_config(tmp_path, kind, quant=quant, steps=4)
+  workdir = str(tmp_path / "work")
+  train(config, workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in l]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 4 and np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  trained = session.restore_trained(workdir)
+  assert jq.is_quantized(trained.model.base["layers"]["q_proj"]["kernel"])
+
+
+def test_sharded_load_on_8_devices(tmp_path):
+  """A Gemma 3 checkpoint loads straight onto a data x fsdp x tensor mesh by the rules table
+  (q/k norms replicated, kernels split) and gives transformers' logits there."""
+  import subprocess
+  import sys
+  import textwrap
+  d = str(tmp_path / "m")
+  model = make_tiny("gemma3", d)
+  ids = _ids()
+  np.save(tmp_path / "ids.npy", ids)
+  np.save(tmp_path / "ref.npy", torch_logits(model, ids))
+  script = textwrap.dedent(f"""
+    import sys, numpy as np, jax, ml_collections
+    sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+    from hf_tiny import jaxft_logits, rel_err
+    from jaxft import sharding
+    from jaxft.models import hf, llama
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    cfg = hf.read_config({d!r})
+    params = hf.load_params({d!r}, cfg, sharding.tree_shardings(llama.param_specs(cfg), mesh))
+    k = params["layers"]["gate_proj"]["kernel"]
+    assert len(k.sharding.device_set) == 8 and k.addressable_shards[0].data.shape == (7, 32, 48), k.sharding
+    assert params["layers"]["q_norm"]["scale"].addressable_shards[0].data.shape == (7, 16)
+    err = rel_err(jaxft_logits(cfg, params, np.load({str(tmp_path / 'ids.npy')!r})),
+                  np.load({str(tmp_path / 'ref.npy')!r}))
+    assert err < 1e-4, err
+    print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
