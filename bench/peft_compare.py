@@ -135,15 +135,15 @@ def build_jaxft(config, cfg):
   """(prepared run, device batch) through the trainer's own `prepare` (jitted donated step)."""
   import jax
   import numpy as np
-  from jaxft import peft, quant, session, sharding, trainer
-  from jaxft.models import llama
+  from jaxft import peft, session, sharding, trainer
+  from jaxft.models import llama, quantized
 
   method = peft.from_config(config.peft, cfg)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.mesh)
   base_sh = sharding.tree_shardings(llama.param_specs(cfg), mesh, rules)
   added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules)
-  base = quant.init_base(cfg, jax.random.key(0), config.model.quant, base_sh)
+  base = quantized.init_base(cfg, jax.random.key(0), config.model.quant, base_sh)
   model = session.Model(cfg, method, mesh, base, base_sh, added_sh, "bench")
   run = trainer.prepare(config, model)
   ids = _random_ids(1)

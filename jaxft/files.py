@@ -12,6 +12,8 @@ import re
 import shutil
 import socket
 
+from jaxft.errors import ConfigError
+
 
 def _tmp(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}"
@@ -77,7 +79,6 @@ def remove_stale(path: str) -> list[str]:
 
 def check_writable_dir(path: str, what: str) -> None:
   """ConfigError unless `path` is (or can be made as) a directory this process may write."""
-  from jaxft.errors import ConfigError
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"{what}={path}: exists and is not a directory")
   probe = path

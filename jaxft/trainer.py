@@ -19,7 +19,8 @@ from jaxft import (checkpoint, configlib, curves, files, flops, objectives, opti
 from jaxft.data import pipeline, preference
 from jaxft.errors import CheckpointError, JaxftError
 from jaxft.metrics import MetricsWriter
-from jaxft.step import StepFns, make_steps, pack_frozen
+from jaxft.models.ops import pack_frozen
+from jaxft.step import StepFns, make_steps
 
 
 class NonFiniteError(JaxftError):
@@ -109,7 +110,7 @@ def prepare(config, model: session.Model) -> Prepared:
   trainable = sharding.place(trainable, trainable_sh, "trainable")
   frozen = sharding.place(frozen, frozen_sh, "frozen")
   # Bit-cast the frozen 16-bit kernels to integers once, in place (donated: no second copy; the
-  # base arrays the model held are consumed), as the step reads them (step.pack_frozen), instead
+  # base arrays the model held are consumed), as the step reads them (ops.pack_frozen), instead
   # of once per step.
   dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
   if dtypes(jax.eval_shape(pack_frozen, frozen)) != dtypes(frozen):

@@ -207,7 +207,7 @@ def test_dpo_reference_is_the_base_with_the_method_off(kind):
   base = llama.init_params(CFG, jax.random.key(0))
   if kind == "qlora":
     from hf_tiny import one_device_shardings
-    from jaxft.quant.params import quantize_base
+    from jaxft.models.quantized import quantize_base
     base = quantize_base(base, "nf4", one_device_shardings(CFG))
   added = method.init_from_base(CFG, base, method.init(CFG, jax.random.key(1)))
   trainable, frozen = method.split(base, added)

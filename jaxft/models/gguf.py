@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from jaxft.errors import CheckpointError, ConfigError
+from jaxft.models import hf
 from jaxft.models.config import ModelConfig
 
 __all__ = ["is_gguf", "read_config", "load_params", "build_tokenizer", "write_tokenizer",
@@ -189,7 +190,6 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
   its NamedSharding, cast to cfg.param_dtype and, with quant_kind int8/nf4, the layer kernels
   quantized again. Raises CheckpointError naming the file and tensor for a missing, unexpected,
   misshapen or unsupported (type) tensor."""
-  from jaxft.models import hf
   r = _reader(path)
   _architecture(path, r)
   tensors = _hf_names(path, r, cfg)

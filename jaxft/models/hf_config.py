@@ -9,6 +9,7 @@ import os
 
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models.config import ModelConfig
+from jaxft.models.rope import inverse_frequencies
 
 # architecture -> model_type
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -128,7 +129,6 @@ def read_config(path: str) -> ModelConfig:
     raise ConfigError(f"{file}: missing key {e.args[0]!r}") from None
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{file}: {e}") from None
-  from jaxft.models.rope import inverse_frequencies
   try:
     inverse_frequencies(cfg)
   except (ConfigError, KeyError) as e:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import ConfigError
-from jaxft.models import llama
+from jaxft.models import llama, ops
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import Method, Params
 from jaxft.peft.lora import ADAPTER_DTYPE
@@ -75,9 +75,9 @@ class BottleneckAdapter(Method):
     if key not in p:
       return out
     a = p[key]
-    h = llama.matmul(out, a["down"], dtype) + a["down_bias"].astype(dtype)
+    h = ops.matmul(out, a["down"], dtype) + a["down_bias"].astype(dtype)
     h = ACTIVATIONS[self.activation](h)
-    return out + llama.matmul(h, a["up"], dtype) + a["up_bias"].astype(dtype)
+    return out + ops.matmul(h, a["up"], dtype) + a["up_bias"].astype(dtype)
 
   def merge(self, cfg, params):
     raise ConfigError("peft.method=adapter: bottleneck adapters are non-linear and cannot be "

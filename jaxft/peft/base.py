@@ -15,9 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxft import configlib
+from jaxft import configlib, quant
 from jaxft.errors import ConfigError
-from jaxft.models import llama
+from jaxft.models import llama, ops
 from jaxft.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -54,7 +54,6 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 def count_params(tree) -> int:
   """Number of parameters; a quantized kernel counts its logical size, not its codes."""
-  from jaxft import quant  # local: quant imports nothing of peft
   return int(sum(x.size for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized)))
 
 
@@ -97,8 +96,8 @@ def linear_dims(cfg: ModelConfig, name: str) -> tuple[int, int, str, str]:
 
 def base_linear(p: Params, x: jnp.ndarray, dtype) -> jnp.ndarray:
   """x @ kernel (+ bias); a quantized kernel is dequantized inside the jitted computation (by
-  llama.matmul, which keeps the stored kernel, not a float copy, for its backward)."""
-  y = llama.matmul(x, p["kernel"], dtype)
+  ops.matmul, which keeps the stored kernel, not a float copy, for its backward)."""
+  y = ops.matmul(x, p["kernel"], dtype)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)
   return y

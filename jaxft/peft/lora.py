@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import llama
+from jaxft.models import llama, ops
 from jaxft.peft.base import Method, Params, base_linear, linear_dims
 
 
@@ -63,8 +63,8 @@ class LoRA(Method):
     return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
   def delta(self, name, p, x, dtype, rng):
-    h = llama.matmul(self._dropout(name, x, rng), p["lora_a"], dtype)
-    return llama.matmul(h, p["lora_b"], dtype) * jnp.asarray(self.scale, dtype)
+    h = ops.matmul(self._dropout(name, x, rng), p["lora_a"], dtype)
+    return ops.matmul(h, p["lora_b"], dtype) * jnp.asarray(self.scale, dtype)
 
   def linear(self, name, p, x, dtype, rng):
     y = base_linear(p, x, dtype)
@@ -79,11 +79,10 @@ class LoRA(Method):
     """params with each target's kernel W replaced by finish(W + scale * A B, rest) in
     model.param_dtype, A and B dropped; `rest` holds the target's other leaves (finish may pop
     its own, as DoRA's magnitude)."""
-    from jaxft import quant
     layers = dict(params["layers"])
     for n in self.targets:
       p = dict(layers[n])
-      w = quant.materialize(p.pop("kernel"), jnp.float32)
+      w = ops.weight(p.pop("kernel"), jnp.float32)
       a, b = p.pop("lora_a").astype(jnp.float32), p.pop("lora_b").astype(jnp.float32)
       p["kernel"] = finish(w + self.scale * jnp.einsum("lir,lro->lio", a, b), p).astype(
           cfg.param_dtype)

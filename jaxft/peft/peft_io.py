@@ -26,9 +26,10 @@ import numpy as np
 from absl import logging
 
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import llama
+from jaxft.models import hf, llama
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import linear_dims
+from jaxft.peft.lora import ADAPTER_DTYPE
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -130,7 +131,6 @@ WRITERS: dict[str, Callable[..., tuple[dict, Iterator[tuple[str, np.ndarray]]]]]
 def write_adapter(directory: str, method, cfg: ModelConfig, trainable, base_model: str = "") -> None:
   """Writes adapter_config.json and adapter_model.safetensors of `method`'s trainable leaves into
   `directory` (which must exist). Raises ConfigError for a method PEFT has no format for."""
-  from jaxft.models import hf
   writer = WRITERS.get(method.name)
   if writer is None:
     raise ConfigError(f"peft.method={method.name!r} has no PEFT adapter format; export it with "
@@ -270,7 +270,6 @@ def read_lora_weights(directory: str, cfg: ModelConfig, method, shardings) -> di
     raise ConfigError(f"{directory}: adapter {ad.method} r={ad.rank}, targets={ad.targets} differ "
                       f"from the method's {method.name} r={method.rank}, targets={method.targets}")
   out: dict[str, Any] = {}
-  from jaxft.peft.lora import ADAPTER_DTYPE
   dtype = np.dtype(ADAPTER_DTYPE)
   # (PEFT's A is [r, in] and B [out, r]: transposed into jaxft's [in, r] and [r, out])
   leaves = {"lora_a": ("lora_A.weight", np.transpose), "lora_b": ("lora_B.weight", np.transpose)}
