@@ -26,10 +26,10 @@ import shutil
 import jax
 from absl import flags, logging
 
-from jaxft import cli, files, session
+from jaxft import cli, export_gguf as eg, files, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
-from jaxft.peft import peft_io
+from jaxft.peft import adapter, peft_io
 
 FORMATS = ("hf", "peft", "adapter", "gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -295,7 +295,6 @@ def export_adapter(workdir: str, out: str, *, base_model: str = "", step: int | 
   """Writes WORKDIR's trained bottleneck adapters (peft.method=adapter) to OUT in jaxft's adapter
   format (adapter_config.json + adapter_model.safetensors; see jaxft/peft/adapter.py and
   docs/methods.md). Returns OUT. Raises ConfigError for another method."""
-  from jaxft.peft import adapter
   config = session.load_workdir_config(workdir)
   _check_out(out, overwrite, workdir, config)
   if config.peft.method != "adapter":
@@ -315,7 +314,6 @@ def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None 
   template training used, as the GGUF file OUT (quant: jaxft.export_gguf.QUANTS). Returns OUT.
   Raises ConfigError (OUT not *.gguf or exists, a bad quant, what GGUF's llama architecture cannot
   hold, an unmergeable method) or CheckpointError (no checkpoint)."""
-  from jaxft import export_gguf as eg
   if not out.endswith(".gguf"):
     raise ConfigError(f"--out={out}: a GGUF export is one file; name it FILE.gguf")
   if quant not in eg.QUANTS:

@@ -21,6 +21,7 @@ from absl import logging
 
 from jaxft.errors import ConfigError
 from jaxft.models import hf
+from jaxft.quant import gguf_quants
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
 _LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -91,7 +92,6 @@ def encode(x: np.ndarray, qtype) -> np.ndarray:
   """x float32 [rows, cols] in GGUF type qtype: float arrays, or uint8 blocks per row."""
   from gguf import GGMLQuantizationType as T
   from gguf import quants
-  from jaxft.quant import gguf_quants
   if qtype == T.F32:
     return x.astype(np.float32)
   if qtype == T.F16:

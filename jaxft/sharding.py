@@ -279,3 +279,11 @@ def describe(tree, mesh: Mesh) -> str:
   return (f"mesh ({shape}) over {mesh.size} devices in {jax.process_count()} processes; "
           f"params {total / 2**20:.1f} MiB, at most {max(per.values(), default=0) / 2**20:.1f} MiB "
           "on one device")
+
+
+def put_batch(batch: dict, mesh, accum: int) -> dict:
+  """Global numpy batch [rows, T] (the same on every process) -> device arrays
+  [accum, rows/accum, T] sharded over rows; each device gets only its rows."""
+  rows = next(iter(batch.values())).shape[0]
+  ids = local_rows(mesh, rows, accum)
+  return put_local_batch({k: v[ids] for k, v in batch.items()}, ids, mesh, rows, accum)

@@ -4,8 +4,11 @@
 
 Prints (1) every import cycle between jaxft modules, counting imports made inside functions too
 (they hide a cycle, they do not remove it) and the parent package whose `__init__` an import runs;
-(2) every `jaxft` import made inside a function rather than at the top of its module; (3) every
-function longer than `--max_lines` lines. Exits 1 if it found any, 0 otherwise.
+(2) every `jaxft` import made inside a function rather than at the top of its module, except in
+the `_main` of an entry point (a module with `if __name__ == "__main__"`), which imports the
+library only after the command has re-executed itself (jaxft.cli.run: huge-page malloc) and so
+does not import jax twice; (3) every function longer than `--max_lines` lines. Exits 1 if it
+found any, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def read(root: str):
     with open(path, encoding="utf-8") as f:
       tree = ast.parse(f.read(), filename=path)
     graph[mod] = {}
+    entry = any(isinstance(n, ast.If) and "__main__" in ast.dump(n.test) for n in tree.body)
     parents = {}
     for parent in ast.walk(tree):
       for child in ast.iter_child_nodes(parent):
@@ -80,7 +84,8 @@ def read(root: str):
         up = parents.get(node)
         while up is not None and not isinstance(up, (ast.FunctionDef, ast.AsyncFunctionDef)):
           up = parents.get(up)
-        if targets and up is not None:
+        if targets and up is not None and not (entry and up.name == "_main"
+                                                 and up in tree.body):
           inner.append((path, node.lineno, up.name, ", ".join(targets)))
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         n = node.end_lineno - node.lineno + 1

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import ConfigError
-from jaxft.models import llama, ops
+from jaxft.models import hf, llama, ops
 from jaxft.models.config import ModelConfig
 from jaxft.peft.base import Method, Params
 from jaxft.peft.lora import ADAPTER_DTYPE
+from jaxft.peft.peft_io import host_array
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 # gelu is the exact (erf) form, as torch.nn.GELU() and transformers' "gelu".
@@ -119,8 +120,6 @@ def write(directory: str, method: BottleneckAdapter, cfg: ModelConfig, trainable
           base_model: str = "") -> None:
   """Writes adapter_config.json and adapter_model.safetensors (float32) of the trained adapters
   into `directory` (which must exist). Only process 0 writes; every process must call it."""
-  from jaxft.models import hf
-  from jaxft.peft.peft_io import host_array
   leaves = {(b, k): host_array(v) for b, d in trainable["layers"].items() for k, v in d.items()}
   if jax.process_index() != 0:
     return
