@@ -1,4 +1,5 @@
-"""Helpers for config files: variant arguments and loading the shared base config by path."""
+"""Helpers for config files: finding them (shipped in jaxft/configs/, or any path), variant
+arguments, and what each key means for a resumed run."""
 
 from __future__ import annotations
 
@@ -11,9 +12,34 @@ import ml_collections
 from jaxft.errors import ConfigError
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged(name: str) -> str:
+  """The path of the config jaxft ships as jaxft/configs/NAME.py ('' when there is none)."""
+  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  return path if name and os.path.isfile(path) else ""
+
+
+def resolve(spec: str) -> str:
+  """A --config value as ml_collections loads it ('PATH[:ARG]'). An existing file is itself;
+  'NAME[:ARG]' and a missing 'configs/NAME.py[:ARG]' (the commands documented for a checkout)
+  are the shipped jaxft/configs/NAME.py; anything else is left for the loader to refuse."""
+  path, sep, arg = spec.partition(":")
+  if os.path.isfile(path):
+    return spec
+  name = os.path.basename(path)[:-3] if path.endswith(".py") else path
+  plain = path == name or os.path.normpath(os.path.dirname(path)) == "configs"
+  found = packaged(name) if plain else ""
+  return found + sep + arg if found else spec
+
+
 def sibling(config_file: str, name: str):
-  """Imports configs/NAME.py next to `config_file` (configs are files, not an installed package)."""
+  """Imports NAME.py next to `config_file`, or the shipped jaxft/configs/NAME.py when there is no
+  such file (configs are files, loaded by path)."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  if not os.path.isfile(path) and packaged(name):
+    path = packaged(name)
   spec = importlib.util.spec_from_file_location(f"jaxft_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -46,14 +72,18 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
   c.model.quant = quant
 
 
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of the shipped config jaxft/configs/NAME.py (quickstart, llama3, ...)."""
+  if not packaged(name):
+    raise ConfigError(f"no shipped config {name!r}: expected one of "
+                      f"{', '.join(sorted(n[:-3] for n in os.listdir(CONFIGS_DIR) if n[0] != '_'))}")
+  return sibling(packaged(name), name).get_config(arg)
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """configs/base.py's defaults (the schema), found next to the package or in the working tree."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for root in (here, os.getcwd()):
-    path = os.path.join(root, "configs", "base.py")
-    if os.path.isfile(path):
-      return sibling(path, "base").get_config()
-  raise ConfigError("configs/base.py not found: run from the jaxft checkout")
+  """jaxft/configs/base.py's defaults: the schema (shipped with the package, so a workdir's saved
+  config can be laid over it wherever jaxft is installed)."""
+  return load("base")
 
 
 def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) -> None:
