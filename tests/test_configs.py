@@ -39,6 +39,7 @@ def test_llama3_variants(arg, preset, method, quant):
   assert (c.model.preset, c.peft.method, c.model.quant) == (preset, method, quant)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "base"])
 def test_each_shipped_config_trains_on_tiny_data(tmp_path, name):
   from jaxft.data import bundled
@@ -55,6 +56,7 @@ def test_each_shipped_config_trains_on_tiny_data(tmp_path, name):
   assert os.path.isdir(tmp_path / name / "checkpoints" / "2")
 
 
+@pytest.mark.slow
 def test_bad_variant_argument_exits_2(tmp_path):
   r = run_cli("jaxft.train", "--config=configs/llama3.py:sz=1", f"--workdir={tmp_path}")
   assert r.returncode == 2
@@ -77,6 +79,7 @@ def test_config_names_and_checkout_paths_load_the_shipped_configs(tmp_path, monk
     configlib.load("nosuch")
 
 
+@pytest.mark.slow
 def test_config_by_name_on_the_command_line(tmp_path):
   # The config loads (a missing checkpoint is the next thing generate reports), from a directory
   # without configs/; a name that is no config fails as one line.

@@ -187,6 +187,7 @@ def test_bad_prompts_are_clear_errors():
     decode.Sampling(top_p=0.0)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n\n")
@@ -243,6 +244,7 @@ print(json.dumps({"sharded": [run(sharded, decode.Sampling()), run(sharded, s)],
 """
 
 
+@pytest.mark.slow
 def test_decoding_with_params_sharded_over_a_mesh():
   import subprocess
   import sys

@@ -419,6 +419,7 @@ def test_quickstart_trains(method, tmp_path):
   assert len(evals) == 2 and evals[1] <= 0.6 * evals[0], evals
 
 
+@pytest.mark.slow
 def test_export_cli_adapter_format_refuses_other_methods(runs):
   out = runs["root"] / "not_adapters"
   r = run_cli("jaxft.export", f"--workdir={runs['dora'][0]}", "--format=adapter", f"--out={out}")
