@@ -89,26 +89,6 @@ def _check_out(out: str, overwrite: bool, workdir: str, config=None) -> None:
     logging.warning("removed %s, left by an export that did not finish", stale)
 
 
-def _tmp_dir(out: str) -> str:
-  out = os.path.abspath(out)
-  tmp = f"{out}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  return tmp
-
-
-def _publish(tmp: str, out: str) -> None:
-  """Renames the finished temporary directory to OUT (replacing an old OUT only now)."""
-  out = os.path.abspath(out)
-  old = None
-  if os.path.exists(out):
-    old = f"{out}.old-{os.getpid()}"
-    os.rename(out, old)
-  os.rename(tmp, out)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _merged_params(trained: session.Trained) -> dict:
   """The base with the method folded in; the tree must then be exactly the decoder's."""
   cfg, method = trained.model.cfg, trained.model.method
@@ -243,7 +223,7 @@ def _write_atomically(out: str, write) -> None:
   the others, then renames it to OUT; on any failure the temporary directory is removed, so OUT is
   never half-written."""
   main = jax.process_index() == 0
-  tmp = _tmp_dir(out) if main else ""
+  tmp = files.temp_dir(out) if main else ""
   try:
     write(tmp)
   except BaseException:
@@ -251,7 +231,7 @@ def _write_atomically(out: str, write) -> None:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   if main:
-    _publish(tmp, out)
+    files.publish_dir(tmp, out)
 
 
 def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | None = None,

@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from jaxft import files
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import hf
 from jaxft.models.config import ModelConfig
@@ -361,12 +362,10 @@ def write_tokenizer(path: str, directory: str) -> str:
     with open(stamp, encoding="utf-8") as f:
       if json.load(f) == source:
         return directory
-  tmp = f"{directory}.tmp{os.getpid()}"
+  tmp = files.temp_dir(directory)
   build_tokenizer(path).save_pretrained(tmp)
-  for name in os.listdir(tmp):
+  for name in os.listdir(tmp):  # file by file: the directory may hold other files (a workdir's)
     os.replace(os.path.join(tmp, name), os.path.join(directory, name))
   os.rmdir(tmp)
-  with open(f"{stamp}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
-    json.dump(source, f)
-  os.replace(f"{stamp}.tmp{os.getpid()}", stamp)
+  files.write_json(stamp, source, indent=None)
   return directory
