@@ -103,16 +103,32 @@ def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) 
   c.checkpoint.every = 200
 
 
-# What a changed key means when a run resumes from a checkpoint (one declaration, used by the
-# trainer's resume): SHAPE_KEYS fix the saved state's shapes (the resume is refused);
-# LOGISTICS_KEYS change how the run is driven, not what it computes (resumed silently); any other
-# changed key changes the trained function (the resume warns and records it in metrics.jsonl).
-SHAPE_KEYS = ("model.path", "model.preset", "model.quant", "model.param_dtype", "peft.method",
-              "peft.targets", "peft.lora.rank", "peft.adapter", "peft.prefix", "optim.clip_norm",
-              "optim.weight_decay")
-LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.eval_accuracy", "train.progress", "train.peak_tflops", "checkpoint",
-                  "data.eval", "mesh", "model.remat", "model.attention", "eval")
+# What each config key fixes: the one declaration behind the trainer's resume checks and the base
+# fingerprint (session). SHAPE: the saved state's shapes or the base itself (a resume is refused;
+# the base fingerprint includes it). NUMERICS: what the step computes (a resume warns and records
+# it in metrics.jsonl). NOTHING: how the run is driven (a resume passes silently). A key names
+# itself or a section (every key under it); keys not named are NUMERICS.
+SHAPE, NUMERICS, NOTHING = "shape", "numerics", "nothing"
+KEY_EFFECTS = {
+    "model.path": SHAPE, "model.preset": SHAPE, "model.quant": SHAPE, "model.param_dtype": SHAPE,
+    "peft.method": SHAPE, "peft.targets": SHAPE, "peft.lora.rank": SHAPE, "peft.adapter": SHAPE,
+    "peft.prefix": SHAPE, "optim.clip_norm": SHAPE, "optim.weight_decay": SHAPE,
+    "model.dtype": NUMERICS,
+    "model.remat": NOTHING, "model.attention": NOTHING, "train.log_every": NOTHING,
+    "train.eval_every": NOTHING, "train.eval_batches": NOTHING, "train.eval_accuracy": NOTHING,
+    "train.progress": NOTHING, "train.peak_tflops": NOTHING, "checkpoint": NOTHING,
+    "data.eval": NOTHING, "mesh": NOTHING, "eval": NOTHING,
+}
+SHAPE_KEYS = tuple(k for k, v in KEY_EFFECTS.items() if v == SHAPE)
+LOGISTICS_KEYS = tuple(k for k, v in KEY_EFFECTS.items() if v == NOTHING)
+
+
+def effect(key: str) -> str:
+  """SHAPE, NUMERICS or NOTHING for a dotted config key (see KEY_EFFECTS)."""
+  for name, what in KEY_EFFECTS.items():
+    if key == name or key.startswith(name + "."):
+      return what
+  return NUMERICS
 
 
 def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
@@ -127,19 +143,15 @@ def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
   return out
 
 
-def _under(key: str, names) -> bool:
-  return any(key == s or key.startswith(s + ".") for s in names)
-
-
 def changed_keys(saved: dict, current: dict) -> tuple[list[str], list[str]]:
   """(shape keys, function keys) that differ between a saved and the current config dict, each
   as "key (old -> new)"; logistics keys are left out."""
   a, b = flat(saved), flat(current)
   shape, function = [], []
   for k in sorted(a.keys() | b.keys()):
-    if a.get(k) == b.get(k) or _under(k, LOGISTICS_KEYS):
+    if a.get(k) == b.get(k) or effect(k) == NOTHING:
       continue
-    (shape if _under(k, SHAPE_KEYS) else function).append(f"{k} ({a.get(k)!r} -> {b.get(k)!r})")
+    (shape if effect(k) == SHAPE else function).append(f"{k} ({a.get(k)!r} -> {b.get(k)!r})")
   return shape, function
 
 

@@ -57,20 +57,19 @@ def references(spec: str, fmt: str) -> list[Reference]:
   Raises DataError (file:line) when a row's `answerable` is not true or false."""
   out = []
   for origin, row in sources.read_rows(spec):
-    kind = formats.detect(origin, row) if fmt == "auto" else fmt
+    r = formats.parse(origin, row, fmt)
     answerable = row.get("answerable", True)
     if not isinstance(answerable, bool):
       raise DataError(f"{origin}: field 'answerable' must be true or false, got "
                       f"{answerable!r}")
-    if kind in ("chat", "alpaca"):
-      msgs = formats.to_messages(origin, row, kind)
+    if r.messages is not None:
+      msgs = r.messages
       last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
       prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:last]]
       if prompt:
         out.append(Reference(Prompt(origin, prompt), msgs[last]["content"], answerable))
-    elif kind == "completion":
-      out.append(Reference(Prompt(origin, text=formats._field(origin, row, "prompt")),
-                           formats._field(origin, row, "completion"), answerable))
+    elif r.kind == "completion":
+      out.append(Reference(Prompt(origin, text=r.prompt), r.completion, answerable))
   return out
 
 

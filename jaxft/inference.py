@@ -34,7 +34,7 @@ def _prompt_from_row(origin: str, row, raw: bool) -> Prompt:
   if not isinstance(row, dict):
     raise DataError(f"{origin}: expected a JSON string or object, got {type(row).__name__}")
   if "messages" in row:
-    msgs = formats._field(origin, row, "messages", list)
+    msgs = formats.field(origin, row, "messages", list)
     if not msgs:
       raise DataError(f"{origin}: 'messages' is empty")
     for i, m in enumerate(msgs):
@@ -47,7 +47,7 @@ def _prompt_from_row(origin: str, row, raw: bool) -> Prompt:
     msgs = formats.to_messages(origin, dict(row, output=""), "alpaca")[:1]
     return Prompt(origin, msgs)
   if "prompt" in row:
-    return _prompt_from_row(origin, formats._field(origin, row, "prompt"), raw)
+    return _prompt_from_row(origin, formats.field(origin, row, "prompt"), raw)
   raise DataError(f"{origin}: expected a string or an object with 'prompt', 'messages' or "
                   f"'instruction'; got keys {sorted(row)}")
 

@@ -93,8 +93,11 @@ class Model:
   init_from: str = ""  # a PEFT adapter directory the trainable leaves start from
 
 
-# ModelConfig fields that change how the step computes, not which base it uses: a resume may change them.
-_NUMERICS_ONLY = ("dtype", "remat", "attention")
+def _numerics_only(config) -> tuple[str, ...]:
+  """The ModelConfig fields set from model.* keys that do not fix the base (configlib's
+  declaration): dtype, remat, attention. A resume may change them."""
+  return tuple(f.name for f in dataclasses.fields(ModelConfig)
+               if f.name in config.model and configlib.effect(f"model.{f.name}") != configlib.SHAPE)
 
 
 def _fingerprint(config, cfg: ModelConfig) -> str:
@@ -102,7 +105,7 @@ def _fingerprint(config, cfg: ModelConfig) -> str:
   src = {"path": os.path.abspath(config.model.path) if config.model.path else "",
          "preset": "" if config.model.path else config.model.preset,
          "seed": config.train.seed, "quant": config.model.quant, "model": {k: v for k, v in dataclasses.asdict(cfg).items()
-                   if k not in _NUMERICS_ONLY}}
+                   if k not in _numerics_only(config)}}
   return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

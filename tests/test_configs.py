@@ -90,3 +90,16 @@ def test_config_by_name_on_the_command_line(tmp_path):
   r = run_cli("jaxft.train", "--config=nosuch", f"--workdir={tmp_path / 'w'}", cwd=str(tmp_path))
   assert r.returncode == 2
   assert "--config: cannot load the config file" in r.stderr.strip().splitlines()[-1]
+
+
+def test_every_declared_key_effect_names_a_key_of_the_schema():
+  # A misspelt declaration would silently make its key NUMERICS (a resume that should be refused
+  # would only warn).
+  keys = set(_flat(load("base").to_dict()))
+  for name in configlib.KEY_EFFECTS:
+    assert any(k == name or k.startswith(name + ".") for k in keys), name
+  assert configlib.effect("peft.adapter.size") == configlib.SHAPE
+  assert configlib.effect("optim.lr") == configlib.NUMERICS
+  assert configlib.effect("mesh.data") == configlib.NOTHING
+  from jaxft import session
+  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention")
