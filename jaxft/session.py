@@ -115,9 +115,7 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
   method = peft.from_config(config.peft, cfg)
   if config.peft.init_from:  # the adapter's rank, alpha and targets win over the config's
     method = peft_io.adopt_settings(config.peft.init_from, method, cfg)
-  mesh = mesh or sharding.make_mesh(config.mesh)
-  sharding.check_model_fits(mesh, cfg)
-  rules = sharding.rules_from_config(config.mesh)
+  mesh, rules = sharding.checked_mesh(config, cfg, mesh)
   specs = llama.param_specs(cfg)
   base_sh = sharding.tree_shardings(specs, mesh, rules)
   added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules)

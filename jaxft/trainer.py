@@ -192,11 +192,9 @@ def train(config, workdir: str, hooks: tuple = ()) -> dict:
   checkpoints, metrics). Returns the last logged metrics. Raises JaxftError subclasses for bad
   configs, data and checkpoints, before anything is written."""
   check_config(config)
-  mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any data is read
-  sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
+  mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any file is read
   model_cfg = session.model_config(config)
-  sharding.check_model_fits(mesh, model_cfg)
-  sharding.rules_from_config(config.mesh)  # so is a bad mesh.rules
+  mesh, _ = sharding.checked_mesh(config, model_cfg, mesh, batch=True)  # before any data
   objective = objectives.from_config(config, config.peft.method == "full")
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
