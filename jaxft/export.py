@@ -26,10 +26,9 @@ import shutil
 import jax
 from absl import flags, logging
 
-from jaxft import cli, export_gguf as eg, files, session
+from jaxft import cli, export_gguf as eg, files, peft, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
-from jaxft.peft import adapter, peft_io
 
 FORMATS = ("hf", "peft", "adapter", "gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -239,18 +238,29 @@ def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | Non
   """Writes WORKDIR's trained adapter in PEFT's format to OUT. base_model (recorded as
   base_model_name_or_path) defaults to model.path. Returns OUT. Raises ConfigError for a method
   with no PEFT format (full fine-tuning: use export_hf)."""
+  return _export_method(workdir, out, "peft", base_model, step, overwrite)
+
+
+def _export_method(workdir, out, fmt: str, base_model: str, step, overwrite) -> str:
+  """The one place an adapter export is chosen: the run's method must export to `fmt`
+  (peft.export_format) and writes it (Method.write_export)."""
   config = session.load_workdir_config(workdir)
   _check_out(out, overwrite, workdir, config)
-  if config.peft.method not in peft_io.WRITERS:
-    other = "--format=adapter" if config.peft.method == "adapter" else "--format=hf"
-    raise ConfigError(f"peft.method={config.peft.method!r} has no PEFT adapter format; use "
-                      f"{other}. PEFT formats: {', '.join(peft_io.WRITERS)}")
-  base_model = _base_model_name(config, workdir, base_model)
+  name = config.peft.method
+  if peft.export_format(name) != fmt:
+    if fmt == "adapter":
+      raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
+                        f"peft.method={name!r} (use --format=peft or --format=hf)")
+    other = f"--format={peft.export_format(name) or 'hf'}"
+    raise ConfigError(f"peft.method={name!r} has no PEFT adapter format; use "
+                      f"{other}. PEFT formats: {', '.join(peft.methods_exporting('peft'))}")
+  if fmt == "peft":
+    base_model = _base_model_name(config, workdir, base_model)
   trained = session.restore_trained(workdir, config, step=step)
-  _write_atomically(out, lambda tmp: peft_io.write_adapter(
-      tmp, trained.model.method, trained.model.cfg, trained.trainable, base_model))
-  logging.info("exported %s adapter to %s (base: %s)", config.peft.method, out, base_model)
-  if config.peft.method == "dora":
+  _write_atomically(out, lambda tmp: trained.model.method.write_export(
+      tmp, trained.model.cfg, trained.trainable, base_model or config.model.path))
+  logging.info("exported %s (%s) to %s (base: %s)", name, fmt, out, base_model or "-")
+  if name == "dora":
     logging.warning("vLLM cannot serve DoRA adapters (it refuses use_dora); PEFT and transformers "
                     "load this one. To serve with vLLM, export the merged model: --format=hf")
   return out
@@ -275,17 +285,7 @@ def export_adapter(workdir: str, out: str, *, base_model: str = "", step: int | 
   """Writes WORKDIR's trained bottleneck adapters (peft.method=adapter) to OUT in jaxft's adapter
   format (adapter_config.json + adapter_model.safetensors; see jaxft/peft/adapter.py and
   docs/methods.md). Returns OUT. Raises ConfigError for another method."""
-  config = session.load_workdir_config(workdir)
-  _check_out(out, overwrite, workdir, config)
-  if config.peft.method != "adapter":
-    raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
-                      f"peft.method={config.peft.method!r} (use --format=peft or --format=hf)")
-  trained = session.restore_trained(workdir, config, step=step)
-  _write_atomically(out, lambda tmp: adapter.write(
-      tmp, trained.model.method, trained.model.cfg, trained.trainable,
-      base_model or config.model.path))
-  logging.info("exported bottleneck adapters to %s", out)
-  return out
+  return _export_method(workdir, out, "adapter", base_model, step, overwrite)
 
 
 def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None = None,

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,7 @@ import numpy as np
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama, ops
 from jaxft.models.config import ModelConfig
-from jaxft.peft.base import Method, Params
-from jaxft.peft.lora import ADAPTER_DTYPE
+from jaxft.peft.base import ADAPTER_DTYPE, Method, Params
 from jaxft.peft.peft_io import host_array
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
@@ -41,9 +41,14 @@ WEIGHTS = "adapter_model.safetensors"
 @dataclasses.dataclass(frozen=True)
 class BottleneckAdapter(Method):
   name: str = "adapter"
+  export_format: ClassVar[str] = "adapter"
   size: int = 64
   placement: str = "houlsby"
   activation: str = "relu"
+
+  def write_export(self, directory, cfg, trainable, base_model: str = "") -> None:
+    """jaxft's bottleneck-adapter format (`write`)."""
+    write(directory, self, cfg, trainable, base_model)
 
   @property
   def blocks(self) -> tuple[str, ...]:

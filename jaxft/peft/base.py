@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,8 @@ from jaxft.models import llama, ops
 from jaxft.models.config import ModelConfig
 
 Params = dict[str, Any]
+# Trainable adapter leaves (and their AdamW moments) are float32 master weights.
+ADAPTER_DTYPE = jnp.float32
 
 
 def merge_trees(a: Params, b: Params) -> Params:
@@ -108,6 +110,15 @@ class Method:
   """Full fine-tuning, and the no-op hooks every method inherits."""
   name: str = "full"
   position_offset: int = 0
+  # The adapter format the method exports to (--format=NAME; "" = only the merged model): each
+  # method owns its format and writes it (`write_export`).
+  export_format: ClassVar[str] = ""
+
+  def write_export(self, directory: str, cfg: ModelConfig, trainable: Params,
+                   base_model: str = "") -> None:
+    """Writes the trained leaves in `export_format` into `directory` (which must exist)."""
+    raise ConfigError(f"peft.method={self.name!r} has no adapter format; export the merged model "
+                      "with --format=hf")
 
   # -- the partition -------------------------------------------------------------------------
   def init(self, cfg: ModelConfig, rng: jax.Array) -> Params:

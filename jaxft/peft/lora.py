@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxft.models import llama, ops
-from jaxft.peft.base import Method, Params, base_linear, linear_dims
-
-
-ADAPTER_DTYPE = jnp.float32
+from jaxft.peft import peft_io
+from jaxft.peft.base import ADAPTER_DTYPE, Method, base_linear, linear_dims
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(Method):
   name: str = "lora"
+  export_format: ClassVar[str] = "peft"
   targets: tuple[str, ...] = ("q_proj", "v_proj")
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
   rslora: bool = False
+
+  def write_export(self, directory, cfg, trainable, base_model: str = "") -> None:
+    """PEFT's LoRA adapter (DoRA's too: use_dora and the magnitudes), see peft_io."""
+    peft_io.write_adapter(directory, self, cfg, trainable, base_model, peft_io.lora_tensors)
 
   @property
   def scale(self) -> float:
