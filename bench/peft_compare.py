@@ -92,13 +92,10 @@ def _random_ids(seed: int):
 
 
 def jaxft_config(dtype: str, overrides: list[str]):
-  """configs/base.py with the benchmark's model, LoRA and optimizer settings (+ --set overrides)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("jaxft_base_config",
-                                                os.path.join(ROOT, "configs", "base.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  """jaxft/configs/base.py with the benchmark's model, LoRA and optimizer settings (+ --set
+  overrides)."""
+  from jaxft import configlib
+  c = configlib.base_config()
   c.model.dtype = dtype
   c.model.param_dtype = dtype
   c.peft.method, c.peft.targets = "lora", "q_proj,v_proj"
