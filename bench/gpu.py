@@ -38,12 +38,8 @@ METHODS = {"lora": ("lora", "none"), "qlora": ("lora", "nf4"), "full": ("full", 
 
 
 def build_config(args, method: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("jaxft_base_config",
-                                                os.path.join(ROOT, "configs", "base.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from jaxft import configlib
+  c = configlib.base_config()
   c.model.preset = args.preset
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"

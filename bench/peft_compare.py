@@ -92,13 +92,10 @@ def _random_ids(seed: int):
 
 
 def jaxft_config(dtype: str, overrides: list[str]):
-  """configs/base.py with the benchmark's model, LoRA and optimizer settings (+ --set overrides)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("jaxft_base_config",
-                                                os.path.join(ROOT, "configs", "base.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  """jaxft/configs/base.py with the benchmark's model, LoRA and optimizer settings (+ --set
+  overrides)."""
+  from jaxft import configlib
+  c = configlib.base_config()
   c.model.dtype = dtype
   c.model.param_dtype = dtype
   c.peft.method, c.peft.targets = "lora", "q_proj,v_proj"
@@ -135,15 +132,15 @@ def build_jaxft(config, cfg):
   """(prepared run, device batch) through the trainer's own `prepare` (jitted donated step)."""
   import jax
   import numpy as np
-  from jaxft import peft, quant, session, sharding, trainer
-  from jaxft.models import llama
+  from jaxft import peft, session, sharding, trainer
+  from jaxft.models import llama, quantized
 
   method = peft.from_config(config.peft, cfg)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.mesh)
   base_sh = sharding.tree_shardings(llama.param_specs(cfg), mesh, rules)
   added_sh = sharding.tree_shardings(method.trainable_specs(cfg), mesh, rules)
-  base = quant.init_base(cfg, jax.random.key(0), config.model.quant, base_sh)
+  base = quantized.init_base(cfg, jax.random.key(0), config.model.quant, base_sh)
   model = session.Model(cfg, method, mesh, base, base_sh, added_sh, "bench")
   run = trainer.prepare(config, model)
   ids = _random_ids(1)

@@ -9,12 +9,28 @@ import sys
 
 from absl import app, flags
 
+from jaxft import configlib
 from jaxft.errors import JaxftError
+
+
+def _config_paths(argv):
+  """argv with each --config value resolved (configlib.resolve): `--config=quickstart[:ARG]`
+  and, from a checkout, `--config=configs/NAME.py[:ARG]` load the shipped config."""
+  out = list(argv[:1])
+  rest = iter(argv[1:])
+  for a in rest:
+    if a.startswith("--config="):
+      a = "--config=" + configlib.resolve(a[len("--config="):])
+    elif a == "--config":
+      out.append(a)
+      a = configlib.resolve(next(rest, ""))
+    out.append(a)
+  return out
 
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(_config_paths(argv))
   except flags.Error as e:  # a value of the wrong type, a missing flag, an unknown flag
     _fail(str(e))
   except JaxftError as e:  # raised by a config file itself (a bad variant argument)

@@ -1,4 +1,5 @@
-"""Helpers for config files: variant arguments and loading the shared base config by path."""
+"""Helpers for config files: finding them (shipped in jaxft/configs/, or any path), variant
+arguments, and what each key means for a resumed run."""
 
 from __future__ import annotations
 
@@ -11,9 +12,34 @@ import ml_collections
 from jaxft.errors import ConfigError
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged(name: str) -> str:
+  """The path of the config jaxft ships as jaxft/configs/NAME.py ('' when there is none)."""
+  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  return path if name and os.path.isfile(path) else ""
+
+
+def resolve(spec: str) -> str:
+  """A --config value as ml_collections loads it ('PATH[:ARG]'). An existing file is itself;
+  'NAME[:ARG]' and a missing 'configs/NAME.py[:ARG]' (the commands documented for a checkout)
+  are the shipped jaxft/configs/NAME.py; anything else is left for the loader to refuse."""
+  path, sep, arg = spec.partition(":")
+  if os.path.isfile(path):
+    return spec
+  name = os.path.basename(path)[:-3] if path.endswith(".py") else path
+  plain = path == name or os.path.normpath(os.path.dirname(path)) == "configs"
+  found = packaged(name) if plain else ""
+  return found + sep + arg if found else spec
+
+
 def sibling(config_file: str, name: str):
-  """Imports configs/NAME.py next to `config_file` (configs are files, not an installed package)."""
+  """Imports NAME.py next to `config_file`, or the shipped jaxft/configs/NAME.py when there is no
+  such file (configs are files, loaded by path)."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  if not os.path.isfile(path) and packaged(name):
+    path = packaged(name)
   spec = importlib.util.spec_from_file_location(f"jaxft_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -46,14 +72,18 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
   c.model.quant = quant
 
 
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of the shipped config jaxft/configs/NAME.py (quickstart, llama3, ...)."""
+  if not packaged(name):
+    raise ConfigError(f"no shipped config {name!r}: expected one of "
+                      f"{', '.join(sorted(n[:-3] for n in os.listdir(CONFIGS_DIR) if n[0] != '_'))}")
+  return sibling(packaged(name), name).get_config(arg)
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """configs/base.py's defaults (the schema), found next to the package or in the working tree."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for root in (here, os.getcwd()):
-    path = os.path.join(root, "configs", "base.py")
-    if os.path.isfile(path):
-      return sibling(path, "base").get_config()
-  raise ConfigError("configs/base.py not found: run from the jaxft checkout")
+  """jaxft/configs/base.py's defaults: the schema (shipped with the package, so a workdir's saved
+  config can be laid over it wherever jaxft is installed)."""
+  return load("base")
 
 
 def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) -> None:
@@ -73,17 +103,33 @@ def real_model_defaults(c: ml_collections.ConfigDict, preset: str, method: str) 
   c.checkpoint.every = 200
 
 
-# What a changed key means when a run resumes from a checkpoint (one declaration, used by the
-# trainer's resume): SHAPE_KEYS fix the saved state's shapes (the resume is refused);
-# LOGISTICS_KEYS change how the run is driven, not what it computes (resumed silently); any other
-# changed key changes the trained function (the resume warns and records it in metrics.jsonl).
-SHAPE_KEYS = ("model.path", "model.preset", "model.quant", "model.param_dtype", "peft.method",
-              "peft.targets", "peft.lora.rank", "peft.adapter", "peft.prefix", "optim.clip_norm",
-              "optim.weight_decay")
-LOGISTICS_KEYS = ("train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.eval_accuracy", "train.progress", "train.peak_tflops",
-                  "train.compile_cache", "checkpoint",
-                  "data.eval", "mesh", "model.remat", "model.attention", "eval")
+# What each config key fixes: the one declaration behind the trainer's resume checks and the base
+# fingerprint (session). SHAPE: the saved state's shapes or the base itself (a resume is refused;
+# the base fingerprint includes it). NUMERICS: what the step computes (a resume warns and records
+# it in metrics.jsonl). NOTHING: how the run is driven (a resume passes silently). A key names
+# itself or a section (every key under it); keys not named are NUMERICS.
+SHAPE, NUMERICS, NOTHING = "shape", "numerics", "nothing"
+KEY_EFFECTS = {
+    "model.path": SHAPE, "model.preset": SHAPE, "model.quant": SHAPE, "model.param_dtype": SHAPE,
+    "peft.method": SHAPE, "peft.targets": SHAPE, "peft.lora.rank": SHAPE, "peft.adapter": SHAPE,
+    "peft.prefix": SHAPE, "optim.clip_norm": SHAPE, "optim.weight_decay": SHAPE,
+    "model.dtype": NUMERICS,
+    "model.remat": NOTHING, "model.attention": NOTHING, "train.log_every": NOTHING,
+    "train.eval_every": NOTHING, "train.eval_batches": NOTHING, "train.eval_accuracy": NOTHING,
+    "train.progress": NOTHING, "train.peak_tflops": NOTHING, "train.compile_cache": NOTHING,
+    "checkpoint": NOTHING,
+    "data.eval": NOTHING, "mesh": NOTHING, "eval": NOTHING,
+}
+SHAPE_KEYS = tuple(k for k, v in KEY_EFFECTS.items() if v == SHAPE)
+LOGISTICS_KEYS = tuple(k for k, v in KEY_EFFECTS.items() if v == NOTHING)
+
+
+def effect(key: str) -> str:
+  """SHAPE, NUMERICS or NOTHING for a dotted config key (see KEY_EFFECTS)."""
+  for name, what in KEY_EFFECTS.items():
+    if key == name or key.startswith(name + "."):
+      return what
+  return NUMERICS
 
 
 def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
@@ -98,19 +144,15 @@ def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
   return out
 
 
-def _under(key: str, names) -> bool:
-  return any(key == s or key.startswith(s + ".") for s in names)
-
-
 def changed_keys(saved: dict, current: dict) -> tuple[list[str], list[str]]:
   """(shape keys, function keys) that differ between a saved and the current config dict, each
   as "key (old -> new)"; logistics keys are left out."""
   a, b = flat(saved), flat(current)
   shape, function = [], []
   for k in sorted(a.keys() | b.keys()):
-    if a.get(k) == b.get(k) or _under(k, LOGISTICS_KEYS):
+    if a.get(k) == b.get(k) or effect(k) == NOTHING:
       continue
-    (shape if _under(k, SHAPE_KEYS) else function).append(f"{k} ({a.get(k)!r} -> {b.get(k)!r})")
+    (shape if effect(k) == SHAPE else function).append(f"{k} ({a.get(k)!r} -> {b.get(k)!r})")
   return shape, function
 
 

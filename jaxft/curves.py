@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+from jaxft import files
+
 LOSS_CURVE = "loss_curve.png"
 
 
@@ -52,7 +54,5 @@ def write_loss_curve(workdir: str) -> str | None:
   ax.legend()
   fig.tight_layout()
   path = os.path.join(workdir, LOSS_CURVE)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp)
-  os.replace(tmp, path)
+  files.write_with(path, fig.savefig, suffix=".png")
   return path

@@ -111,9 +111,3 @@ def initialize_from_flags() -> bool:
   """`initialize` with the --distributed, --coordinator, --num_processes, --process_id flags (an
   entry point calls this first thing in its main)."""
   return initialize(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-
-
-def is_main_process() -> bool:
-  """True in process 0, the one that writes metrics, config.json and logs for the run."""
-  import jax
-  return jax.process_index() == 0

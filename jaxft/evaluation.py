@@ -17,8 +17,8 @@ eval_report_LABEL.md and reliability_LABEL.png, beside the default ones.
 A reference answer is the last assistant message of a chat row, the output of an alpaca row or the
 completion of a completion row; text and tokens rows count towards the loss only. A row may say
 `"answerable": false` (a question with no true answer): it counts for hallucination and abstention,
-not for exact match. The loss is the trainer's `evaluate_loss` (same batches, same target mask as
-the eval_loss logged in training).
+not for exact match. The loss is `evaluate_loss`, the function behind the eval_loss logged in training (same batches,
+same target mask).
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ import re
 import string
 
 import jax
+import numpy as np
+import optax
 from absl import logging
 
-from jaxft import eval_metrics, eval_quality, files
+from jaxft import (eval_metrics, eval_quality, files, inference, objectives, peft, session,
+                   sharding)
+from jaxft.data import formats, pipeline, preference, sources
 from jaxft.serving import compare
 from jaxft.errors import ConfigError, DataError
 from jaxft.inference import Prompt
+from jaxft.step import make_steps
 
 REPORT = "eval_report.md"
 
@@ -50,23 +55,21 @@ class Reference:
 def references(spec: str, fmt: str) -> list[Reference]:
   """The rows of `spec` that have a reference answer, as (prompt, answer, answerable).
   Raises DataError (file:line) when a row's `answerable` is not true or false."""
-  from jaxft.data import formats, sources
   out = []
   for origin, row in sources.read_rows(spec):
-    kind = formats.detect(origin, row) if fmt == "auto" else fmt
+    r = formats.parse(origin, row, fmt)
     answerable = row.get("answerable", True)
     if not isinstance(answerable, bool):
       raise DataError(f"{origin}: field 'answerable' must be true or false, got "
                       f"{answerable!r}")
-    if kind in ("chat", "alpaca"):
-      msgs = formats.to_messages(origin, row, kind)
+    if r.messages is not None:
+      msgs = r.messages
       last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
       prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:last]]
       if prompt:
         out.append(Reference(Prompt(origin, prompt), msgs[last]["content"], answerable))
-    elif kind == "completion":
-      out.append(Reference(Prompt(origin, text=formats._field(origin, row, "prompt")),
-                           formats._field(origin, row, "completion"), answerable))
+    elif r.kind == "completion":
+      out.append(Reference(Prompt(origin, text=r.prompt), r.completion, answerable))
   return out
 
 
@@ -93,10 +96,31 @@ def contains_match(answer: str, reference: str) -> bool:
   return bool(ref) and f" {ref} " in f" {normalize(answer)} "
 
 
+def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0,
+                  objective=objectives.SFT()) -> dict:
+  """The objective's loss over the eval examples (one pass, file order): eval_loss, eval_tokens
+  and eval_ppl (supervised) or eval_ plus the preference metrics (pairs). `steps` is the jitted
+  StepFns.eval of `objective`."""
+  sft = objective.name == "sft"
+  batches = (pipeline.eval_batches if sft else preference.eval_batches)(
+      examples, config.data.max_len, config.data.batch_size, config.data.packing)
+  total = None
+  for i, b in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    b = {k: v[0] for k, v in sharding.put_batch(b, mesh, 1).items()}
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(steps(trainable, frozen, b)))
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  terms, stats, counts = total
+  loss = float(objective.loss(terms, counts))
+  m = {"eval_loss": loss, "eval_tokens": float(counts["tokens"])}
+  if sft:
+    m["eval_ppl"] = float(np.exp(min(loss, 50.0)))
+  m.update({f"eval_{k}": float(v) for k, v in objective.metrics(terms, stats, counts).items()})
+  return m
+
+
 def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
-  import optax
-  from jaxft.step import make_steps
-  from jaxft.trainer import evaluate_loss
   # Only the eval step is used: the optimizer and schedule are placeholders.
   steps = make_steps(cfg, method, optax.identity(), lambda step: 0.0, False, dropout=False)
   m = evaluate_loss(jax.jit(steps.eval), trainable, frozen, examples, config, mesh)
@@ -117,7 +141,6 @@ def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, pref
                     batch_size: int = 32) -> dict:
   """Greedy exact-match and normalised-match accuracy of a model held in memory (what training
   logs at its eval points with train.eval_accuracy=True), on the answerable rows."""
-  from jaxft import inference
   refs = [r for r in refs if r.answerable]
   if not refs:
     return {}
@@ -139,8 +162,6 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
   Raises ConfigError when data.eval is unset, a setting is out of range or output_dir cannot be
   written (all before any weights load), CheckpointError when WORKDIR has no intact checkpoint,
   DataError for bad rows or a prompt that does not fit the model's context."""
-  from jaxft import inference, peft, session
-  from jaxft.data import pipeline
   output_names(label)  # a bad label fails before any work
   if not config.data.eval:
     raise ConfigError("data.eval is empty: set it to held-out data (e.g. --config.data.eval=FILE)")

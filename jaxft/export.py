@@ -26,10 +26,9 @@ import shutil
 import jax
 from absl import flags, logging
 
-from jaxft import cli, files, session
+from jaxft import cli, export_gguf as eg, files, peft, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
-from jaxft.peft import peft_io
 
 FORMATS = ("hf", "peft", "adapter", "gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -87,26 +86,6 @@ def _check_out(out: str, overwrite: bool, workdir: str, config=None) -> None:
     raise ConfigError(f"--out={out}: already exists; choose another directory or pass --overwrite")
   for stale in files.remove_stale(os.path.abspath(out)):
     logging.warning("removed %s, left by an export that did not finish", stale)
-
-
-def _tmp_dir(out: str) -> str:
-  out = os.path.abspath(out)
-  tmp = f"{out}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  return tmp
-
-
-def _publish(tmp: str, out: str) -> None:
-  """Renames the finished temporary directory to OUT (replacing an old OUT only now)."""
-  out = os.path.abspath(out)
-  old = None
-  if os.path.exists(out):
-    old = f"{out}.old-{os.getpid()}"
-    os.rename(out, old)
-  os.rename(tmp, out)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _merged_params(trained: session.Trained) -> dict:
@@ -243,7 +222,7 @@ def _write_atomically(out: str, write) -> None:
   the others, then renames it to OUT; on any failure the temporary directory is removed, so OUT is
   never half-written."""
   main = jax.process_index() == 0
-  tmp = _tmp_dir(out) if main else ""
+  tmp = files.temp_dir(out) if main else ""
   try:
     write(tmp)
   except BaseException:
@@ -251,7 +230,7 @@ def _write_atomically(out: str, write) -> None:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   if main:
-    _publish(tmp, out)
+    files.publish_dir(tmp, out)
 
 
 def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | None = None,
@@ -259,18 +238,29 @@ def export_peft(workdir: str, out: str, *, base_model: str = "", step: int | Non
   """Writes WORKDIR's trained adapter in PEFT's format to OUT. base_model (recorded as
   base_model_name_or_path) defaults to model.path. Returns OUT. Raises ConfigError for a method
   with no PEFT format (full fine-tuning: use export_hf)."""
+  return _export_method(workdir, out, "peft", base_model, step, overwrite)
+
+
+def _export_method(workdir, out, fmt: str, base_model: str, step, overwrite) -> str:
+  """The one place an adapter export is chosen: the run's method must export to `fmt`
+  (peft.export_format) and writes it (Method.write_export)."""
   config = session.load_workdir_config(workdir)
   _check_out(out, overwrite, workdir, config)
-  if config.peft.method not in peft_io.WRITERS:
-    other = "--format=adapter" if config.peft.method == "adapter" else "--format=hf"
-    raise ConfigError(f"peft.method={config.peft.method!r} has no PEFT adapter format; use "
-                      f"{other}. PEFT formats: {', '.join(peft_io.WRITERS)}")
-  base_model = _base_model_name(config, workdir, base_model)
+  name = config.peft.method
+  if peft.export_format(name) != fmt:
+    if fmt == "adapter":
+      raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
+                        f"peft.method={name!r} (use --format=peft or --format=hf)")
+    other = f"--format={peft.export_format(name) or 'hf'}"
+    raise ConfigError(f"peft.method={name!r} has no PEFT adapter format; use "
+                      f"{other}. PEFT formats: {', '.join(peft.methods_exporting('peft'))}")
+  if fmt == "peft":
+    base_model = _base_model_name(config, workdir, base_model)
   trained = session.restore_trained(workdir, config, step=step)
-  _write_atomically(out, lambda tmp: peft_io.write_adapter(
-      tmp, trained.model.method, trained.model.cfg, trained.trainable, base_model))
-  logging.info("exported %s adapter to %s (base: %s)", config.peft.method, out, base_model)
-  if config.peft.method == "dora":
+  _write_atomically(out, lambda tmp: trained.model.method.write_export(
+      tmp, trained.model.cfg, trained.trainable, base_model or config.model.path))
+  logging.info("exported %s (%s) to %s (base: %s)", name, fmt, out, base_model or "-")
+  if name == "dora":
     logging.warning("vLLM cannot serve DoRA adapters (it refuses use_dora); PEFT and transformers "
                     "load this one. To serve with vLLM, export the merged model: --format=hf")
   return out
@@ -295,18 +285,7 @@ def export_adapter(workdir: str, out: str, *, base_model: str = "", step: int | 
   """Writes WORKDIR's trained bottleneck adapters (peft.method=adapter) to OUT in jaxft's adapter
   format (adapter_config.json + adapter_model.safetensors; see jaxft/peft/adapter.py and
   docs/methods.md). Returns OUT. Raises ConfigError for another method."""
-  from jaxft.peft import adapter
-  config = session.load_workdir_config(workdir)
-  _check_out(out, overwrite, workdir, config)
-  if config.peft.method != "adapter":
-    raise ConfigError(f"--format=adapter writes bottleneck adapters; this run trained "
-                      f"peft.method={config.peft.method!r} (use --format=peft or --format=hf)")
-  trained = session.restore_trained(workdir, config, step=step)
-  _write_atomically(out, lambda tmp: adapter.write(
-      tmp, trained.model.method, trained.model.cfg, trained.trainable,
-      base_model or config.model.path))
-  logging.info("exported bottleneck adapters to %s", out)
-  return out
+  return _export_method(workdir, out, "adapter", base_model, step, overwrite)
 
 
 def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None = None,
@@ -315,7 +294,6 @@ def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None 
   template training used, as the GGUF file OUT (quant: jaxft.export_gguf.QUANTS). Returns OUT.
   Raises ConfigError (OUT not *.gguf or exists, a bad quant, what GGUF's llama architecture cannot
   hold, an unmergeable method) or CheckpointError (no checkpoint)."""
-  from jaxft import export_gguf as eg
   if not out.endswith(".gguf"):
     raise ConfigError(f"--out={out}: a GGUF export is one file; name it FILE.gguf")
   if quant not in eg.QUANTS:

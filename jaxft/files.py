@@ -1,5 +1,7 @@
 """Writing files so that a reader never sees half of one: write to a temporary name beside the
-target, then rename (atomic on POSIX file systems). A crash leaves the old file or none, plus at
+target, then rename (atomic on POSIX file systems). Every writer of jaxft goes through here: text,
+JSON, lines, a file another library writes (`write_with`) and whole directories (`temp_dir`,
+`publish_dir`). A crash leaves the old file or none, plus at
 worst a `NAME.tmp-PID` that `remove_stale` clears."""
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 import re
 import shutil
 import socket
+
+from jaxft.errors import ConfigError
 
 
 def _tmp(path: str) -> str:
@@ -31,6 +35,43 @@ def atomic_open(path: str, mode: str = "w"):
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+def write_with(path: str, write, suffix: str = "") -> None:
+  """Writes `path` whole through `write(tmp)`, a function that writes a file at the name it is
+  given (matplotlib's savefig, shutil.copyfile, a library's save): the file appears under its
+  name only if `write` returns. `suffix` ends the temporary name (savefig reads the format from
+  it)."""
+  tmp = _tmp(path) + suffix
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def temp_dir(path: str) -> str:
+  """A fresh empty `PATH.tmp-PID` directory beside `path`, to be filled and then handed to
+  `publish_dir`."""
+  tmp = _tmp(os.path.abspath(path))
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  return tmp
+
+
+def publish_dir(tmp: str, path: str) -> None:
+  """Renames the finished temporary directory `tmp` to `path`; an old `path` is set aside as
+  `PATH.old-PID` and removed only once the new one is in place."""
+  path = os.path.abspath(path)
+  old = None
+  if os.path.exists(path):
+    old = f"{path}.old-{os.getpid()}"
+    os.replace(path, old)
+  os.replace(tmp, path)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:
@@ -77,7 +118,6 @@ def remove_stale(path: str) -> list[str]:
 
 def check_writable_dir(path: str, what: str) -> None:
   """ConfigError unless `path` is (or can be made as) a directory this process may write."""
-  from jaxft.errors import ConfigError
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"{what}={path}: exists and is not a directory")
   probe = path

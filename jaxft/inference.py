@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from jaxft import decode, eval_metrics
+from jaxft import checkpoint, decode, eval_metrics, peft, session
+from jaxft.data import formats
 from jaxft.errors import DataError
 
 
@@ -28,13 +29,12 @@ class Prompt:
 
 
 def _prompt_from_row(origin: str, row, raw: bool) -> Prompt:
-  from jaxft.data import formats
   if isinstance(row, str):
     return Prompt(origin, text=row) if raw else Prompt(origin, [{"role": "user", "content": row}])
   if not isinstance(row, dict):
     raise DataError(f"{origin}: expected a JSON string or object, got {type(row).__name__}")
   if "messages" in row:
-    msgs = formats._field(origin, row, "messages", list)
+    msgs = formats.field(origin, row, "messages", list)
     if not msgs:
       raise DataError(f"{origin}: 'messages' is empty")
     for i, m in enumerate(msgs):
@@ -47,7 +47,7 @@ def _prompt_from_row(origin: str, row, raw: bool) -> Prompt:
     msgs = formats.to_messages(origin, dict(row, output=""), "alpaca")[:1]
     return Prompt(origin, msgs)
   if "prompt" in row:
-    return _prompt_from_row(origin, formats._field(origin, row, "prompt"), raw)
+    return _prompt_from_row(origin, formats.field(origin, row, "prompt"), raw)
   raise DataError(f"{origin}: expected a string or an object with 'prompt', 'messages' or "
                   f"'instruction'; got keys {sorted(row)}")
 
@@ -114,7 +114,6 @@ class Decoder:
 
 def require_checkpoint(workdir: str) -> int:
   """The latest checkpoint step of WORKDIR; CheckpointError (before any weights load) when none."""
-  from jaxft import checkpoint
   return checkpoint.read_meta(workdir)[0]
 
 
@@ -122,7 +121,6 @@ def load_decoder(config, workdir: str, base: bool) -> Decoder:
   """The tuned model of WORKDIR's latest checkpoint, or (base=True) the base model alone: the
   frozen base as `config` builds it (model.path, or the preset and seed), with no method.
   Raises CheckpointError when the workdir has no checkpoint (base=False)."""
-  from jaxft import peft, session
   if base:
     model = session.load_model(config)
     return Decoder(model.cfg, peft.Method(), model.base, None)
@@ -155,7 +153,6 @@ def answer(decoder: Decoder, encoder, prompts: list[Prompt], *, max_new_tokens: 
 
 def check_lengths(config, encoder, prompts: list[Prompt]) -> None:
   """Fails before any weights load when a prompt is empty or does not fit the context."""
-  from jaxft import peft, session
   cfg = session.model_config(config)
   decode.check_prompts(cfg, peft.from_config(config.peft, cfg),
                        [prompt_ids(encoder, p) for p in prompts], [p.origin for p in prompts])

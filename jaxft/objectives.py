@@ -27,6 +27,8 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.models import llama
+from jaxft.models.loss import loss_sum, token_losses
+from jaxft.models.ops import pack_frozen
 from jaxft.peft.base import Method, merge_trees
 
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
@@ -46,7 +48,6 @@ class SFT:
     return {"tokens": jnp.sum(batch["weights"])}
 
   def sums(self, cfg, method, trainable, frozen, batch, rng):
-    from jaxft.step import loss_sum  # (step imports this module)
     s, _ = loss_sum(cfg, method, trainable, frozen, batch, rng)
     return {"nll": s}, {}
 
@@ -61,7 +62,6 @@ class SFT:
 def token_logps(cfg, method, trainable, frozen, batch, rng):
   """Log-probability [R, T] (float32) of each target token under merge(frozen, trainable) run
   with `method`."""
-  from jaxft.step import pack_frozen, token_losses
   frozen = pack_frozen(frozen)
   params = merge_trees(frozen, trainable)
   h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,

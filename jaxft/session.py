@@ -14,11 +14,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
 
-from jaxft import checkpoint, peft, quant, sharding
+from jaxft import checkpoint, configlib, peft, quant, sharding
 from jaxft.data.tokenize import Encoder, load_tokenizer, write_quickstart_tokenizer
 from jaxft.errors import ConfigError
-from jaxft.models import llama
+from jaxft.models import gguf, hf, llama, quantized
 from jaxft.models.config import ModelConfig, preset
+from jaxft.peft import peft_io
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -30,7 +31,6 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if m[key] not in _DTYPES:
       raise ConfigError(f"model.{key}={m[key]!r}: expected one of {', '.join(_DTYPES)}")
   if m.path:
-    from jaxft.models import gguf, hf
     base = (gguf if gguf.is_gguf(m.path) else hf).read_config(m.path)
   else:
     base = preset(m.preset)
@@ -43,7 +43,6 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   into WORKDIR/tokenizer), else the quickstart tokenizer (written into WORKDIR/tokenizer)."""
   if config.model.tokenizer:
     return config.model.tokenizer
-  from jaxft.models import gguf
   if gguf.is_gguf(config.model.path):
     return gguf.write_tokenizer(config.model.path, os.path.join(workdir, "tokenizer"))
   if config.model.path:
@@ -94,8 +93,11 @@ class Model:
   init_from: str = ""  # a PEFT adapter directory the trainable leaves start from
 
 
-# ModelConfig fields that change how the step computes, not which base it uses: a resume may change them.
-_NUMERICS_ONLY = ("dtype", "remat", "attention")
+def _numerics_only(config) -> tuple[str, ...]:
+  """The ModelConfig fields set from model.* keys that do not fix the base (configlib's
+  declaration): dtype, remat, attention. A resume may change them."""
+  return tuple(f.name for f in dataclasses.fields(ModelConfig)
+               if f.name in config.model and configlib.effect(f"model.{f.name}") != configlib.SHAPE)
 
 
 def _fingerprint(config, cfg: ModelConfig) -> str:
@@ -103,7 +105,7 @@ def _fingerprint(config, cfg: ModelConfig) -> str:
   src = {"path": os.path.abspath(config.model.path) if config.model.path else "",
          "preset": "" if config.model.path else config.model.preset,
          "seed": config.train.seed, "quant": config.model.quant, "model": {k: v for k, v in dataclasses.asdict(cfg).items()
-                   if k not in _NUMERICS_ONLY}}
+                   if k not in _numerics_only(config)}}
   return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -112,11 +114,8 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
   cfg = model_config(config)
   method = peft.from_config(config.peft, cfg)
   if config.peft.init_from:  # the adapter's rank, alpha and targets win over the config's
-    from jaxft.peft import peft_io
     method = peft_io.adopt_settings(config.peft.init_from, method, cfg)
-  mesh = mesh or sharding.make_mesh(config.mesh)
-  sharding.check_model_fits(mesh, cfg)
-  rules = sharding.rules_from_config(config.mesh)
+  mesh, rules = sharding.checked_mesh(config, cfg, mesh)
   specs = llama.param_specs(cfg)
   base_sh = sharding.tree_shardings(specs, mesh, rules)
   added_sh = sharding.spread_over_fsdp(
@@ -126,12 +125,11 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> M
   if config.model.quant != "none" and method.trains_base:
     raise ConfigError("model.quant needs a frozen base: use peft.method=lora (or another PEFT method)")
   if config.model.path:
-    from jaxft.models import gguf, hf
     base = (gguf if gguf.is_gguf(config.model.path) else hf).load_params(
         config.model.path, cfg, base_sh, quant_kind=config.model.quant)
   else:
     # One kernel at a time, quantized as it is made: the float model never exists whole.
-    base = quant.init_base(cfg, jax.random.key(config.train.seed), config.model.quant, base_sh)
+    base = quantized.init_base(cfg, jax.random.key(config.train.seed), config.model.quant, base_sh)
   return Model(cfg, method, mesh, base, base_sh, added_sh, _fingerprint(config, cfg),
                config.peft.init_from)
 
@@ -140,7 +138,6 @@ def init_added(model: Model, seed: int):
   """The method's new trainable leaves, initialised on their shardings (or read from the PEFT
   adapter of peft.init_from)."""
   if model.init_from:
-    from jaxft.peft import peft_io
     return peft_io.read_lora_weights(model.init_from, model.cfg, model.method,
                                      model.added_shardings)
   fn = jax.jit(model.method.init, static_argnums=0, out_shardings=model.added_shardings)
@@ -164,7 +161,6 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
       saved = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConfigError(f"{path}: not valid JSON ({e})") from None
-  from jaxft import configlib
   c = configlib.base_config()
 
   def overlay(node, values, prefix):

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.errors import ConfigError
@@ -113,6 +114,18 @@ def check_model_fits(mesh: Mesh, cfg) -> None:
                       f"num_kv_heads={cfg.num_kv_heads}; use a tensor size that divides both")
 
 
+def checked_mesh(config, model_cfg, mesh: Mesh | None = None,
+                 batch: bool = False) -> tuple[Mesh, Rules]:
+  """(mesh, rules table) of config.mesh, or of `mesh` when given: every mesh check in one place,
+  before anything is read or loaded. The model must divide over the mesh; with `batch` (training)
+  so must data.batch_size / optim.accum_steps. ConfigError names the key."""
+  mesh = mesh or make_mesh(config.mesh)
+  if batch:
+    check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
+  check_model_fits(mesh, model_cfg)
+  return mesh, rules_from_config(config.mesh)
+
+
 def batch_ways(mesh: Mesh) -> int:
   """How many ways the batch rows are split (data * fsdp)."""
   return math.prod(mesh.shape[a] for a in BATCH)
@@ -179,33 +192,15 @@ def spread_over_fsdp(shardings, spec_tree):
                       or is_leaf(x))
 
 
-def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """`spec` applied to an array of `shape` (same rank), replicating the dims it does not divide."""
-  parts = list(spec) + [None] * (len(shape) - len(spec))
-  return P(*[m if m is not None and dim % _mesh_size(mesh, m) == 0 else None
-             for m, dim in zip(parts, shape)])
-
-
 def _quantized_shardings(value, sh: NamedSharding):
   """Shardings of the arrays inside one quantized parameter, from the sharding `sh` of the float
   weight it stands for.
 
-  The hook: a quantized node (jaxft.quant.QTensor) defines `child_shardings(self, sh)`, returning
-  the same node type whose array children are NamedShardings, placed so that each device holds the
-  codes and the scales of the same block of the weight. For a node without it, each child of the
-  weight's rank takes the weight's spec where its dims divide and other children are replicated.
+  Every quantized node (jaxft.quant.QTensor) defines `child_shardings(self, sh)`, returning the
+  same node type whose array children are NamedShardings, placed so that each device holds the
+  codes and the scales of the same block of the weight.
   """
-  hook = getattr(value, "child_shardings", None)
-  if callable(hook):
-    return hook(sh)
-  ndim = len(getattr(value, "shape", ()))
-
-  def child(x):
-    if len(x.shape) == ndim:
-      return NamedSharding(sh.mesh, _fit_spec(sh.spec, x.shape, sh.mesh))
-    return NamedSharding(sh.mesh, P())
-
-  return jax.tree.map(child, value)
+  return value.child_shardings(sh)
 
 
 def _is_array(x) -> bool:
@@ -227,7 +222,6 @@ def place(tree, shardings, what: str = "params"):
   off = sum(not x.sharding.is_equivalent_to(sh, x.ndim) for x, sh in pairs)
   if not off:
     return tree
-  from absl import logging
   logging.warning("%d %s arrays were not on the shardings of the rules table; moving them", off, what)
   return jax.device_put(tree, shardings)
 
@@ -305,3 +299,11 @@ def describe(tree, mesh: Mesh) -> str:
   return (f"mesh ({shape}) over {mesh.size} devices in {jax.process_count()} processes; "
           f"params {total / 2**20:.1f} MiB, at most {max(per.values(), default=0) / 2**20:.1f} MiB "
           "on one device")
+
+
+def put_batch(batch: dict, mesh, accum: int) -> dict:
+  """Global numpy batch [rows, T] (the same on every process) -> device arrays
+  [accum, rows/accum, T] sharded over rows; each device gets only its rows."""
+  rows = next(iter(batch.values())).shape[0]
+  ids = local_rows(mesh, rows, accum)
+  return put_local_batch({k: v[ids] for k, v in batch.items()}, ids, mesh, rows, accum)

@@ -11,33 +11,23 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from jaxft import (checkpoint, compile_cache, configlib, curves, files, flops, objectives, optim,
-                   peft, session, sharding, target, workdir as workdir_lib)
+from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib,
+                   objectives, optim, peft, session, sharding, target, workdir as workdir_lib)
 from jaxft.data import pipeline, preference
-from jaxft.errors import CheckpointError, JaxftError
+from jaxft.errors import CheckpointError
+from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
 from jaxft.metrics import MetricsWriter
-from jaxft.step import StepFns, make_steps, pack_frozen
-
-
-class NonFiniteError(JaxftError):
-  """The loss or the gradients became NaN or infinite."""
+from jaxft.models.ops import pack_frozen
+from jaxft.sharding import put_batch
+from jaxft.step import StepFns, make_steps
 
 
 def check_config(config) -> None:
   """Value and cross-key checks the schema cannot express, before anything is read or loaded;
   ConfigError names the key."""
   configlib.check_values(config)
-
-
-def put_batch(batch: dict, mesh, accum: int) -> dict:
-  """Global numpy batch [rows, T] (the same on every process) -> device arrays
-  [accum, rows/accum, T] sharded over rows; each device gets only its rows."""
-  rows = next(iter(batch.values())).shape[0]
-  ids = sharding.local_rows(mesh, rows, accum)
-  return sharding.put_local_batch({k: v[ids] for k, v in batch.items()}, ids, mesh, rows, accum)
 
 
 def state_shardings(tx, trainable_shardings, mesh) -> dict:
@@ -112,7 +102,7 @@ def prepare(config, model: session.Model) -> Prepared:
   trainable = sharding.place(trainable, trainable_sh, "trainable")
   frozen = sharding.place(frozen, frozen_sh, "frozen")
   # Bit-cast the frozen 16-bit kernels to integers once, in place (donated: no second copy; the
-  # base arrays the model held are consumed), as the step reads them (step.pack_frozen), instead
+  # base arrays the model held are consumed), as the step reads them (ops.pack_frozen), instead
   # of once per step.
   dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
   if dtypes(jax.eval_shape(pack_frozen, frozen)) != dtypes(frozen):
@@ -132,30 +122,6 @@ def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):
                      objective=objectives.from_config(config, method.trains_base))
   state_sh = state_shardings(tx, trainable_sh, mesh)
   return tx, steps, state_sh, jit_train_step(steps, mesh, state_sh, frozen_sh)
-
-
-def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0,
-                  objective=objectives.SFT()) -> dict:
-  """The objective's loss over the eval examples (one pass, file order): eval_loss, eval_tokens
-  and eval_ppl (supervised) or eval_ plus the preference metrics (pairs). `steps` is the jitted
-  StepFns.eval of `objective`."""
-  sft = objective.name == "sft"
-  batches = (pipeline.eval_batches if sft else preference.eval_batches)(
-      examples, config.data.max_len, config.data.batch_size, config.data.packing)
-  total = None
-  for i, b in enumerate(batches):
-    if max_batches and i >= max_batches:
-      break
-    b = {k: v[0] for k, v in put_batch(b, mesh, 1).items()}
-    out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(steps(trainable, frozen, b)))
-    total = out if total is None else jax.tree.map(np.add, total, out)
-  terms, stats, counts = total
-  loss = float(objective.loss(terms, counts))
-  m = {"eval_loss": loss, "eval_tokens": float(counts["tokens"])}
-  if sft:
-    m["eval_ppl"] = float(np.exp(min(loss, 50.0)))
-  m.update({f"eval_{k}": float(v) for k, v in objective.metrics(terms, stats, counts).items()})
-  return m
 
 
 def precompute_reference(run: Prepared, model: session.Model, datasets, config) -> None:
@@ -230,16 +196,15 @@ class _Stop:
       signal.signal(s, h)
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, hooks: tuple = ()) -> dict:
   """Trains as `config` says, writing checkpoints and metrics into `workdir`; resumes when the
-  workdir has a checkpoint. Returns the last logged metrics. Raises JaxftError subclasses for bad
+  workdir has a checkpoint. `hooks` (jaxft.hooks.Hook) run after the default ones (evaluation,
+  checkpoints, metrics). Returns the last logged metrics. Raises JaxftError subclasses for bad
   configs, data and checkpoints, before anything is written."""
   check_config(config)
-  mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any data is read
-  sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
+  mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any file is read
   model_cfg = session.model_config(config)
-  sharding.check_model_fits(mesh, model_cfg)
-  sharding.rules_from_config(config.mesh)  # so is a bad mesh.rules
+  mesh, _ = sharding.checked_mesh(config, model_cfg, mesh, batch=True)  # before any data
   objective = objectives.from_config(config, config.peft.method == "full")
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
@@ -247,35 +212,19 @@ def train(config, workdir: str) -> dict:
     cache = compile_cache.use(config.train.compile_cache, workdir)  # before anything compiles
     if cache:
       logging.info("compilation cache: %s", cache)
-    return _train(config, workdir, mesh, model_cfg, objective)
+    return _train(config, workdir, mesh, model_cfg, objective, hooks)
 
 
-def _train(config, workdir: str, mesh, model_cfg, objective) -> dict:
+def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dict:
   enc = session.encoder(config, workdir)
-  fmt, max_len = config.data.format, config.data.max_len
-  pairs = objective.name != "sft"  # preference objectives read pairs (jaxft/data/preference.py)
-  if pairs:
-    train_ds = preference.load_pairs(config.data.train, enc, fmt, max_len, model_cfg.vocab_size)
-  else:  # (show: the first example is logged with its loss mask)
-    train_ds = pipeline.load_examples(config.data.train, enc, fmt, max_len, model_cfg.vocab_size,
-                                      show=True)
-  load = preference.load_pairs if pairs else pipeline.load_examples
-  eval_ds = load(config.data.eval, enc, fmt, max_len, model_cfg.vocab_size) if config.data.eval else None
+  train_ds, eval_ds = _datasets(config, enc, model_cfg, objective)
   model = session.load_model(config, mesh)
-  cfg, method = model.cfg, model.method
-
   run = prepare(config, model)
-  frozen, steps, state = run.frozen, run.steps, run.state
   if objective.reference == "data":  # from the starting weights, so before any resume
     precompute_reference(run, model, [d for d in (train_ds, eval_ds) if d is not None], config)
-  accum = config.optim.accum_steps
-  stream = (preference.PairStream if pairs else pipeline.TrainStream)(
-      train_ds.examples, max_len=max_len, packing=config.data.packing,
-      rows_per_batch=config.data.batch_size, seed=config.train.seed, shuffle=config.data.shuffle)
-  pos = pipeline.Position()
   os.makedirs(workdir, exist_ok=True)
   saver = checkpoint.Saver(workdir, config.checkpoint.keep)
-  start, notes = 0, []
+  start, state, pos, notes = 0, run.state, pipeline.Position(), []
   if saver.latest_step() is not None:
     start, state, meta = resume(saver, state, config, model, workdir, notes)
     pos = pipeline.Position(**meta["data_position"])
@@ -283,111 +232,14 @@ def _train(config, workdir: str, mesh, model_cfg, objective) -> dict:
     workdir_lib.trim_metrics(workdir, None)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-
-  train_step = run.train_step
-  rows = config.data.batch_size
-  local_ids = sharding.local_rows(mesh, rows, accum)  # this process builds only these rows
-  if jax.process_count() > 1:
-    logging.info("process %d builds %d of the %d rows of each batch", jax.process_index(),
-                 len(local_ids), rows)
-  eval_step = jax.jit(steps.eval)
   writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
   for note in notes:
     writer.write(start, note)
-  total = config.train.steps
-  last: dict = {}
-  flop_counter = flops.FlopCounter(  # tokens/s -> TFLOP/s and MFU; the count is in jaxft/flops.py
-      cfg, method.trains_base, 0 if method.trains_base else peft.count_params(state["trainable"]),
-      config.train.peak_tflops)
-
-  eval_refs = []
-  if eval_ds is not None and config.train.eval_accuracy:
-    from jaxft import evaluation
-    eval_refs = evaluation.references(config.data.eval, config.data.format)
-
-  def do_eval(step):
-    if eval_ds is None:
-      return
-    m = evaluate_loss(eval_step, state["trainable"], frozen, eval_ds.examples, config, mesh,
-                      config.train.eval_batches, objective)
-    if config.train.eval_accuracy and eval_refs:
-      from jaxft import evaluation
-      m.update(evaluation.answer_accuracy(cfg, method, peft.merge_trees(frozen, state["trainable"]),
-                                          enc, eval_refs, prefix="eval_"))
-    writer.write(step, m)
-    last.update(m)
-    logging.info("step %d: eval_loss %.4f", step, m["eval_loss"])
-
-  def do_save(step):
-    meta = {"data_position": dataclasses.asdict(pos), "base_fingerprint": model.fingerprint,
-            "method": method.name, "step": step, "config": config.to_dict()}
-    saver.save(step, state, meta)
-
-  def record(step, m, tokens, t_last):
-    """Host side of one finished step: non-finite check, logging. Returns the new t_last."""
-    if not bool(m["finite"]):
-      if not config.train.skip_nonfinite:
-        raise NonFiniteError(f"step {step}: loss or gradients are not finite (loss {m['loss']}); "
-                             "stopped; the last good checkpoint is kept "
-                             "(train.skip_nonfinite=True skips such updates instead)")
-      logging.warning("step %d: non-finite loss or gradients; update skipped", step)
-    if step % config.train.log_every == 0 or step == total:
-      dt = time.time() - t_last
-      row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-             "tokens_per_sec": tokens / max(dt, 1e-9), "skipped_steps": int(m["skipped"])}
-      row.update({k: float(v) for k, v in m["objective"].items()})  # (TRL's names: rewards/...)
-      row.update(flop_counter.metrics(row["tokens_per_sec"]))
-      writer.write(step, row)
-      writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"))
-      last.update(row)
-      return time.time(), True
-    return t_last, False
-
-  if start == 0:
-    do_eval(0)
-  step = start
+  loop = hooks_lib.Loop(config, start, state, run.frozen, pos, writer)
+  hooks = hooks_lib.default(config, model, jax.jit(run.steps.eval), eval_ds, enc, saver,
+                            objective, state["trainable"]) + list(extra_hooks)
   try:
-    with _Stop() as stop:
-      # Metrics are read one step late, so the host prepares batch k+1 while step k runs.
-      pending = None  # (step, device metrics)
-      t_last, tokens_since = time.time(), 0
-
-      def flush():
-        nonlocal pending, t_last, tokens_since
-        if pending is not None:
-          k, dm = pending
-          pending = None
-          dm = jax.device_get(dm)
-          tokens_since += int(dm["tokens"])  # global count (this process builds only its rows)
-          t_last, logged = record(k, dm, tokens_since, t_last)
-          if logged:
-            tokens_since = 0
-
-      while step < total and stop.signal is None:
-        batch, pos = stream.batch_at(pos, select=local_ids)
-        flop_counter.observe(batch["segment_ids"])
-        device_batch = sharding.put_local_batch(batch, local_ids, mesh, rows, accum)
-        state, metrics = train_step(state, device_batch, frozen)
-        saver.poll()
-        flush()
-        step += 1
-        pending = (step, metrics)
-        boundary = step == total or stop.signal is not None
-        if config.train.eval_every and step % config.train.eval_every == 0 and not boundary:
-          flush()
-          do_eval(step)
-        if config.checkpoint.every and step % config.checkpoint.every == 0 and not boundary:
-          flush()
-          do_save(step)
-      flush()
-      if step > start or start == 0:
-        if step == total:
-          do_eval(step)
-        do_save(step)
-      if stop.signal is not None and step < total:
-        logging.warning("%s at step %d: checkpoint saved", stop.signal, step)
-        print(f"stopped by {stop.signal} at step {step}; checkpoint saved. Run the same command "
-              "to resume.", flush=True)
+    _loop(loop, hooks, run.train_step, _stream(config, train_ds, objective), mesh)
   finally:
     try:
       saver.close()
@@ -398,5 +250,67 @@ def _train(config, workdir: str, mesh, model_cfg, objective) -> dict:
       curves.write_loss_curve(workdir)
     except Exception as e:  # a picture must never fail a finished run
       logging.warning("could not write the loss curve: %s", e)
-  last["step"] = step
-  return last
+  loop.last["step"] = loop.step
+  return loop.last
+
+
+def _datasets(config, enc, model_cfg, objective):
+  """(train, eval or None) examples: pairs for a preference objective (jaxft/data/preference.py)."""
+  fmt, max_len, vocab = config.data.format, config.data.max_len, model_cfg.vocab_size
+  if objective.name != "sft":
+    load = preference.load_pairs
+    train_ds = load(config.data.train, enc, fmt, max_len, vocab)
+  else:  # (show: the first example is logged with its loss mask)
+    load = pipeline.load_examples
+    train_ds = load(config.data.train, enc, fmt, max_len, vocab, show=True)
+  eval_ds = load(config.data.eval, enc, fmt, max_len, vocab) if config.data.eval else None
+  return train_ds, eval_ds
+
+
+def _stream(config, train_ds, objective):
+  stream = preference.PairStream if objective.name != "sft" else pipeline.TrainStream
+  return stream(train_ds.examples, max_len=config.data.max_len, packing=config.data.packing,
+                rows_per_batch=config.data.batch_size, seed=config.train.seed,
+                shuffle=config.data.shuffle)
+
+
+def _run_hooks(hooks, due, loop) -> None:
+  if due:
+    hooks_lib.flush(hooks)
+  for h in due:
+    h.run(loop)
+
+
+def _loop(loop: hooks_lib.Loop, hooks, train_step, stream, mesh) -> None:
+  """Runs train steps from loop.step to train.steps (or a SIGTERM/SIGINT), calling the hooks."""
+  config = loop.config
+  start, total, rows = loop.step, config.train.steps, config.data.batch_size
+  accum = config.optim.accum_steps
+  local_ids = sharding.local_rows(mesh, rows, accum)  # this process builds only these rows
+  if jax.process_count() > 1:
+    logging.info("process %d builds %d of the %d rows of each batch", jax.process_index(),
+                 len(local_ids), rows)
+  if start == 0:
+    _run_hooks(hooks, [h for h in hooks if h.run and h.at_start], loop)
+  for h in hooks:
+    if h.before_loop:
+      h.before_loop()
+  with _Stop() as stop:
+    while loop.step < total and stop.signal is None:
+      loop.batch, loop.pos = stream.batch_at(loop.pos, select=local_ids)
+      device_batch = sharding.put_local_batch(loop.batch, local_ids, mesh, rows, accum)
+      loop.state, metrics = train_step(loop.state, device_batch, loop.frozen)
+      loop.step += 1
+      for h in hooks:
+        if h.after_step:
+          h.after_step(loop, metrics)
+      boundary = loop.step == total or stop.signal is not None
+      _run_hooks(hooks, hooks_lib.due(hooks, loop.step, boundary), loop)
+    hooks_lib.flush(hooks)
+    if loop.step > start or start == 0:
+      _run_hooks(hooks, [h for h in hooks if h.at_end == "always"
+                         or h.at_end == "done" and loop.step == total], loop)
+    if stop.signal is not None and loop.step < total:
+      logging.warning("%s at step %d: checkpoint saved", stop.signal, loop.step)
+      print(f"stopped by {stop.signal} at step {loop.step}; checkpoint saved. Run the same "
+            "command to resume.", flush=True)

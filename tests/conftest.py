@@ -24,11 +24,11 @@ def quickstart_tokenizer(tmp_path_factory):
   return load_tokenizer(write_quickstart_tokenizer(str(tmp_path_factory.mktemp("tok"))))
 
 
-def run_cli(module, *args, env=None, timeout=600):
-  """Runs `python -m module args` from the repo root; returns the CompletedProcess."""
+def run_cli(module, *args, env=None, timeout=600, cwd=ROOT):
+  """Runs `python -m module args` from the repo root (or `cwd`); returns the CompletedProcess."""
   import subprocess
   e = dict(os.environ, **(env or {}))
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=e, capture_output=True,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=e, capture_output=True,
                         text=True, timeout=timeout)
 
 
@@ -36,7 +36,7 @@ def tiny_config(**over):
   """configs/quickstart.py on the tiny preset, quiet, logging every step; keyword arguments set
   dotted keys: tiny_config(**{"train.steps": 3, "peft.lora.rank": 4})."""
   from jaxft import configlib
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c = configlib.load("quickstart")
   c.model.preset = "tiny"
   c.train.progress = False
   c.train.log_every = 1

@@ -77,6 +77,7 @@ def flip_bytes(step_dir):
 # Data lost
 
 
+@pytest.mark.slow
 def test_export_never_replaces_a_workdir_or_the_model(trained, tmp_path):
   before = snapshot(trained)
   for out in (trained, os.path.join(trained, "checkpoints"), os.path.join(trained, "exported"),
@@ -92,6 +93,7 @@ def test_export_never_replaces_a_workdir_or_the_model(trained, tmp_path):
   assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_a_killed_exports_leftovers_are_cleared(trained, tmp_path):
   out = tmp_path / "adapter"
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -108,6 +110,7 @@ def test_a_killed_exports_leftovers_are_cleared(trained, tmp_path):
 # Silently wrong
 
 
+@pytest.mark.slow
 def test_bit_rot_is_found_and_every_reader_falls_back(trained, tmp_path, caplog):
   wd = copy_of(trained, tmp_path)
   good = session.restore_trained(wd, step=2)
@@ -127,6 +130,7 @@ def test_bit_rot_is_found_and_every_reader_falls_back(trained, tmp_path, caplog)
   assert os.path.isdir(os.path.join(wd, "checkpoints", "4")), "a reader must not move anything"
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_newest_intact_checkpoint_after_bit_rot(trained, tmp_path,
                                                                            caplog):
   wd = copy_of(trained, tmp_path)
@@ -139,6 +143,7 @@ def test_training_resumes_from_the_newest_intact_checkpoint_after_bit_rot(traine
   assert [r["step"] for r in metric_rows(wd) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,value,needle", [
     ("data.batch_size", 0, "data.batch_size=0: must be >= 1"),
     ("data.batch_size", -4, "data.batch_size=-4: must be >= 1"),
@@ -172,6 +177,7 @@ def test_token_rows_of_booleans_and_bad_masks_are_refused(tmp_path, quickstart_t
       pipeline.load_examples(str(p), enc, "auto", 32, 32000)
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_alpha_warns_and_records_it(tmp_path, caplog):
   wd = str(tmp_path / "wd")
   trainer.train(tiny_config(**{"train.steps": 2}), wd)
@@ -229,6 +235,7 @@ def test_broken_and_hostile_templates_are_one_line(tmp_path, quickstart_tokenize
 # Workdirs: torn metrics, read-only readers, locks, runs killed before a checkpoint
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_row_does_not_block_resume(trained, tmp_path):
   wd = copy_of(trained, tmp_path)
   with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
@@ -238,6 +245,7 @@ def test_a_torn_metrics_row_does_not_block_resume(trained, tmp_path):
   assert [r["step"] for r in metric_rows(wd) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_reading_commands_write_nothing_into_the_workdir(trained, tmp_path):
   before = snapshot(trained)
   r = run_cli("jaxft.generate", f"--workdir={trained}", "--prompt=Capital of France?",
@@ -250,6 +258,7 @@ def test_reading_commands_write_nothing_into_the_workdir(trained, tmp_path):
   assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
   wd = str(tmp_path / "wd")
   with workdir_lib.Lock(wd):
@@ -259,6 +268,7 @@ def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path):
   assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_rows_of_a_run_killed_before_its_first_checkpoint_are_dropped(tmp_path):
   wd = tmp_path / "wd"
   wd.mkdir()
@@ -269,6 +279,7 @@ def test_rows_of_a_run_killed_before_its_first_checkpoint_are_dropped(tmp_path):
   assert [r["step"] for r in metric_rows(str(wd)) if "eval_loss" in r] == [0, 2]
 
 
+@pytest.mark.slow
 def test_export_of_a_missing_step_names_the_steps_before_loading(trained, tmp_path):
   t0 = time.time()
   with pytest.raises(CheckpointError, match=r"no checkpoint of step 999 \(steps: 2, 4\)"):
@@ -276,6 +287,7 @@ def test_export_of_a_missing_step_names_the_steps_before_loading(trained, tmp_pa
   assert time.time() - t0 < 10
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(trained, tmp_path):
   """A full disk, played by RLIMIT_FSIZE: writes past 100 kB fail (EFBIG) as they would with
   ENOSPC; the checkpoint's array file is larger, metrics rows are not."""
@@ -388,6 +400,7 @@ def test_safetensors_index_may_not_leave_the_model_directory(tmp_path):
 # Command-line options checked before any weights load
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags_,needle", [
     (["--temperature=nan"], "temperature=nan"),
     (["--stop="], "--stop: an empty stop string"),
@@ -401,6 +414,7 @@ def test_generate_options_fail_fast(trained, flags_, needle):
   assert time.time() - t0 < 60  # seconds of start-up, no model load
 
 
+@pytest.mark.slow
 def test_evaluate_batch_zero_and_missing_config_fail_fast(trained, tmp_path):
   from jaxft import evaluation
   with pytest.raises(ConfigError, match="--batch_size=0"):

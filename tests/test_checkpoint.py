@@ -72,6 +72,7 @@ def assert_same_run(a, b):
   jax.tree.map(np.testing.assert_array_equal, x, y)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_a_straight_run(tmp_path, straight):
   """Stop with SIGTERM mid-run, re-run the same command to step 30."""
   split = str(tmp_path / "split")
@@ -86,6 +87,7 @@ def test_sigterm_then_resume_matches_a_straight_run(tmp_path, straight):
   assert_same_run(straight, split)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_matches_a_straight_run(tmp_path, straight):
   """kill -9 (no chance to save) at points drawn at random, each time re-running the command;
   rows logged after the last checkpoint are dropped and those steps recomputed identically."""
@@ -100,6 +102,7 @@ def test_kill_9_at_random_points_then_resume_matches_a_straight_run(tmp_path, st
   assert_same_run(straight, wd)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
   wd = str(tmp_path / "wd")
   args = TINY + ["--config.checkpoint.every=2", "--config.checkpoint.keep=5"]
@@ -122,6 +125,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
   assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(leaves))
 
 
+@pytest.mark.slow
 def test_peft_checkpoint_holds_trainable_and_optimizer_state_only(tmp_path):
   wd = str(tmp_path / "wd")
   r = run_cli("jaxft.train", *QUICK, f"--workdir={wd}", "--config.train.steps=2")
@@ -152,6 +156,7 @@ def _nan_at(step_k):
   return make
 
 
+@pytest.mark.slow
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   from jaxft import trainer
   monkeypatch.setattr(trainer, "make_steps", _nan_at(5))
@@ -163,6 +168,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, 
   assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(leaves))
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_finishes_and_counts_the_skipped_step(tmp_path, monkeypatch):
   from jaxft import trainer
   monkeypatch.setattr(trainer, "make_steps", _nan_at(3))
@@ -173,6 +179,7 @@ def test_skip_nonfinite_finishes_and_counts_the_skipped_step(tmp_path, monkeypat
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(leaves))
 
 
+@pytest.mark.slow
 def test_bad_input_leaves_an_existing_workdir_intact(tmp_path):
   wd = tmp_path / "wd"
   r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=2")

@@ -8,11 +8,11 @@ import pytest
 from conftest import ROOT, run_cli
 from jaxft import configlib
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "jaxft", "configs", "[a-z]*.py")))
 
 
 def load(name, arg=None):
-  return configlib.sibling(os.path.join(ROOT, "configs", "base.py"), name).get_config(arg)
+  return configlib.load(name, arg)
 
 
 def test_base_is_the_schema_for_every_config():
@@ -56,6 +56,7 @@ def test_family_configs_have_the_published_sizes(name, arch, billions):
   assert round(n / 1e9, 2) == billions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "base"])
 def test_each_shipped_config_trains_on_tiny_data(tmp_path, name):
   from jaxft.data import bundled
@@ -72,7 +73,50 @@ def test_each_shipped_config_trains_on_tiny_data(tmp_path, name):
   assert os.path.isdir(tmp_path / name / "checkpoints" / "2")
 
 
+@pytest.mark.slow
 def test_bad_variant_argument_exits_2(tmp_path):
   r = run_cli("jaxft.train", "--config=configs/llama3.py:sz=1", f"--workdir={tmp_path}")
   assert r.returncode == 2
   assert "config argument 'sz=1'" in r.stderr.strip().splitlines()[-1]
+
+
+def test_config_names_and_checkout_paths_load_the_shipped_configs(tmp_path, monkeypatch):
+  shipped = os.path.join(ROOT, "jaxft", "configs", "quickstart.py")
+  monkeypatch.chdir(tmp_path)  # anywhere: an installed jaxft has no configs/ beside it
+  assert configlib.resolve("quickstart") == shipped
+  assert configlib.resolve("quickstart:method=dora") == shipped + ":method=dora"
+  assert configlib.resolve("configs/quickstart.py:method=dora") == shipped + ":method=dora"
+  own = tmp_path / "configs" / "quickstart.py"
+  own.parent.mkdir()
+  own.write_text("x = 1\n")
+  assert configlib.resolve("configs/quickstart.py") == "configs/quickstart.py"  # a file wins
+  assert configlib.resolve("nosuch:a=1") == "nosuch:a=1"  # left for the loader to refuse
+  assert configlib.base_config().peft.method == load("base").peft.method
+  with pytest.raises(configlib.ConfigError, match="no shipped config 'nosuch'.*quickstart"):
+    configlib.load("nosuch")
+
+
+@pytest.mark.slow
+def test_config_by_name_on_the_command_line(tmp_path):
+  # The config loads (a missing checkpoint is the next thing generate reports), from a directory
+  # without configs/; a name that is no config fails as one line.
+  r = run_cli("jaxft.generate", "--config=quickstart:method=dora", f"--workdir={tmp_path}",
+              "--prompt=hi", cwd=str(tmp_path))
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "checkpoint" in r.stderr.strip().splitlines()[-1]
+  r = run_cli("jaxft.train", "--config=nosuch", f"--workdir={tmp_path / 'w'}", cwd=str(tmp_path))
+  assert r.returncode == 2
+  assert "--config: cannot load the config file" in r.stderr.strip().splitlines()[-1]
+
+
+def test_every_declared_key_effect_names_a_key_of_the_schema():
+  # A misspelt declaration would silently make its key NUMERICS (a resume that should be refused
+  # would only warn).
+  keys = set(_flat(load("base").to_dict()))
+  for name in configlib.KEY_EFFECTS:
+    assert any(k == name or k.startswith(name + ".") for k in keys), name
+  assert configlib.effect("peft.adapter.size") == configlib.SHAPE
+  assert configlib.effect("optim.lr") == configlib.NUMERICS
+  assert configlib.effect("mesh.data") == configlib.NOTHING
+  from jaxft import session
+  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention")

@@ -120,6 +120,7 @@ def _reader_tensors(path):
   return r, out
 
 
+@pytest.mark.slow
 def test_gguf_holds_the_merged_weights_in_llama_cpp_layout(run):
   from jaxft.export_gguf import permute_qk
   from jaxft.models import hf
@@ -201,6 +202,7 @@ def jaxft_ref(run):
   return jaxft_logits(t.model.cfg, t.params, SEQS, t.model.method)
 
 
+@pytest.mark.slow
 def test_llama_cpp_f32_logits_match_jaxft(run, jaxft_ref):
   for i, seq in enumerate(SEQS):
     got = _llama_logits(run["files"]["f32"], seq)
@@ -208,6 +210,7 @@ def test_llama_cpp_f32_logits_match_jaxft(run, jaxft_ref):
     assert diff < 1e-4, diff
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant,tol", [("f16", 1e-2), ("bf16", 0.1)])
 def test_llama_cpp_16_bit_logits_close_to_jaxft(run, jaxft_ref, quant, tol):
   """f16 and bf16 files load; measured on this run: max |logit difference| 2.7e-3 (f16) and
@@ -221,6 +224,7 @@ def test_llama_cpp_16_bit_logits_close_to_jaxft(run, jaxft_ref, quant, tol):
   assert float(np.mean(agree)) >= 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
 def test_llama_cpp_quantized_argmax_agrees(run, jaxft_ref, quant):
   agree = []
@@ -231,6 +235,7 @@ def test_llama_cpp_quantized_argmax_agrees(run, jaxft_ref, quant):
   assert rate >= (0.95 if quant == "q8_0" else 0.75), rate
 
 
+@pytest.mark.slow
 def test_llama_cpp_chat_answers_equal_jaxft_generate(run):
   """The quickstart prompts through llama.cpp's tokenizer and the GGUF's chat template
   (create_chat_completion), greedy: the same answers as jaxft's own decoding."""

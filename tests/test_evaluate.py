@@ -42,6 +42,7 @@ def _read_json(path):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_quickstart_tuned_beats_base(quickstart):
   wd, stdout = quickstart
   res = _read_json(os.path.join(wd, "eval.json"))
@@ -64,6 +65,7 @@ def test_quickstart_tuned_beats_base(quickstart):
   assert f"exact match {tuned['exact_match']:.3f}" in stdout
 
 
+@pytest.mark.slow
 def test_quickstart_writes_samples_report_and_curve(quickstart):
   wd, _ = quickstart
   with open(os.path.join(wd, "samples.jsonl"), encoding="utf-8") as f:
@@ -89,6 +91,7 @@ def test_quickstart_writes_samples_report_and_curve(quickstart):
     assert r["mfu"] == pytest.approx(r["tflops_per_sec"] / _PEAK_TFLOPS, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_quickstart_hallucination_style_calibration(quickstart):
   wd, stdout = quickstart
   res = _read_json(os.path.join(wd, "eval.json"))
@@ -135,6 +138,7 @@ def test_quickstart_hallucination_style_calibration(quickstart):
   assert "hallucinated " in stdout and "ECE " in stdout
 
 
+@pytest.mark.slow
 def test_generate_cli_on_the_trained_workdir(quickstart, tmp_path):
   wd, _ = quickstart
   prompts = tmp_path / "prompts.jsonl"
@@ -155,6 +159,7 @@ def test_generate_cli_on_the_trained_workdir(quickstart, tmp_path):
   assert "=> Paris." in r.stdout
 
 
+@pytest.mark.slow
 def test_base_switch_decodes_the_base_alone(quickstart):
   wd, _ = quickstart
   config = _quickstart_config()
@@ -170,6 +175,7 @@ def test_base_switch_decodes_the_base_alone(quickstart):
   assert base_dec.step is None and base[0]["answer"] == first["base"] != "Madrid."
 
 
+@pytest.mark.slow
 def test_evaluate_rows_without_reference_count_for_loss_only(quickstart, tmp_path):
   import shutil
   wd = str(tmp_path / "copy")

@@ -114,6 +114,7 @@ def test_hf_export_loads_in_transformers(run, capfd):
   assert (gen.bos_token_id, gen.eos_token_id) == (1, 2)
 
 
+@pytest.mark.slow
 def test_peft_export_cli_loads_in_peft(run):
   from peft import PeftModel
   out = str(run["root"] / "adapter_out")

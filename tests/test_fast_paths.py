@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from jaxft import optim, peft, quant
-from jaxft.models import llama
+from jaxft.models import llama, ops
+from jaxft.models.loss import token_losses
 from jaxft.models.config import ModelConfig
-from jaxft.step import make_steps, token_losses
+from jaxft.step import make_steps
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, initializer_range=0.1)
@@ -34,15 +35,15 @@ def test_linear_backward_matches_autodiff_and_frozen_kernels_get_none():
   k = _keys(3)
   x, w = jax.random.normal(k[0], (3, 5, 16)), jax.random.normal(k[1], (16, 24))
   ct = jax.random.normal(k[2], (3, 5, 24))
-  ours = jax.grad(lambda x, w: jnp.sum(llama.matmul(x, w, F32) * ct), (0, 1))(x, w)
+  ours = jax.grad(lambda x, w: jnp.sum(ops.matmul(x, w, F32) * ct), (0, 1))(x, w)
   ref = jax.grad(lambda x, w: jnp.sum((x @ w) * ct), (0, 1))(x, w)
   _close(ours, ref)
   # A 16-bit kernel bit-cast to integers (how the step scans the frozen base) and a quantized
   # kernel compute what their float weights compute.
   w16 = w.astype(jnp.bfloat16)
-  packed = llama.pack_16bit(w16)
+  packed = ops.pack_16bit(w16)
   assert packed.dtype == jnp.uint16
-  dx = lambda w: jax.grad(lambda x: jnp.sum(llama.matmul(x, w, jnp.bfloat16).astype(F32) * ct))(x)
+  dx = lambda w: jax.grad(lambda x: jnp.sum(ops.matmul(x, w, jnp.bfloat16).astype(F32) * ct))(x)
   np.testing.assert_array_equal(np.asarray(dx(packed), np.float32), np.asarray(dx(w16), np.float32))
   q = quant.quantize(w, "int8")
   _close(dx(q), dx(quant.dequantize(q, jnp.bfloat16)), rtol=1e-2)
@@ -82,9 +83,9 @@ def test_rms_norm_and_swiglu_backward_match_autodiff():
   def norm_ref(x, s):
     return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * s
 
-  _close(jax.grad(lambda x, s: jnp.sum(llama.rms_norm(x, s, 1e-5) * ct), (0, 1))(x, s),
+  _close(jax.grad(lambda x, s: jnp.sum(ops.rms_norm(x, s, 1e-5) * ct), (0, 1))(x, s),
          jax.grad(lambda x, s: jnp.sum(norm_ref(x, s) * ct), (0, 1))(x, s))
-  _close(jax.grad(lambda a, b: jnp.sum(llama.swiglu(a, b) * ct), (0, 1))(x, u),
+  _close(jax.grad(lambda a, b: jnp.sum(ops.swiglu(a, b) * ct), (0, 1))(x, u),
          jax.grad(lambda a, b: jnp.sum(jax.nn.silu(a) * b * ct), (0, 1))(x, u))
 
 
@@ -93,8 +94,8 @@ def test_rms_norm_and_swiglu_backward_match_autodiff():
 def test_chunked_cross_entropy_equals_full_logits(tied, chunks, monkeypatch):
   # (token chunk, vocabulary chunk, bytes kept for the backward): one chunk; a padded 97-word
   # vocabulary in 3 chunks over 4 token chunks; logits recomputed in the backward.
-  from jaxft import step
-  monkeypatch.setattr(step, "LOSS_SAVE_BYTES", chunks[2])
+  from jaxft.models import loss
+  monkeypatch.setattr(loss, "LOSS_SAVE_BYTES", chunks[2])
   cfg = CFG.replace(tie_embeddings=tied)
   k = _keys(4)
   params = {"embed": {"embedding": jax.random.normal(k[0], (97, 16))},
@@ -181,7 +182,7 @@ def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
   # the step neither copies them per step nor holds a second copy; the step computes the same.
   from jaxft import session, sharding, trainer
   from jaxft.configlib import base_config
-  from jaxft.step import pack_frozen
+  from jaxft.models.ops import pack_frozen
   cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", intermediate_size=40,
                     tie_embeddings=tied)
   steps, state, batch, frozen = _lora_step(cfg)

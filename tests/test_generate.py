@@ -19,7 +19,7 @@ import ml_collections
 
 from jaxft import configlib, decode, peft, quant, session, sharding
 from jaxft.errors import ConfigError, DataError
-from jaxft.models import llama
+from jaxft.models import llama, quantized
 from jaxft.models.config import preset
 
 # The tiny preset with a small vocabulary: these tests need no tokenizer, and compile faster.
@@ -112,7 +112,7 @@ def test_cache_matches_recompute_peft(name):
 def test_cache_matches_recompute_quantized_lora(kind):
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
   shardings = sharding.tree_shardings(llama.param_specs(CFG), mesh)
-  base = quant.quantize_base(_base(CFG), kind, shardings)
+  base = quantized.quantize_base(_base(CFG), kind, shardings)
   assert quant.is_quantized(base["layers"]["q_proj"]["kernel"])
   method = peft.from_config(_peft_config("lora").peft, CFG)
   params = peft.merge_trees(base, _perturbed(method.init(CFG, jax.random.key(2)), 3))
@@ -187,6 +187,7 @@ def test_bad_prompts_are_clear_errors():
     decode.Sampling(top_p=0.0)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n\n")
@@ -243,6 +244,7 @@ print(json.dumps({"sharded": [run(sharded, decode.Sampling()), run(sharded, s)],
 """
 
 
+@pytest.mark.slow
 def test_decoding_with_params_sharded_over_a_mesh():
   import subprocess
   import sys

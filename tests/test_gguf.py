@@ -177,6 +177,7 @@ def _torch_loss(model, examples) -> float:
   return total / count
 
 
+@pytest.mark.slow
 def test_smollm2_config_runs_end_to_end_on_a_truncated_copy(files, tmp_path):
   """configs/smollm2.py on the 2-layer copy, in float32: step-0 eval loss equals transformers' on
   the same file and data; evaluate writes base and tuned answers (and a labelled second set);

@@ -144,6 +144,7 @@ def test_quantized_as_loaded(tiny, kind):
   np.testing.assert_array_equal(np.asarray(q["embed"]["embedding"]), np.asarray(ref["embed"]["embedding"]))
 
 
+@pytest.mark.slow
 def test_sharded_load_on_8_devices(tiny, tmp_path):
   """Loaded straight onto a data x fsdp x tensor mesh; same logits as transformers."""
   d, model = tiny("llama")
@@ -225,6 +226,7 @@ def _write_llama(d, hidden, inter, layers, vocab, heads=4, kv=2):
   return sum(a.nbytes for a in arrays.values())
 
 
+@pytest.mark.slow
 def test_streaming_load_keeps_host_memory_low(tmp_path):
   """Loading N MB of tensors raises peak RSS by less than N/2 beyond the loaded params themselves
   (on the CPU backend the devices' memory is the process's, so the params count in RSS)."""

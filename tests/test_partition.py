@@ -11,7 +11,8 @@ from jaxft.data import formats, pipeline
 from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.models.config import ModelConfig
-from jaxft.step import loss_sum, make_steps
+from jaxft.models.loss import loss_sum
+from jaxft.step import make_steps
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, initializer_range=0.1)

@@ -16,7 +16,7 @@ from conftest import ROOT, run_cli
 from hf_tiny import jaxft_logits, make_tiny, rel_err, torch_logits
 from jaxft import configlib, export, peft, quant, session, sharding
 from jaxft.errors import ConfigError
-from jaxft.models import llama
+from jaxft.models import llama, quantized
 from jaxft.models.config import preset
 
 # The tiny preset with a small vocabulary: fast to compile, no tokenizer needed.
@@ -142,7 +142,7 @@ def test_dora_on_quantized_base():
   the quantized base), training moves it, and merging folds it into float kernels."""
   base = _base()
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-  qbase = quant.quantize_base(base, "nf4", sharding.tree_shardings(llama.param_specs(CFG), mesh))
+  qbase = quantized.quantize_base(base, "nf4", sharding.tree_shardings(llama.param_specs(CFG), mesh))
   assert quant.is_quantized(qbase["layers"]["q_proj"]["kernel"])
   m = _method("dora")
   added = jax.jit(m.init_from_base, static_argnums=0)(CFG, qbase, m.init(CFG, jax.random.key(1)))
@@ -419,6 +419,7 @@ def test_quickstart_trains(method, tmp_path):
   assert len(evals) == 2 and evals[1] <= 0.6 * evals[0], evals
 
 
+@pytest.mark.slow
 def test_export_cli_adapter_format_refuses_other_methods(runs):
   out = runs["root"] / "not_adapters"
   r = run_cli("jaxft.export", f"--workdir={runs['dora'][0]}", "--format=adapter", f"--out={out}")

@@ -207,7 +207,7 @@ def test_dpo_reference_is_the_base_with_the_method_off(kind):
   base = llama.init_params(CFG, jax.random.key(0))
   if kind == "qlora":
     from hf_tiny import one_device_shardings
-    from jaxft.quant.params import quantize_base
+    from jaxft.models.quantized import quantize_base
     base = quantize_base(base, "nf4", one_device_shardings(CFG))
   added = method.init_from_base(CFG, base, method.init(CFG, jax.random.key(1)))
   trainable, frozen = method.split(base, added)
@@ -260,6 +260,7 @@ def straight_dpo(tmp_path_factory):
   return metrics_rows(wd)
 
 
+@pytest.mark.slow
 def test_dpo_sharded_matches_one_device(straight_dpo, tmp_path):
   wd = str(tmp_path / "sharded")
   r = run_cli("jaxft.train", *DPO_ARGS, "--config.mesh.data=2", "--config.mesh.fsdp=2",
@@ -272,6 +273,7 @@ def test_dpo_sharded_matches_one_device(straight_dpo, tmp_path):
     np.testing.assert_allclose([m[k] for m in got], [m[k] for m in want], rtol=2e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_sigterm_then_resume_matches_a_straight_run(straight_dpo, tmp_path):
   split = str(tmp_path / "split")
   args = DPO_ARGS
@@ -301,6 +303,7 @@ def test_dpo_sigterm_then_resume_matches_a_straight_run(straight_dpo, tmp_path):
   assert got == want
 
 
+@pytest.mark.slow
 def test_full_finetuning_dpo_with_precomputed_reference_then_export(tmp_path):
   wd = str(tmp_path / "full")
   args = TINY_DPO + ["--config.peft.method=full", "--config.optim.lr=1e-4",

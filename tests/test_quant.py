@@ -196,7 +196,7 @@ def tiny_config(kind: str, steps: int = 20):
 def test_lora_trains_on_a_quantized_base_that_never_changes(kind, tmp_path):
   from jaxft import session, trainer
   from jaxft.data import pipeline
-  from jaxft.step import loss_sum
+  from jaxft.models.loss import loss_sum
   config = tiny_config(kind)
   model = session.load_model(config)
   kernels = {n: model.base["layers"][n]["kernel"] for n in ("q_proj", "down_proj")}
@@ -227,6 +227,7 @@ def test_lora_trains_on_a_quantized_base_that_never_changes(kind, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, prep.frozen), before)
 
 
+@pytest.mark.slow
 def test_quantized_run_checkpoints_and_restores(tmp_path):
   """A QLoRA run saves only the LoRA leaves; restore_trained rebuilds the same quantized base."""
   from jaxft import session, trainer
@@ -272,6 +273,7 @@ print(json.dumps({"peak": kib("VmHWM:") - rss0, "stored": sum(x.nbytes for x in 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_nf4_init_never_holds_more_than_one_float_kernel(tmp_path):
   """model.quant=nf4 on a 362 MiB float model (16 layers, largest kernel 72 MiB): the process's
@@ -313,6 +315,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_children_shard_like_the_kernel_on_8_devices(tmp_path):
   """fsdp on `in` and tensor on `out` carry over to codes and scales, so each device dequantizes
   its own block of the kernel; results equal the single-device ones."""

@@ -75,6 +75,7 @@ def reference(server):
   return _answers(server["workdir"])
 
 
+@pytest.mark.slow
 def test_models_and_health(server):
   names = [m.id for m in server["client"].models.list().data]
   assert names == ["tuned", "other", "base"]
@@ -83,6 +84,7 @@ def test_models_and_health(server):
   assert health["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_chat_greedy_equals_generate(server, reference):
   for prompt, want in zip(PROMPTS, reference):
     r = server["client"].chat.completions.create(
@@ -92,6 +94,7 @@ def test_chat_greedy_equals_generate(server, reference):
     assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 5
 
 
+@pytest.mark.slow
 def test_streaming_gives_the_same_text(server, reference):
   stream = server["client"].chat.completions.create(
       model="tuned", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8,
@@ -104,6 +107,7 @@ def test_streaming_gives_the_same_text(server, reference):
   assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
 
 
+@pytest.mark.slow
 def test_concurrent_requests_get_their_single_request_answers(server, reference):
   client = server["client"]
 
@@ -119,6 +123,7 @@ def test_concurrent_requests_get_their_single_request_answers(server, reference)
     assert a == reference[i % len(PROMPTS)], i
 
 
+@pytest.mark.slow
 def test_completions_endpoint_and_sampling_seed(server):
   c = server["client"]
   a = c.completions.create(model="tuned", prompt="The capital of", max_tokens=6,
@@ -129,6 +134,7 @@ def test_completions_endpoint_and_sampling_seed(server):
   assert a.object == "text_completion"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body,needle", [
     (b"{not json", "malformed JSON"),
     (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(),
@@ -156,6 +162,7 @@ def test_bad_requests_are_400_and_the_server_keeps_answering(server, reference, 
   assert r.choices[0].message.content.strip() == reference[1]
 
 
+@pytest.mark.slow
 def test_two_adapters_and_the_base_in_one_batch(server, reference):
   """Requests for three models decode in the same batch (one engine: each row picks its LoRA);
   each answer equals that model's own single-model decoding."""
@@ -180,6 +187,7 @@ def test_two_adapters_and_the_base_in_one_batch(server, reference):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (the README's "
                     "test command installs it with tools/install_test_deps.sh)")
 def test_compare_page_in_a_browser_records_votes(server, tmp_path):
@@ -230,6 +238,7 @@ def test_win_rates_count_ties_half():
   assert r["ci95"][0] <= 2.5 / 4 <= r["ci95"][1]
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_cancels_its_request(server):
   import http.client
   health = lambda: json.loads(urllib_get(f"http://127.0.0.1:{server['port']}/health"))
@@ -255,6 +264,7 @@ def urllib_get(url):
     return r.read()
 
 
+@pytest.mark.slow
 def test_sigterm_lets_in_flight_requests_finish(server, tmp_path):
   """The base (random weights) answers at full length, so the signal lands mid-answer."""
   import subprocess
@@ -321,6 +331,7 @@ def compare_served(name, engine):
   return api.Served(name, engine, None, lambda messages=None, text=None: [1, 2, 3])
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_win_rate_of_votes(server, tmp_path):
   from jaxft import evaluation
   wd = str(tmp_path / "wd")

@@ -101,6 +101,7 @@ def test_batch_rows_must_split_over_data_and_fsdp():
     sharding.check_batch(big, 6, 1)
 
 
+@pytest.mark.slow
 def test_launch_scripts_parse_and_tpu_runs_on_all_workers():
   for name in ("local.sh", "gpu_host.sh", "slurm.sbatch", "tpu_vm.sh"):
     path = os.path.join(ROOT, "launch", name)
@@ -153,6 +154,7 @@ def runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_sharded_losses_match_one_device(runs, method):
   losses = runs[method]["losses"]
@@ -162,6 +164,7 @@ def test_sharded_losses_match_one_device(runs, method):
     np.testing.assert_allclose(losses[name], ref, rtol=RTOL, err_msg=f"{method} on mesh {name}")
 
 
+@pytest.mark.slow
 def test_lora_and_adam_state_are_sharded_like_their_kernels(runs):
   layout = runs["lora"]["layout"]  # mesh fsdp=4 x tensor=2
   frozen = layout["frozen"]
@@ -178,12 +181,14 @@ def test_lora_and_adam_state_are_sharded_like_their_kernels(runs):
   assert layout["mu"] == layout["trainable"]  # Adam's moments live with their params
 
 
+@pytest.mark.slow
 def test_full_finetuning_state_is_sharded(runs):
   layout = runs["full"]["layout"]
   assert layout["trainable"]["embed/embedding"] == ["tensor", "fsdp"]
   assert layout["mu"] == layout["trainable"] and not layout["frozen"]
 
 
+@pytest.mark.slow
 def test_fsdp8_puts_an_eighth_of_the_model_on_each_device(runs):
   b = runs["full"]["bytes"]["fsdp=8"]
   assert b["devices"] == 8
@@ -196,6 +201,7 @@ def test_fsdp8_puts_an_eighth_of_the_model_on_each_device(runs):
   assert min(runs["full"]["bytes"]["fsdp=8,embed=none"]["per_device"]) == b["total"]
 
 
+@pytest.mark.slow
 def test_bad_meshes_are_config_errors_before_anything_is_written(runs):
   bad = runs["full"]["bad"]
   assert "config.mesh.tensor=8 does not divide num_heads=4" in bad["tensor=8"]
@@ -206,11 +212,13 @@ def test_bad_meshes_are_config_errors_before_anything_is_written(runs):
   assert not any(bad[k + ":written"] for k in ("tensor=8", "data=3", "fsdp=3,data=-1"))
 
 
+@pytest.mark.slow
 def test_params_placed_elsewhere_are_moved_onto_the_rules(runs):
   before, after, untouched = runs["full"]["place"]
   assert before == [] and after == ["fsdp", "tensor"] and untouched
 
 
+@pytest.mark.slow
 def test_quantized_base_is_sharded_consistently(runs):
   nf4 = runs["full"]["nf4"]
   np.testing.assert_allclose(nf4["fsdp=4,tensor=2"], nf4["1"], rtol=RTOL)
@@ -220,6 +228,7 @@ def test_quantized_base_is_sharded_consistently(runs):
   assert any("tensor" in json.dumps(spec) for spec in q.values())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(runs):
   local = runs["local"]
   assert local["returncode"] == 0, local["stderr"][-4000:]

@@ -16,6 +16,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_three_steps_write_the_workdir(tmp_path):
   wd = str(tmp_path / "run")
   r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=3",
@@ -48,6 +49,7 @@ def test_huge_pages_env_respects_the_user():
   assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
+@pytest.mark.slow
 def test_full_finetuning_runs(tmp_path):
   wd = str(tmp_path / "full")
   r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=4",
@@ -57,6 +59,7 @@ def test_full_finetuning_runs(tmp_path):
   assert evals[-1] < evals[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,needle", [
     ("--config.optim.lrr=1", "lrr"),
     ("--config.train.steps=many", "--config.train.steps=many"),
@@ -73,6 +76,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, flag, needle):
   assert not (wd / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,needle", [
     ('{"text": "ok"}\n{"text": \n', "bad.jsonl:2: malformed JSON"),
     ('{"prompt": "no completion"}\n', "bad.jsonl:1: missing required field 'completion'"),
@@ -91,6 +95,7 @@ def test_bad_data_exits_2_and_writes_no_checkpoint(tmp_path, content, needle):
   assert not (wd / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_eval_accuracy_is_logged_at_eval_points(tmp_path):
   wd = str(tmp_path / "acc")
   r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=2",

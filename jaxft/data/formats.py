@@ -37,7 +37,8 @@ def detect(origin: str, row: dict[str, Any]) -> str:
                   + "; ".join(f"{f}: {', '.join(_KEYS[f])}" for f in FORMATS))
 
 
-def _field(origin, row, key, kind=str):
+def field(origin, row, key, kind=str):
+  """row[key], which must be a `kind`; DataError naming the row and the field otherwise."""
   if key not in row:
     raise DataError(f"{origin}: missing required field {key!r}")
   v = row[key]
@@ -46,17 +47,46 @@ def _field(origin, row, key, kind=str):
   return v
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One validated row: its format and what that format holds (messages for chat and alpaca,
+  prompt and completion, text, or the row itself for tokens)."""
+  kind: str
+  messages: list | None = None
+  prompt: str = ""
+  completion: str = ""
+  text: str = ""
+  row: dict | None = None
+
+
+def parse(origin: str, row: dict[str, Any], fmt: str = "auto") -> Row:
+  """The one reading of a row's format (training, evaluation and inference all use it): `fmt`
+  (or, for auto, `detect`), the fields that format needs, validated. Raises DataError naming the
+  row and the field."""
+  kind = detect(origin, row) if fmt == "auto" else fmt
+  if kind in ("chat", "alpaca"):
+    return Row(kind, messages=to_messages(origin, row, kind))
+  if kind == "completion":
+    return Row(kind, prompt=field(origin, row, "prompt"),
+               completion=field(origin, row, "completion"))
+  if kind == "text":
+    return Row(kind, text=field(origin, row, "text"))
+  if "input_ids" not in row:
+    raise DataError(f"{origin}: missing required field 'input_ids'")
+  return Row(kind, row=row)
+
+
 def to_messages(origin: str, row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
   """Chat and alpaca rows as a validated list of {role, content} messages."""
   if fmt == "alpaca":
-    instruction = _field(origin, row, "instruction")
+    instruction = field(origin, row, "instruction")
     extra = row.get("input") or ""
     if not isinstance(extra, str):
       raise DataError(f"{origin}: field 'input' must be str, got {type(extra).__name__}")
     user = f"{instruction}\n\n{extra}" if extra else instruction
     return [{"role": "user", "content": user},
-            {"role": "assistant", "content": _field(origin, row, "output")}]
-  messages = _field(origin, row, "messages", list)
+            {"role": "assistant", "content": field(origin, row, "output")}]
+  messages = field(origin, row, "messages", list)
   if not messages:
     raise DataError(f"{origin}: 'messages' is empty")
   out = []

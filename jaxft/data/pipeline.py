@@ -43,19 +43,17 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
   examples, truncated, targets_before = [], 0, 0
   encoder.limit_tokens(max_len + 1)
   for origin, row in sources.read_rows(spec):
-    kind = formats.detect(origin, row) if fmt == "auto" else fmt
+    r = formats.parse(origin, row, fmt)
+    kind = r.kind
     counts[kind] += 1
-    if kind in ("chat", "alpaca"):
-      ex = encoder.chat(origin, formats.to_messages(origin, row, kind))
+    if r.messages is not None:
+      ex = encoder.chat(origin, r.messages)
     elif kind == "completion":
-      ex = encoder.completion(formats._field(origin, row, "prompt"),
-                              formats._field(origin, row, "completion"))
+      ex = encoder.completion(r.prompt, r.completion)
     elif kind == "text":
-      ex = encoder.text(formats._field(origin, row, "text"))
+      ex = encoder.text(r.text)
     else:
-      if "input_ids" not in row:
-        raise DataError(f"{origin}: missing required field 'input_ids'")
-      ex = formats.tokens_example(origin, row, vocab_size)
+      ex = formats.tokens_example(origin, r.row, vocab_size)
     if show and not examples:
       logging.info("%s: first example (%s): %s", origin, kind, encoder.describe(ex))
     if len(ex.ids) and int(ex.ids.max()) >= vocab_size:

@@ -33,14 +33,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-def _write_atomic(path: str, write) -> None:
-  # Several processes (hosts sharing a workdir) may write at once: per-process temporary names,
-  # then atomic renames, so no one ever reads a half-written file.
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
-
-
 # The quickstart tokenizer's settings. `legacy: True` is SentencePiece's own behaviour: every
 # piece of text, also the one after a special token such as `<s>`, starts a new word ("▁" prefix).
 # That is what SentencePiece, llama.cpp and transformers 4.x (slow and fast) give for Mistral v1;
@@ -67,7 +59,7 @@ def write_quickstart_tokenizer(directory: str) -> str:
   # write at once: per-process temporary names, then atomic renames.
   model = os.path.join(directory, "tokenizer.model")
   if not os.path.isfile(model):
-    _write_atomic(model, lambda tmp: shutil.copyfile(src, tmp))
+    files.write_with(model, lambda tmp: shutil.copyfile(src, tmp))
   config_path = os.path.join(directory, "tokenizer_config.json")
   text = json.dumps(QUICKSTART_TOKENIZER_CONFIG, indent=1)
   if _read_text(config_path) != text:
@@ -81,7 +73,7 @@ def write_quickstart_tokenizer(directory: str) -> str:
       shutil.copyfile(model, os.path.join(scratch, "tokenizer.model"))
       shutil.copyfile(config_path, os.path.join(scratch, "tokenizer_config.json"))
       tok = AutoTokenizer.from_pretrained(scratch, local_files_only=True)
-      _write_atomic(tj, lambda tmp: tok.backend_tokenizer.save(tmp))
+      files.write_with(tj, tok.backend_tokenizer.save)
   return directory
 
 

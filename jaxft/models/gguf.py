@@ -27,7 +27,9 @@ import os
 
 import numpy as np
 
+from jaxft import files
 from jaxft.errors import CheckpointError, ConfigError
+from jaxft.models import hf
 from jaxft.models.config import ModelConfig
 
 __all__ = ["is_gguf", "read_config", "load_params", "build_tokenizer", "write_tokenizer",
@@ -189,7 +191,6 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
   its NamedSharding, cast to cfg.param_dtype and, with quant_kind int8/nf4, the layer kernels
   quantized again. Raises CheckpointError naming the file and tensor for a missing, unexpected,
   misshapen or unsupported (type) tensor."""
-  from jaxft.models import hf
   r = _reader(path)
   _architecture(path, r)
   tensors = _hf_names(path, r, cfg)
@@ -361,12 +362,10 @@ def write_tokenizer(path: str, directory: str) -> str:
     with open(stamp, encoding="utf-8") as f:
       if json.load(f) == source:
         return directory
-  tmp = f"{directory}.tmp{os.getpid()}"
+  tmp = files.temp_dir(directory)
   build_tokenizer(path).save_pretrained(tmp)
-  for name in os.listdir(tmp):
+  for name in os.listdir(tmp):  # file by file: the directory may hold other files (a workdir's)
     os.replace(os.path.join(tmp, name), os.path.join(directory, name))
   os.rmdir(tmp)
-  with open(f"{stamp}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
-    json.dump(source, f)
-  os.replace(f"{stamp}.tmp{os.getpid()}", stamp)
+  files.write_json(stamp, source, indent=None)
   return directory

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import llama
+from jaxft import quant
+from jaxft.errors import CheckpointError
+from jaxft.models import llama, ops
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf_config import ARCHITECTURES, checkpoint_dtype, hf_config, read_config
 from jaxft.models.safetensors_io import (INDEX, read_tensor, refuse_pickle, shard_entries,
@@ -111,11 +112,7 @@ def _quantizer(kind: str):
   stacked [L, in, out] value."""
   if kind == "none":
     return None
-  from jaxft import quant
-  fn = getattr(quant, "quantize", None)
-  if fn is None:
-    raise ConfigError(f"model.quant={kind}: quantization is not available in this build")
-  return functools.partial(fn, kind=kind)
+  return functools.partial(quant.quantize, kind=kind)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,14 +129,13 @@ def _stacked_fns(shape: tuple, dtype: str, kind: str, sharding: NamedSharding, t
     out_sh = sharding
     make = lambda: jnp.zeros(shape, dtype)
   else:
-    from jaxft import quant
     abstract = jax.eval_shape(quantize, jax.ShapeDtypeStruct(shape, dtype))
     out_sh = quant.leaf_shardings(abstract, sharding)
     make = lambda: quantize(jnp.zeros(shape, dtype))
 
   def write(stacked, x, i):
     x = (x.T if transpose else x).astype(dtype)[None]
-    new = jax.tree.leaves(quantize(x)) if quantize is not None else [x]  # as quant.init_base does
+    new = jax.tree.leaves(quantize(x)) if quantize is not None else [x]  # as models.quantized.init_base does
     leaves, treedef = jax.tree.flatten(stacked)
     leaves = [jax.lax.dynamic_update_slice_in_dim(s, n.astype(s.dtype), i, 0)
               for s, n in zip(leaves, new)]
@@ -254,8 +250,7 @@ def host_tensor(params, path: tuple[str, ...], layer: int | None, dtype) -> np.n
 @functools.lru_cache(maxsize=None)
 def _slicer(layered: bool, transpose: bool, dtype: str):
   def fn(x, i):
-    from jaxft import quant
-    x = quant.materialize(x, dtype)  # a quantized base kernel (QLoRA) is written dequantized
+    x = ops.weight(x, dtype)  # a quantized base kernel (QLoRA) is written dequantized
     if layered:
       x = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
     return x.T if transpose else x

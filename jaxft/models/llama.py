@@ -18,18 +18,17 @@ leaves in the same tree (e.g. layers/q_proj/lora_a).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import target
 from jaxft.models import attention_kernels
 from jaxft.models import families
 from jaxft.models.config import ModelConfig
+from jaxft.models.ops import rms_norm, softmax_attention, swiglu, unpack_16bit
 from jaxft.models.rope import apply_rope, inverse_frequencies
 
 Params = dict[str, Any]
@@ -101,135 +100,6 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
-  """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype.
-
-  Custom VJP: the backward keeps x itself (in its own dtype, bit-cast when 16-bit) rather than
-  autodiff's float32 copies of x and of the normalised x, and recomputes the rest."""
-  return _rms_norm_fwd(x, scale, eps)[0]
-
-
-def _rms_norm_fwd(x, scale, eps):
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (x32 * scale.astype(jnp.float32)).astype(x.dtype), (pack_16bit(x), scale)
-
-
-def _rms_norm_bwd(eps, res, g):
-  x, scale = res
-  x = unpack_16bit(x)
-  x32 = x.astype(jnp.float32)
-  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  xhat = x32 * r
-  g32 = g.astype(jnp.float32)
-  dscale = jnp.sum(g32 * xhat, axis=tuple(range(x.ndim - 1))).astype(scale.dtype)
-  dxhat = g32 * scale.astype(jnp.float32)
-  dx = r * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
-  return dx.astype(x.dtype), dscale
-
-
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
-
-
-@jax.custom_vjp
-def swiglu(gate: jnp.ndarray, up: jnp.ndarray) -> jnp.ndarray:
-  """silu(gate) * up in float32, returned in gate's dtype; the backward keeps gate and up only
-  (bit-cast when 16-bit) instead of autodiff's several activation-sized intermediates."""
-  return _swiglu_fwd(gate, up)[0]
-
-
-def _swiglu_fwd(gate, up):
-  a = gate.astype(jnp.float32)
-  out = (a * jax.nn.sigmoid(a) * up.astype(jnp.float32)).astype(gate.dtype)
-  return out, pack_16bit((gate, up))
-
-
-def _swiglu_bwd(res, g):
-  gate, up = unpack_16bit(res)
-  a, b, g32 = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
-  sig = jax.nn.sigmoid(a)
-  da = g32 * b * sig * (1.0 + a * (1.0 - sig))
-  return da.astype(gate.dtype), (g32 * a * sig).astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def mixed_einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray, out_dtype=None) -> jnp.ndarray:
-  """A two-operand einsum in the operands' dtype (both the same) with float32 accumulation,
-  returning `out_dtype` (default: the operands'); its backward rounds the cotangent to the
-  operands' dtype and runs its dots in that dtype, accumulating in float32.
-
-  With plain `einsum(..., preferred_element_type=float32).astype(bf16)` the transpose of the cast
-  hands the dots a float32 cotangent, so every backward dot runs in float32 with an upcast copy of
-  its bf16 operand: about 3x slower on CPU and 2x the memory traffic on accelerators. Every index of
-  an operand must appear in the other operand or in the output (true of matmuls and attention).
-  """
-  out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-  return out.astype(out_dtype or a.dtype)
-
-
-def _mixed_einsum_fwd(spec, a, b, out_dtype):
-  return mixed_einsum(spec, a, b, out_dtype), (a, b)
-
-
-def _mixed_einsum_bwd(spec, out_dtype, res, g):
-  a, b = res
-  (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
-  g = g.astype(a.dtype)
-  da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
-  return da.astype(a.dtype), db.astype(b.dtype)
-
-
-mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
-
-
-def matmul(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
-  """x[..., in] @ w[in, out] in `dtype` with float32 accumulation (fast on CPU and accelerators);
-  the backward's dots run in `dtype` too (see `mixed_einsum`).
-
-  w: a float array, a 16-bit kernel packed by `pack_16bit`, or a quantized kernel (jaxft.quant).
-  It is made a `dtype` array inside a custom VJP, so the backward keeps the stored kernel (a scan's
-  own slice, or the quantized codes) and redoes the cast or dequantization, instead of saving a
-  float copy of every layer's weights. Only a float w gets a gradient."""
-  dtype = jnp.dtype(dtype)
-  return checkpoint_name(_linear(x.astype(dtype), w, dtype), "linear")
-
-
-def _weight(w, dtype):
-  from jaxft import quant  # local: quant imports this module
-  return quant.materialize(w, dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _linear(x, w, dtype):
-  return mixed_einsum("...i,io->...o", x, _weight(w, dtype))
-
-
-def _linear_fwd(x, w, dtype):
-  # x is saved bit-cast when 16-bit, so that a scan stacks it natively on CPU (see pack_16bit).
-  return _linear(x, w, dtype), (pack_16bit(x), w)
-
-
-def _linear_bwd(dtype, res, g):
-  x, w = res
-  x = unpack_16bit(x)
-  g = g.astype(dtype)
-  wm = _weight(w, dtype)
-  dx = jnp.einsum("...o,io->...i", g, wm, preferred_element_type=jnp.float32).astype(dtype)
-  if isinstance(w, jax.Array) and jnp.issubdtype(w.dtype, jnp.floating):
-    dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
-  else:  # packed or quantized: a frozen kernel
-    dw = None
-  return dx, dw
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
-
-
 ATTENTION = ("auto", "einsum", "xla", "cudnn", "splash")
 
 
@@ -255,57 +125,6 @@ def attention_impl(cfg: ModelConfig, plain: bool = True, length: int = 0) -> str
       and cfg.head_dim <= 128):
     return "cudnn"
   return "einsum"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_attention(q, k, v, bias, scale: float):
-  """softmax(q k^T * scale + bias) v for q [B,K,Q,hd], k/v [B,K,S,hd] (all in the compute dtype),
-  bias [B,1,Q,S] float32 (0 or a large negative number). Scores and softmax in float32, dots in
-  the compute dtype with float32 accumulation.
-
-  The backward is flash attention's: it keeps q, k, v, the output and the log-sum-exp of each row
-  (not the [Q, S] probabilities), rebuilds P with one more k q^T, and forms
-  dS = P * (dP - rowsum(dO * O)) in a single pass (autodiff of softmax saves P and makes several
-  passes with transposes between them)."""
-  return _softmax_attention_fwd(q, k, v, bias, scale)[0]
-
-
-def _scores(q, k, bias, scale):
-  return jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale + bias
-
-
-def _softmax_attention_fwd(q, k, v, bias, scale):
-  s = _scores(q, k, bias, scale)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bkqs,bksd->bkqd", (p / l).astype(q.dtype), v,
-                   preferred_element_type=jnp.float32).astype(q.dtype)
-  # 16-bit residuals bit-cast to integers: a scan stacks them natively on CPU (see pack_16bit).
-  return out, (pack_16bit((q, k, v, out)), bias, m + jnp.log(l))
-
-
-def _softmax_attention_bwd(scale, res, g):
-  # Worked on transposed [S, Q] blocks: then every dot is a plain [M, K] x [K, N] product (XLA's CPU
-  # backend runs dots contracting a leading dimension, like dS^T q, several times slower) and only
-  # dS needs one explicit transpose, for dq (the barrier stops XLA folding it back into the dot).
-  (q, k, v, out), bias, lse = unpack_16bit(res[0]), res[1], res[2]
-  dt, f32 = q.dtype, jnp.float32
-  g = g.astype(dt)
-  s_t = (jnp.einsum("bksd,bkqd->bksq", k, q, preferred_element_type=f32) * scale
-         + jnp.swapaxes(bias, 2, 3))
-  p_t = jnp.exp(s_t - jnp.swapaxes(lse, 2, 3))
-  dp_t = jnp.einsum("bksd,bkqd->bksq", v, g, preferred_element_type=f32)
-  delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1)[:, :, None, :]
-  ds_t = (p_t * (dp_t - delta) * scale).astype(dt)
-  dk = jnp.einsum("bksq,bkqd->bksd", ds_t, q, preferred_element_type=f32).astype(dt)
-  dv = jnp.einsum("bksq,bkqd->bksd", p_t.astype(dt), g, preferred_element_type=f32).astype(dt)
-  ds = jax.lax.optimization_barrier(jnp.swapaxes(ds_t, 2, 3))
-  dq = jnp.einsum("bkqs,bksd->bkqd", ds, k, preferred_element_type=f32).astype(dt)
-  return dq, dk, dv, None
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _causal_blocks(T: int) -> int:
@@ -345,7 +164,7 @@ def _attend(q, k, v, mask, dtype, impl: str = "einsum", causal_blocks: int = 1,
   for i in range(n):  # static: block i holds queries [i*T/n, (i+1)*T/n), keys [0, (i+1)*T/n)
     rows = slice(i * T // n * G, (i + 1) * T // n * G)
     keys = (i + 1) * T // n if n > 1 else S
-    outs.append(_softmax_attention(qh[:, :, rows], kh[:, :, :keys], vh[:, :, :keys],
+    outs.append(softmax_attention(qh[:, :, rows], kh[:, :, :keys], vh[:, :, :keys],
                                    bias[:, :, rows, :keys], scale))
   out = outs[0] if n == 1 else jnp.concatenate(outs, axis=2)
   return out.reshape(B, K, T, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H * hd)
@@ -422,39 +241,6 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   return x, new_cache
 
 
-_PACKED = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16),
-           jnp.dtype(jnp.float16): jnp.dtype(jnp.int16)}
-_UNPACKED = {v: k for k, v in _PACKED.items()}
-
-
-def pack_16bit(tree):
-  """Bit-casts the 16-bit float leaves of a tree (or one array) to 16-bit integers (bf16 -> uint16,
-  fp16 -> int16); `unpack_16bit` casts them back. Only for values that are NOT differentiated
-  through the cast (the frozen base, or inside a custom VJP).
-
-  Why: XLA's CPU backend has no bf16 dynamic-slice, so a scan over bf16 weights upcasts the whole
-  stacked array to float32 once per step, then slices and re-rounds it per layer (2x the weights'
-  bytes written, 3x read). An integer slice is native everywhere; the casts are bit-casts. Only
-  programs built for CPU pack (jaxft.target): accelerators slice 16-bit floats natively."""
-  if target.platform() != "cpu":
-    return tree
-
-  def one(x):
-    if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _PACKED:
-      return jax.lax.bitcast_convert_type(x, _PACKED[jnp.dtype(x.dtype)])
-    return x
-  return jax.tree.map(one, tree)
-
-
-def unpack_16bit(tree):
-  """The inverse of `pack_16bit`: uint16 leaves become bf16, int16 leaves fp16."""
-  def one(x):
-    if hasattr(x, "dtype") and jnp.dtype(x.dtype) in _UNPACKED:
-      return jax.lax.bitcast_convert_type(x, _UNPACKED[jnp.dtype(x.dtype)])
-    return x
-  return jax.tree.map(one, tree)
-
-
 _ACTS = ("batch", "length", "embed")  # logical axes of the hidden states (jaxft.target)
 
 
@@ -496,7 +282,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
   positions = positions + adapter.position_offset
   if segment_ids is None:
     segment_ids = jnp.ones((B, T), jnp.int32)
-  # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, step.pack_frozen)
+  # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, ops.pack_frozen)
   x = unpack_16bit(jnp.take(params["embed"]["embedding"], tokens, axis=0)).astype(dtype)
   if cfg.scale_embeddings:  # Gemma: times sqrt(hidden) rounded to the compute dtype, as HF does
     x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
@@ -539,7 +325,7 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
 
 def output_kernel(cfg: ModelConfig, params: Params) -> jnp.ndarray:
   """The [embed, vocab] projection to logits (the transposed embedding when tied)."""
-  # (unpack: packed when it is the trainer's frozen tree, see step.pack_frozen)
+  # (unpack: packed when it is the trainer's frozen tree, see ops.pack_frozen)
   if cfg.tie_embeddings:
     return unpack_16bit(params["embed"]["embedding"]).T
   return unpack_16bit(params["lm_head"]["kernel"])

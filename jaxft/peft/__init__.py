@@ -12,6 +12,18 @@ from jaxft.peft.lora import LoRA
 from jaxft.peft.prefix import Prefix
 
 METHODS = ("full", "lora", "dora", "adapter", "prefix")
+_CLASSES = {"full": Method, "lora": LoRA, "dora": DoRA, "adapter": BottleneckAdapter,
+            "prefix": Prefix}
+
+
+def export_format(name: str) -> str:
+  """The adapter format (--format) the method `name` exports to: "peft", "adapter" or "" (only
+  the merged model). Each method class declares its own (`Method.export_format`)."""
+  return _CLASSES[name].export_format if name in _CLASSES else ""
+
+
+def methods_exporting(fmt: str) -> list[str]:
+  return [n for n, cls in _CLASSES.items() if cls.export_format == fmt]
 
 
 def from_config(peft_cfg, model_cfg: ModelConfig) -> Method:
@@ -46,4 +58,5 @@ def from_config(peft_cfg, model_cfg: ModelConfig) -> Method:
 
 
 __all__ = ["Method", "LoRA", "DoRA", "BottleneckAdapter", "Prefix", "from_config", "merge_trees",
-           "flatten", "unflatten", "count_params", "match_targets", "METHODS"]
+           "flatten", "unflatten", "count_params", "match_targets", "METHODS", "export_format",
+           "methods_exporting"]

@@ -17,16 +17,17 @@ import functools
 import json
 import math
 import os
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import ConfigError
-from jaxft.models import llama
+from jaxft.models import hf, llama, ops
 from jaxft.models.config import ModelConfig
-from jaxft.peft.base import Method, Params
-from jaxft.peft.lora import ADAPTER_DTYPE
+from jaxft.peft.base import ADAPTER_DTYPE, Method, Params
+from jaxft.peft.peft_io import host_array
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 # gelu is the exact (erf) form, as torch.nn.GELU() and transformers' "gelu".
@@ -40,9 +41,14 @@ WEIGHTS = "adapter_model.safetensors"
 @dataclasses.dataclass(frozen=True)
 class BottleneckAdapter(Method):
   name: str = "adapter"
+  export_format: ClassVar[str] = "adapter"
   size: int = 64
   placement: str = "houlsby"
   activation: str = "relu"
+
+  def write_export(self, directory, cfg, trainable, base_model: str = "") -> None:
+    """jaxft's bottleneck-adapter format (`write`)."""
+    write(directory, self, cfg, trainable, base_model)
 
   @property
   def blocks(self) -> tuple[str, ...]:
@@ -75,9 +81,9 @@ class BottleneckAdapter(Method):
     if key not in p:
       return out
     a = p[key]
-    h = llama.matmul(out, a["down"], dtype) + a["down_bias"].astype(dtype)
+    h = ops.matmul(out, a["down"], dtype) + a["down_bias"].astype(dtype)
     h = ACTIVATIONS[self.activation](h)
-    return out + llama.matmul(h, a["up"], dtype) + a["up_bias"].astype(dtype)
+    return out + ops.matmul(h, a["up"], dtype) + a["up_bias"].astype(dtype)
 
   def merge(self, cfg, params):
     raise ConfigError("peft.method=adapter: bottleneck adapters are non-linear and cannot be "
@@ -119,8 +125,6 @@ def write(directory: str, method: BottleneckAdapter, cfg: ModelConfig, trainable
           base_model: str = "") -> None:
   """Writes adapter_config.json and adapter_model.safetensors (float32) of the trained adapters
   into `directory` (which must exist). Only process 0 writes; every process must call it."""
-  from jaxft.models import hf
-  from jaxft.peft.peft_io import host_array
   leaves = {(b, k): host_array(v) for b, d in trainable["layers"].items() for k, v in d.items()}
   if jax.process_index() != 0:
     return

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxft import configlib
+from jaxft import configlib, quant
 from jaxft.errors import ConfigError
-from jaxft.models import llama
+from jaxft.models import llama, ops
 from jaxft.models.config import ModelConfig
 
 Params = dict[str, Any]
+# Trainable adapter leaves (and their AdamW moments) are float32 master weights.
+ADAPTER_DTYPE = jnp.float32
 
 
 def merge_trees(a: Params, b: Params) -> Params:
@@ -54,7 +56,6 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 def count_params(tree) -> int:
   """Number of parameters; a quantized kernel counts its logical size, not its codes."""
-  from jaxft import quant  # local: quant imports nothing of peft
   return int(sum(x.size for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized)))
 
 
@@ -97,8 +98,8 @@ def linear_dims(cfg: ModelConfig, name: str) -> tuple[int, int, str, str]:
 
 def base_linear(p: Params, x: jnp.ndarray, dtype) -> jnp.ndarray:
   """x @ kernel (+ bias); a quantized kernel is dequantized inside the jitted computation (by
-  llama.matmul, which keeps the stored kernel, not a float copy, for its backward)."""
-  y = llama.matmul(x, p["kernel"], dtype)
+  ops.matmul, which keeps the stored kernel, not a float copy, for its backward)."""
+  y = ops.matmul(x, p["kernel"], dtype)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)
   return y
@@ -109,6 +110,15 @@ class Method:
   """Full fine-tuning, and the no-op hooks every method inherits."""
   name: str = "full"
   position_offset: int = 0
+  # The adapter format the method exports to (--format=NAME; "" = only the merged model): each
+  # method owns its format and writes it (`write_export`).
+  export_format: ClassVar[str] = ""
+
+  def write_export(self, directory: str, cfg: ModelConfig, trainable: Params,
+                   base_model: str = "") -> None:
+    """Writes the trained leaves in `export_format` into `directory` (which must exist)."""
+    raise ConfigError(f"peft.method={self.name!r} has no adapter format; export the merged model "
+                      "with --format=hf")
 
   # -- the partition -------------------------------------------------------------------------
   def init(self, cfg: ModelConfig, rng: jax.Array) -> Params:

@@ -6,7 +6,7 @@ the input axis (-2); PEFT's [out, in] weights take it over dim 1: the same numbe
 starts at ||W||_c (B = 0, so step 0 is the base model); it needs the base weights, so it is filled
 in by `init_from_base`, not `init`. As in the DoRA paper (section 4.3) and PEFT, the norm is treated
 as a constant in the backward pass (stop_gradient): only the direction through W' and m get
-gradients. A quantized base is dequantized (`jaxft.quant.materialize`) inside the computation.
+gradients. A quantized base is dequantized (`jaxft.models.ops.weight`) inside the computation.
 PEFT exports it as a LoRA adapter with use_dora=true and `...q_proj.lora_magnitude_vector` [out].
 """
 
@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import llama
+from jaxft.models import llama, ops
 from jaxft.peft.base import Params, base_linear, linear_dims
 from jaxft.peft.lora import ADAPTER_DTYPE, LoRA
 
@@ -50,14 +50,13 @@ class DoRA(LoRA):
 
   def init_from_base(self, cfg, base: Params, added: Params) -> Params:
     """Sets each magnitude to the column norms of W + scale * A B (= ||W||_c while B = 0)."""
-    from jaxft import quant
     layers = dict(added["layers"])
     for n in self.targets:
       p = dict(layers[n])
 
       def one(xs):  # one layer at a time: a quantized kernel is never dequantized whole
         w, a, b = xs
-        w = quant.materialize(w, jnp.float32)
+        w = ops.weight(w, jnp.float32)
         return _column_norms(w + self.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32)))
 
       norms = jax.lax.map(one, (base["layers"][n]["kernel"], p["lora_a"], p["lora_b"]))
@@ -66,12 +65,11 @@ class DoRA(LoRA):
     return {**added, "layers": layers}
 
   def linear(self, name, p, x, dtype, rng):
-    from jaxft import quant
     if "lora_a" not in p:
       return super().linear(name, p, x, dtype, rng)
     # ||W + scale * A B||_c as a constant of the backward pass (DoRA section 4.3): nothing of it
     # is kept for the backward, and the base term below goes through the usual linear.
-    w = quant.materialize(p["kernel"], jnp.float32)  # as init_from_base: step 0 has factor 1
+    w = ops.weight(p["kernel"], jnp.float32)  # as init_from_base: step 0 has factor 1
     a32, b32 = p["lora_a"].astype(jnp.float32), p["lora_b"].astype(jnp.float32)
     norm = jax.lax.stop_gradient(_column_norms(w + self.scale * (a32 @ b32)))
     factor = (p["magnitude"].astype(jnp.float32) / norm).astype(dtype)

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import llama
-from jaxft.peft.base import Method, Params, base_linear, linear_dims
-
-
-ADAPTER_DTYPE = jnp.float32
+from jaxft.models import llama, ops
+from jaxft.peft import peft_io
+from jaxft.peft.base import ADAPTER_DTYPE, Method, base_linear, linear_dims
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(Method):
   name: str = "lora"
+  export_format: ClassVar[str] = "peft"
   targets: tuple[str, ...] = ("q_proj", "v_proj")
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
   rslora: bool = False
+
+  def write_export(self, directory, cfg, trainable, base_model: str = "") -> None:
+    """PEFT's LoRA adapter (DoRA's too: use_dora and the magnitudes), see peft_io."""
+    peft_io.write_adapter(directory, self, cfg, trainable, base_model, peft_io.lora_tensors)
 
   @property
   def scale(self) -> float:
@@ -63,8 +67,8 @@ class LoRA(Method):
     return jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
 
   def delta(self, name, p, x, dtype, rng):
-    h = llama.matmul(self._dropout(name, x, rng), p["lora_a"], dtype)
-    return llama.matmul(h, p["lora_b"], dtype) * jnp.asarray(self.scale, dtype)
+    h = ops.matmul(self._dropout(name, x, rng), p["lora_a"], dtype)
+    return ops.matmul(h, p["lora_b"], dtype) * jnp.asarray(self.scale, dtype)
 
   def linear(self, name, p, x, dtype, rng):
     y = base_linear(p, x, dtype)
@@ -79,11 +83,10 @@ class LoRA(Method):
     """params with each target's kernel W replaced by finish(W + scale * A B, rest) in
     model.param_dtype, A and B dropped; `rest` holds the target's other leaves (finish may pop
     its own, as DoRA's magnitude)."""
-    from jaxft import quant
     layers = dict(params["layers"])
     for n in self.targets:
       p = dict(layers[n])
-      w = quant.materialize(p.pop("kernel"), jnp.float32)
+      w = ops.weight(p.pop("kernel"), jnp.float32)
       a, b = p.pop("lora_a").astype(jnp.float32), p.pop("lora_b").astype(jnp.float32)
       p["kernel"] = finish(w + self.scale * jnp.einsum("lir,lro->lio", a, b), p).astype(
           cfg.param_dtype)

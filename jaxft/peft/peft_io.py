@@ -6,7 +6,7 @@ module path in the wrapped model plus the leaf, e.g.
   base_model.model.model.layers.3.mlp.down_proj.lora_B.weight      B as [out, r]
 while jaxft stacks layers: layers/q_proj/lora_a [L, in, r], layers/q_proj/lora_b [L, r, out].
 
-Writing dispatches on the method name through `WRITERS` (method name -> function returning the
+Each method's `write_export` calls `write_adapter` with its tensors function (the
 adapter_config.json entries and the tensors): LoRA, DoRA (LoRA with use_dora=true and
 `...q_proj.lora_magnitude_vector` [out]) and prefix tuning (peft_type PREFIX_TUNING,
 `prompt_embeddings` [num_virtual_tokens, layers*2*kv_heads*head_dim]).
@@ -26,9 +26,9 @@ import numpy as np
 from absl import logging
 
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import llama
+from jaxft.models import hf, llama
 from jaxft.models.config import ModelConfig
-from jaxft.peft.base import linear_dims
+from jaxft.peft.base import ADAPTER_DTYPE, linear_dims
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -75,7 +75,7 @@ _LORA_DEFAULTS = {"bias": "none", "fan_in_fan_out": False, "modules_to_save": No
                   "alpha_pattern": {}, "init_lora_weights": True}
 
 
-def _lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
+def lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
   """adapter_config.json entries and (name, array) tensors of a LoRA or DoRA method's trainable
   tree. DoRA adds `...q_proj.lora_magnitude_vector` [out] and use_dora=true."""
   dora = method.name == "dora"
@@ -98,7 +98,7 @@ def _lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[t
   return config, tensors()
 
 
-def _prefix_tensors(method, cfg: ModelConfig,
+def prefix_tensors(method, cfg: ModelConfig,
                     trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
   """PEFT prefix tuning: `prompt_embeddings` [P, L*2*kv_heads*head_dim], each row ordered (layer,
   key|value, kv head, head_dim), the reparameterising MLP folded away (prefix_projection=false).
@@ -120,22 +120,12 @@ def _prefix_tensors(method, cfg: ModelConfig,
   return config, tensors()
 
 
-WRITERS: dict[str, Callable[..., tuple[dict, Iterator[tuple[str, np.ndarray]]]]] = {
-    "lora": _lora_tensors,
-    "dora": _lora_tensors,
-    "prefix": _prefix_tensors,
-}
-
-
-def write_adapter(directory: str, method, cfg: ModelConfig, trainable, base_model: str = "") -> None:
+def write_adapter(directory: str, method, cfg: ModelConfig, trainable, base_model: str,
+                  tensors_of: Callable[..., tuple[dict, Iterator[tuple[str, np.ndarray]]]]) -> None:
   """Writes adapter_config.json and adapter_model.safetensors of `method`'s trainable leaves into
-  `directory` (which must exist). Raises ConfigError for a method PEFT has no format for."""
-  from jaxft.models import hf
-  writer = WRITERS.get(method.name)
-  if writer is None:
-    raise ConfigError(f"peft.method={method.name!r} has no PEFT adapter format; export it with "
-                      f"--format=hf (a merged model) instead. PEFT formats: {', '.join(WRITERS)}")
-  entries, tensors = writer(method, cfg, trainable)
+  `directory` (which must exist); `tensors_of(method, cfg, trainable)` (lora_tensors,
+  prefix_tensors: the method's `write_export` chooses) gives the config entries and tensors."""
+  entries, tensors = tensors_of(method, cfg, trainable)
   config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
             "inference_mode": True, "revision": None, **entries}
   arrays = list(tensors)
@@ -270,7 +260,6 @@ def read_lora_weights(directory: str, cfg: ModelConfig, method, shardings) -> di
     raise ConfigError(f"{directory}: adapter {ad.method} r={ad.rank}, targets={ad.targets} differ "
                       f"from the method's {method.name} r={method.rank}, targets={method.targets}")
   out: dict[str, Any] = {}
-  from jaxft.peft.lora import ADAPTER_DTYPE
   dtype = np.dtype(ADAPTER_DTYPE)
   # (PEFT's A is [r, in] and B [out, r]: transposed into jaxft's [in, r] and [r, out])
   leaves = {"lora_a": ("lora_A.weight", np.transpose), "lora_b": ("lora_B.weight", np.transpose)}

@@ -20,21 +20,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.models import llama
-from jaxft.peft.base import Method, Params
-from jaxft.peft.lora import ADAPTER_DTYPE
+from jaxft.peft import peft_io
+from jaxft.peft.base import ADAPTER_DTYPE, Method, Params
 
 
 @dataclasses.dataclass(frozen=True)
 class Prefix(Method):
   name: str = "prefix"
+  export_format: ClassVar[str] = "peft"
   length: int = 16
   mlp_hidden: int = 0  # 0 = train the prefixes directly
+
+  def write_export(self, directory, cfg, trainable, base_model: str = "") -> None:
+    """PEFT's prefix-tuning adapter (the MLP folded into the prefixes), see peft_io."""
+    peft_io.write_adapter(directory, self, cfg, trainable, base_model, peft_io.prefix_tensors)
 
   def __post_init__(self):
     # Real tokens take the positions after the virtual ones (static: part of the jit key).

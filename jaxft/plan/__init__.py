@@ -27,8 +27,8 @@ import numpy as np
 
 from jaxft import flops, peft, quant, session, sharding, target, trainer
 from jaxft.errors import ConfigError
-from jaxft.models import llama
-from jaxft.step import pack_frozen
+from jaxft.models import llama, quantized
+from jaxft.models.ops import pack_frozen
 
 # Memory per chip (GiB) by device kind, matched as substrings in order (TPU topology devices do not
 # report their memory; local accelerators do, through memory_stats).
@@ -87,7 +87,7 @@ def _abstract_params(config, cfg, method, base_sh, added_sh):
   key = jax.random.key(config.train.seed)
   base = jax.eval_shape(functools.partial(llama.init_params, cfg), key)
   if kind != "none":
-    base = jax.eval_shape(lambda b: quant.quantize_base(b, kind, base_sh), base)
+    base = jax.eval_shape(lambda b: quantized.quantize_base(b, kind, base_sh), base)
   added = jax.eval_shape(functools.partial(method.init, cfg), key)
   added = jax.eval_shape(functools.partial(method.init_from_base, cfg), base, added)
   return base, added

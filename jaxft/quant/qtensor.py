@@ -97,13 +97,11 @@ def is_quantized(x) -> bool:
 
 
 def materialize(w, dtype):
-  """The float weight of `w` in `dtype`: a cast for arrays, dequantization for quantized leaves.
-  A 16-bit float kernel bit-cast to uint16/int16 (the frozen base as the train step scans it, see
-  llama.pack_16bit) is cast back first."""
+  """The float array `w` stands for, in `dtype`: dequantization for a quantized tensor, a cast for
+  an array. (A model kernel that may be bit-cast to 16-bit integers goes through
+  `jaxft.models.ops.weight`, which casts it back first.)"""
   if isinstance(w, QTensor):
     return w.dequantize(dtype)
-  if w.dtype in (jnp.uint16, jnp.int16):
-    w = jax.lax.bitcast_convert_type(w, jnp.bfloat16 if w.dtype == jnp.uint16 else jnp.float16)
   return w.astype(dtype)
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import random
 
-from jaxft import inference, peft, session
+from jaxft import evaluation, inference, peft, session
 from jaxft.errors import ConfigError
 from jaxft.peft.lora import LoRA
 from jaxft.serving import api, compare, multi_lora
@@ -75,7 +75,6 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256,
   """The FastAPI application over loaded models (engines started). With `ballots`, /compare
   serves the blind side-by-side page (prompts drawn from `eval_prompts`)."""
   from fastapi import FastAPI, Request as HttpRequest
-  from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -85,9 +84,6 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256,
       await asyncio.to_thread(s.engine.stop, True)
 
   app = FastAPI(title="jaxft", lifespan=lifespan)
-
-  def fail(e: api.BadRequest):
-    return JSONResponse(api.error_body(str(e), e.param, e.kind), status_code=e.status)
 
   @app.get("/health")
   async def health():
@@ -100,145 +96,162 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256,
     return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
                                         "owned_by": "jaxft"} for n in models]}
 
-  async def complete(http: HttpRequest, chat: bool):
-    try:
-      try:
-        body = json.loads(await http.body())
-      except (ValueError, UnicodeDecodeError) as e:
-        raise api.BadRequest(f"malformed JSON body ({e})") from None
-      served, prompts, settings = api.parse(body, chat, models)
-      if served.engine.busy() >= max_queue + served.engine.slots:
-        raise api.BadRequest("the server is busy; retry later", status=429,
-                             kind="rate_limit_exceeded")
-    except api.BadRequest as e:
-      return fail(e)
-    loop = asyncio.get_running_loop()
-    calls = [api.Call(loop, p, settings, i * settings["n"] + j, served.row)
-             for i, p in enumerate(prompts) for j in range(settings["n"])]
-    try:
-      for c in calls:
-        served.engine.submit(c.req)
-    except RuntimeError as e:
-      return JSONResponse(api.error_body(str(e), kind="server_error"), status_code=503)
-    prompt_tokens = sum(len(p) for p in prompts) * settings["n"]
-    if settings["stream"]:
-      return StreamingResponse(_stream(http, chat, served, calls, prompt_tokens),
-                               media_type="text/event-stream")
-    try:
-      for c in calls:
-        while True:
-          try:
-            kind, _ = await asyncio.wait_for(c.queue.get(), timeout=1.0)
-          except asyncio.TimeoutError:
-            if await http.is_disconnected():
-              raise asyncio.CancelledError() from None
-            continue
-          if kind == "done":
-            break
-    except (asyncio.CancelledError, ConnectionError):
-      for c in calls:
-        served.engine.cancel(c.req)
-      raise
-    return api.full_response(chat, served.name, calls, prompt_tokens)
-
-  async def _stream(http, chat, served, calls, prompt_tokens):
-    rid = api.response_id(chat)
-    try:
-      for c in calls:
-        if chat:
-          yield api.chunk(True, rid, served.name, c.index, None, role=True)
-        sent = ""
-        while True:
-          kind, value = await c.queue.get()
-          if kind == "token":
-            if value.startswith(sent) and len(value) > len(sent):
-              yield api.chunk(chat, rid, served.name, c.index, value[len(sent):])
-              sent = value
-            continue
-          tail = c.req.text[len(sent):] if c.req.text.startswith(sent) else ""
-          if tail:
-            yield api.chunk(chat, rid, served.name, c.index, tail)
-          yield api.chunk(chat, rid, served.name, c.index, None, api.openai_finish(value))
-          break
-      yield "data: [DONE]\n\n"
-    finally:  # a client that disconnects cancels what is left
-      for c in calls:
-        if c.req.finish is None:
-          served.engine.cancel(c.req)
-      del http, prompt_tokens
-
-  async def answer_one(served, prompt_ids, max_tokens) -> str:
-    call = api.Call(asyncio.get_running_loop(), prompt_ids,
-                    {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-                     "seed": 0, "stop": ()}, 0, served.row)
-    served.engine.submit(call.req)
-    while (await call.queue.get())[0] != "done":
-      pass
-    return call.req.text.strip()
-
   if ballots is not None:
-    names = list(models)
-    other = "base" if "base" in names and names[0] != "base" else names[-1]
-
-    @app.get("/compare", response_class=HTMLResponse)
-    async def compare_page():
-      return compare.page(names, names[0], other)
-
-    @app.get("/compare/prompt")
-    async def compare_prompt():
-      if not eval_prompts:
-        return JSONResponse(api.error_body("no data.eval prompts to draw from"), status_code=404)
-      return {"prompt": random.choice(eval_prompts)}
-
-    @app.post("/compare/answers")
-    async def compare_answers(http: HttpRequest):
-      try:
-        body = json.loads(await http.body())
-        prompt, pair = body.get("prompt"), body.get("models")
-        if not isinstance(prompt, str) or not prompt.strip():
-          raise api.BadRequest("'prompt' must be a non-empty string", "prompt")
-        if (not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]
-            or not all(m in models for m in pair)):
-          raise api.BadRequest(f"'models' must name two different models of: {', '.join(models)}",
-                               "models")
-        messages = [{"role": "user", "content": prompt}]
-        ids = models[pair[0]].prompt_ids(messages=messages)
-        room = models[pair[0]].engine.room(len(ids))
-        if room < 1:
-          raise api.BadRequest("the prompt does not fit the context", "prompt")
-      except ValueError as e:
-        return fail(api.BadRequest(f"malformed JSON body ({e})"))
-      except api.BadRequest as e:
-        return fail(e)
-      texts = await asyncio.gather(*(answer_one(models[m], ids, min(128, room)) for m in pair))
-      token, shown = ballots.shown(prompt, pair[0], pair[1], dict(zip(pair, texts)))
-      return {"token": token, "answers": shown}
-
-    @app.post("/compare/vote")
-    async def compare_vote(http: HttpRequest):
-      try:
-        body = json.loads(await http.body())
-        row = ballots.vote(body.get("token"), body.get("choice"))
-      except (ValueError, AttributeError) as e:
-        return fail(api.BadRequest(f"bad vote ({e})"))
-      except KeyError:
-        return fail(api.BadRequest("unknown or already used token", "token"))
-      return {"recorded": True, "winner_is_first_shown": row["winner"] == row["shown_first"]}
+    _compare_routes(app, models, ballots, eval_prompts)
 
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
-    return await complete(http, chat=False)
+    return await _complete(http, False, models, max_queue)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
-    return await complete(http, chat=True)
+    return await _complete(http, True, models, max_queue)
 
   return app
 
 
+def _fail(e: api.BadRequest):
+  from fastapi.responses import JSONResponse
+  return JSONResponse(api.error_body(str(e), e.param, e.kind), status_code=e.status)
+
+
+async def _complete(http, chat: bool, models: dict, max_queue: int):
+  """One /v1/completions or /v1/chat/completions request: parsed, queued, answered (or streamed)."""
+  from fastapi.responses import JSONResponse, StreamingResponse
+  try:
+    try:
+      body = json.loads(await http.body())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise api.BadRequest(f"malformed JSON body ({e})") from None
+    served, prompts, settings = api.parse(body, chat, models)
+    if served.engine.busy() >= max_queue + served.engine.slots:
+      raise api.BadRequest("the server is busy; retry later", status=429,
+                           kind="rate_limit_exceeded")
+  except api.BadRequest as e:
+    return _fail(e)
+  loop = asyncio.get_running_loop()
+  calls = [api.Call(loop, p, settings, i * settings["n"] + j, served.row)
+           for i, p in enumerate(prompts) for j in range(settings["n"])]
+  try:
+    for c in calls:
+      served.engine.submit(c.req)
+  except RuntimeError as e:
+    return JSONResponse(api.error_body(str(e), kind="server_error"), status_code=503)
+  prompt_tokens = sum(len(p) for p in prompts) * settings["n"]
+  if settings["stream"]:
+    return StreamingResponse(_stream(http, chat, served, calls, prompt_tokens),
+                             media_type="text/event-stream")
+  try:
+    for c in calls:
+      while True:
+        try:
+          kind, _ = await asyncio.wait_for(c.queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+          if await http.is_disconnected():
+            raise asyncio.CancelledError() from None
+          continue
+        if kind == "done":
+          break
+  except (asyncio.CancelledError, ConnectionError):
+    for c in calls:
+      served.engine.cancel(c.req)
+    raise
+  return api.full_response(chat, served.name, calls, prompt_tokens)
+
+
+async def _stream(http, chat, served, calls, prompt_tokens):
+  rid = api.response_id(chat)
+  try:
+    for c in calls:
+      if chat:
+        yield api.chunk(True, rid, served.name, c.index, None, role=True)
+      sent = ""
+      while True:
+        kind, value = await c.queue.get()
+        if kind == "token":
+          if value.startswith(sent) and len(value) > len(sent):
+            yield api.chunk(chat, rid, served.name, c.index, value[len(sent):])
+            sent = value
+          continue
+        tail = c.req.text[len(sent):] if c.req.text.startswith(sent) else ""
+        if tail:
+          yield api.chunk(chat, rid, served.name, c.index, tail)
+        yield api.chunk(chat, rid, served.name, c.index, None, api.openai_finish(value))
+        break
+    yield "data: [DONE]\n\n"
+  finally:  # a client that disconnects cancels what is left
+    for c in calls:
+      if c.req.finish is None:
+        served.engine.cancel(c.req)
+    del http, prompt_tokens
+
+
+async def _answer_one(served, prompt_ids, max_tokens) -> str:
+  call = api.Call(asyncio.get_running_loop(), prompt_ids,
+                  {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                   "seed": 0, "stop": ()}, 0, served.row)
+  served.engine.submit(call.req)
+  while (await call.queue.get())[0] != "done":
+    pass
+  return call.req.text.strip()
+
+
+def _compare_routes(app, models: dict, ballots: compare.Ballots, eval_prompts) -> None:
+  """/compare: the blind side-by-side page, a prompt drawn from `eval_prompts`, two answers, a vote."""
+  from fastapi import Request as HttpRequest
+  from fastapi.responses import HTMLResponse, JSONResponse
+
+  names = list(models)
+  other = "base" if "base" in names and names[0] != "base" else names[-1]
+
+  @app.get("/compare", response_class=HTMLResponse)
+  async def compare_page():
+    return compare.page(names, names[0], other)
+
+  @app.get("/compare/prompt")
+  async def compare_prompt():
+    if not eval_prompts:
+      return JSONResponse(api.error_body("no data.eval prompts to draw from"), status_code=404)
+    return {"prompt": random.choice(eval_prompts)}
+
+  @app.post("/compare/answers")
+  async def compare_answers(http: HttpRequest):
+    try:
+      body = json.loads(await http.body())
+      prompt, pair = body.get("prompt"), body.get("models")
+      if not isinstance(prompt, str) or not prompt.strip():
+        raise api.BadRequest("'prompt' must be a non-empty string", "prompt")
+      if (not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]
+          or not all(m in models for m in pair)):
+        raise api.BadRequest(f"'models' must name two different models of: {', '.join(models)}",
+                             "models")
+      messages = [{"role": "user", "content": prompt}]
+      ids = models[pair[0]].prompt_ids(messages=messages)
+      room = models[pair[0]].engine.room(len(ids))
+      if room < 1:
+        raise api.BadRequest("the prompt does not fit the context", "prompt")
+    except ValueError as e:
+      return _fail(api.BadRequest(f"malformed JSON body ({e})"))
+    except api.BadRequest as e:
+      return _fail(e)
+    texts = await asyncio.gather(*(_answer_one(models[m], ids, min(128, room)) for m in pair))
+    token, shown = ballots.shown(prompt, pair[0], pair[1], dict(zip(pair, texts)))
+    return {"token": token, "answers": shown}
+
+  @app.post("/compare/vote")
+  async def compare_vote(http: HttpRequest):
+    try:
+      body = json.loads(await http.body())
+      row = ballots.vote(body.get("token"), body.get("choice"))
+    except (ValueError, AttributeError) as e:
+      return _fail(api.BadRequest(f"bad vote ({e})"))
+    except KeyError:
+      return _fail(api.BadRequest("unknown or already used token", "token"))
+    return {"recorded": True, "winner_is_first_shown": row["winner"] == row["shown_first"]}
+
+
 def eval_prompts(workdir: str) -> list[str]:
   """The user turns of the workdir's data.eval rows with a reference (for /compare)."""
-  from jaxft import evaluation
   config = session.load_workdir_config(workdir)
   if not config.data.eval:
     return []

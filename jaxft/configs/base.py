@@ -47,6 +47,12 @@ def get_config(arg=None):
   c.data.batch_size = 8           # rows per optimizer step (global, across hosts)
   c.data.shuffle = True
 
+  _optim_and_train(c)
+  _mesh_eval_checkpoint(c)
+  return c
+
+
+def _optim_and_train(c):
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
   c.optim.schedule = "cosine"     # cosine | constant (both after linear warmup)
@@ -82,6 +88,8 @@ def get_config(arg=None):
   c.pref.simpo_gamma = 0.5        # simpo: target reward margin
   c.pref.orpo_lambda = 0.1        # orpo: weight of the odds-ratio term (TRL's ORPOConfig.beta)
 
+
+def _mesh_eval_checkpoint(c):
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1 = the devices the other axes leave
   c.mesh.fsdp = 1
@@ -113,4 +121,3 @@ def get_config(arg=None):
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0          # 0 = only at the end
   c.checkpoint.keep = 3
-  return c
