@@ -83,3 +83,42 @@ def one_device_shardings(cfg):
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   return jax.tree.map(lambda s: NamedSharding(mesh, P()), llama.param_specs(cfg),
                       is_leaf=llama.is_spec)
+
+
+def check_sharded_load(directory: str, model, ids: np.ndarray, tmp_path, kernel_shard: tuple,
+                       extra_checks: str = "") -> None:
+  """Loads the HF checkpoint in `directory` straight onto a data x fsdp x tensor mesh of 8 forced
+  CPU devices (in a subprocess) and asserts: gate_proj's kernel spans the 8 devices with local
+  shards of `kernel_shard`, `extra_checks` (Python lines over `params`) hold, and the logits equal
+  transformers' (`model`) within 1e-4."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  np.save(tmp_path / "ids.npy", ids)
+  np.save(tmp_path / "ref.npy", torch_logits(model, ids))
+  tests = os.path.dirname(os.path.abspath(__file__))
+  extra = textwrap.indent(textwrap.dedent(extra_checks), "    ")
+  script = textwrap.dedent(f"""
+    import sys, numpy as np, jax, ml_collections
+    sys.path.insert(0, {tests!r})
+    from hf_tiny import jaxft_logits, rel_err
+    from jaxft import sharding
+    from jaxft.models import hf, llama
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    cfg = hf.read_config({directory!r})
+    params = hf.load_params({directory!r}, cfg, sharding.tree_shardings(llama.param_specs(cfg), mesh))
+    k = params["layers"]["gate_proj"]["kernel"]
+    assert len(k.sharding.device_set) == 8, k.sharding
+    assert k.addressable_shards[0].data.shape == {tuple(kernel_shard)!r}, k.sharding
+{extra}
+    err = rel_err(jaxft_logits(cfg, params, np.load({str(tmp_path / 'ids.npy')!r})),
+                  np.load({str(tmp_path / 'ref.npy')!r}))
+    assert err < 1e-4, err
+    print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(tests), env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from hf_tiny import jaxft_logits, make_tiny, one_device_shardings, rel_err, torch_logits
+from hf_tiny import (check_sharded_load, jaxft_logits, make_tiny, one_device_shardings, rel_err,
+                     torch_logits)
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import hf
 
@@ -148,30 +149,7 @@ def test_quantized_as_loaded(tiny, kind):
 def test_sharded_load_on_8_devices(tiny, tmp_path):
   """Loaded straight onto a data x fsdp x tensor mesh; same logits as transformers."""
   d, model = tiny("llama")
-  ids = _ids()
-  np.save(tmp_path / "ids.npy", ids)
-  np.save(tmp_path / "ref.npy", torch_logits(model, ids))
-  script = textwrap.dedent(f"""
-    import sys, numpy as np, jax, ml_collections
-    sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-    from hf_tiny import jaxft_logits, rel_err
-    from jaxft import sharding
-    from jaxft.models import hf, llama
-    assert jax.device_count() == 8
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-    cfg = hf.read_config({d!r})
-    params = hf.load_params({d!r}, cfg, sharding.tree_shardings(llama.param_specs(cfg), mesh))
-    k = params["layers"]["gate_proj"]["kernel"]
-    assert len(k.sharding.device_set) == 8 and k.addressable_shards[0].data.shape == (2, 32, 48), k.sharding
-    err = rel_err(jaxft_logits(cfg, params, np.load({str(tmp_path / 'ids.npy')!r})),
-                  np.load({str(tmp_path / 'ref.npy')!r}))
-    assert err < 1e-4, err
-    print("OK")
-  """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=300)
-  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+  check_sharded_load(d, model, _ids(), tmp_path, (2, 32, 48))
 
 
 _RSS_SCRIPT = textwrap.dedent("""
