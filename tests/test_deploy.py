@@ -75,6 +75,7 @@ def run(tmp_path_factory):
   return dict(root=root, workdir=workdir, trained=trained, files=files)
 
 
+@pytest.mark.slow
 def test_hf_export_ships_the_tokenizer_every_client_reads_alike(run, tmp_path):
   out = export.export_hf(run["workdir"], str(tmp_path / "merged"))
   names = set(os.listdir(out))
@@ -96,6 +97,7 @@ def test_hf_export_ships_the_tokenizer_every_client_reads_alike(run, tmp_path):
   assert ids == sentencepiece_ids(out, text)
 
 
+@pytest.mark.slow
 def test_peft_export_of_a_preset_names_a_base_written_by_export(run, tmp_path):
   from peft import AutoPeftModelForCausalLM
   with pytest.raises(ConfigError, match="--format=hf --base"):
@@ -148,6 +150,7 @@ def test_gguf_holds_the_merged_weights_in_llama_cpp_layout(run):
   assert q4["output.weight"][0] == gguf.GGMLQuantizationType.Q8_0
 
 
+@pytest.mark.slow
 def test_gguf_metadata_has_tokenizer_ids_and_chat_template(run):
   r, _ = _reader_tensors(run["files"]["f32"])
   enc = session.encoder(run["trained"].config, run["workdir"])
@@ -166,6 +169,7 @@ def test_gguf_metadata_has_tokenizer_ids_and_chat_template(run):
   assert field("llama.attention.head_count_kv") == 2
 
 
+@pytest.mark.slow
 def test_gguf_export_refusals(run, tmp_path):
   with pytest.raises(ConfigError, match="FILE.gguf"):
     export.export_gguf(run["workdir"], str(tmp_path / "model.bin"))
@@ -285,6 +289,7 @@ def smollm2_run(tmp_path_factory):
               enc=session.encoder(trained.config, workdir))
 
 
+@pytest.mark.slow
 def test_byte_level_gguf_export_has_merges_pre_tokenizer_and_chatml(smollm2_run):
   r = gguf.GGUFReader(smollm2_run["gguf"])
   field = lambda k: r.fields[k].contents()
@@ -301,6 +306,7 @@ def test_byte_level_gguf_export_has_merges_pre_tokenizer_and_chatml(smollm2_run)
   assert "output.weight" not in {t.name for t in r.tensors}  # tied: llama.cpp reuses token_embd
 
 
+@pytest.mark.slow
 def test_llama_cpp_tokenizes_and_answers_like_jaxft_on_a_byte_level_export(smollm2_run):
   """The SmolLM2 LoRA run's GGUF in llama.cpp: its own tokenizer gives jaxft's ids (chats with
   ChatML specials, digits, unicode, runs of spaces), f32 logits within 1e-4 of jaxft's, and

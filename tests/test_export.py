@@ -79,6 +79,7 @@ def run(tmp_path_factory):
               tuned=tuned, config=config, method=trained.model.method)
 
 
+@pytest.mark.slow
 def test_init_from_peft_adapter_gives_peft_logits(run, caplog):
   model = session.load_model(run["config"])
   assert (model.method.rank, model.method.alpha, model.method.targets) == (
@@ -92,6 +93,7 @@ def test_init_from_peft_adapter_gives_peft_logits(run, caplog):
   assert rel_err(run["tuned"], run["peft_ref"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_hf_export_loads_in_transformers(run, capfd):
   import transformers
   out = str(run["root"] / "merged")
@@ -133,6 +135,7 @@ def test_peft_export_cli_loads_in_peft(run):
   assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_nothing(run, monkeypatch):
   from jaxft.models import hf
   calls = []
@@ -151,6 +154,7 @@ def test_failed_export_leaves_nothing(run, monkeypatch):
   assert not [n for n in os.listdir(run["root"]) if n.startswith("broken")]
 
 
+@pytest.mark.slow
 def test_peft_export_of_full_finetune_refused(run, tmp_path):
   work = tmp_path / "full"
   work.mkdir()
@@ -184,6 +188,7 @@ def _adapter_copy(run, tmp_path, edit_config=None, edit_tensors=None):
   return d
 
 
+@pytest.mark.slow
 def test_init_from_refusals(run, tmp_path):
   cfg = session.model_config(run["config"])
   key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
@@ -218,6 +223,7 @@ def test_init_from_refusals(run, tmp_path):
     peft_io.adopt_settings(run["adapter"], peft.from_config(pc, cfg), cfg)
 
 
+@pytest.mark.slow
 def test_init_from_peft_dora_adapter_gives_peft_logits(run, tmp_path):
   import torch
   from peft import LoraConfig, get_peft_model

@@ -42,6 +42,7 @@ def _load(d, cfg=None, **kw):
   return cfg, hf.load_params(d, cfg, one_device_shardings(cfg), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,over", VARIANTS,
                          ids=[f"{k}-{i}" for i, (k, _) in enumerate(VARIANTS)])
 def test_logits_match_transformers(kind, over, tmp_path, capfd):
@@ -134,6 +135,7 @@ def test_refusals(tmp_path):
                  "float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
 def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
   """jaxft's batched KV-cache decoding (left-padded prompts, windows shorter than the text) gives
@@ -207,6 +209,7 @@ def _loss(logits, ids):
   return float(np.mean(lse - np.take_along_axis(lg, ids[:, 1:, None], -1)[..., 0]))
 
 
+@pytest.mark.slow
 def test_lora_exports_reproduce_jaxft_in_transformers_and_peft(lora_run):
   import transformers
   from peft import PeftModel
@@ -230,6 +233,7 @@ def test_lora_exports_reproduce_jaxft_in_transformers_and_peft(lora_run):
   assert abs(_loss(got, ids) - _loss(tuned, ids)) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,quant", [(k, "nf4") for k in FAMILIES] + [("gemma2", "int8")])
 def test_quantized_base_lora_trains(kind, quant, tmp_path):
   """QLoRA (NF4) and int8 bases of each family: the base kernels stay quantized, the loss goes
@@ -246,6 +250,7 @@ def test_quantized_base_lora_trains(kind, quant, tmp_path):
   assert jq.is_quantized(trained.model.base["layers"]["q_proj"]["kernel"])
 
 
+@pytest.mark.slow
 def test_sharded_load_on_8_devices(tmp_path):
   """A Gemma 3 checkpoint loads straight onto a data x fsdp x tensor mesh by the rules table
   (q/k norms replicated, kernels split) and gives transformers' logits there."""

@@ -31,6 +31,7 @@ def _keys(n):
   return jax.random.split(jax.random.key(0), n)
 
 
+@pytest.mark.slow
 def test_linear_backward_matches_autodiff_and_frozen_kernels_get_none():
   k = _keys(3)
   x, w = jax.random.normal(k[0], (3, 5, 16)), jax.random.normal(k[1], (16, 24))
@@ -58,6 +59,7 @@ def _reference_attention(q, k, v, mask):
   return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v).reshape(B, T, H * hd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,blocks", [("einsum", 1), ("einsum", 3), ("xla", 1)])
 def test_attention_matches_reference_with_gqa_packing_and_window(impl, blocks):
   # blocks=3: three query blocks, each against the keys up to its end (causal skipping).
@@ -89,6 +91,7 @@ def test_rms_norm_and_swiglu_backward_match_autodiff():
          jax.grad(lambda a, b: jnp.sum(jax.nn.silu(a) * b * ct), (0, 1))(x, u))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("chunks", [(8192, 4096, 1 << 30), (4, 40, 1 << 30), (6, 20, 0)])
 def test_chunked_cross_entropy_equals_full_logits(tied, chunks, monkeypatch):
@@ -148,6 +151,7 @@ def _lora_step(cfg):
   return steps, state, batch, frozen
 
 
+@pytest.mark.slow
 def test_remat_policies_and_attention_implementations_agree():
   results = {}
   for remat, attention in (("none", "einsum"), ("full", "einsum"), ("dots", "einsum"),
@@ -162,6 +166,7 @@ def test_remat_policies_and_attention_implementations_agree():
     _close(tr, base[2], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_step_never_makes_a_float32_copy_of_the_frozen_base():
   # XLA's CPU backend upcasts bf16 dynamic-slices, and a float32 cotangent upcasts the weight of
   # every backward dot: either would put a float32 [layers, in, out] array in the step.
@@ -176,6 +181,7 @@ def test_bf16_step_never_makes_a_float32_copy_of_the_frozen_base():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["trainable"]))  # master weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
   # trainer.prepare bit-casts the frozen 16-bit kernels and tables to integers once, in place, so
@@ -218,6 +224,7 @@ def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
   assert np.isfinite(float(m["loss"]))
 
 
+@pytest.mark.slow
 def test_bf16_full_fine_tuning_keeps_the_state_dtypes():
   # Float32 gradients must not promote bf16 weights or AdamW moments: the state that comes out
   # must match the one that went in, or the second step recompiles and the moments double.

@@ -80,6 +80,7 @@ def _perturbed(tree, seed):
                                       for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [None, 5])
 def test_cache_matches_recompute_plain(window):
   cfg = CFG.replace(sliding_window=window)
@@ -93,6 +94,7 @@ def _peft_config(name):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "dora", "adapter", "prefix"])
 def test_cache_matches_recompute_peft(name):
   if name not in peft.METHODS:
@@ -108,6 +110,7 @@ def test_cache_matches_recompute_peft(name):
   assert [g.tokens.tolist() for g in plain] != [g.tokens.tolist() for g in tuned]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_cache_matches_recompute_quantized_lora(kind):
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
@@ -119,6 +122,7 @@ def test_cache_matches_recompute_quantized_lora(kind):
   _check_parity(CFG, method, params)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_batch_independent():
   base = _base(CFG)
   prompts = _prompts()
@@ -131,6 +135,7 @@ def test_sampling_is_reproducible_and_batch_independent():
   assert run(8, 3) != first
 
 
+@pytest.mark.slow
 def test_top_k_one_and_tiny_top_p_equal_greedy():
   base = _base(CFG)
   prompts = _prompts()

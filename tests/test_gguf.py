@@ -38,6 +38,7 @@ def _ids(batch=2, t=14):
   return np.random.RandomState(0).randint(0, 49152, (batch, t))
 
 
+@pytest.mark.slow
 def test_every_tensor_type_matches_transformers(files):
   """F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and the K-quants Q4_K, Q5_K, Q6_K, an untied output
   matrix, GQA: the logits equal transformers' load of the same file."""
@@ -60,6 +61,7 @@ def test_every_tensor_type_matches_transformers(files):
   assert 1e-4 < rel_err(jaxft_logits(cfg, q, _ids()), ref) < 0.2
 
 
+@pytest.mark.slow
 def test_smollm2_config_tokenizer_and_logits_match_transformers(files):
   import transformers
   from jaxft.models import gguf
@@ -110,6 +112,7 @@ def _write_bytes(path, data):
   return str(path)
 
 
+@pytest.mark.slow
 def test_refusals_name_the_file_and_key(files, tmp_path):
   from jaxft.models import gguf
   d = tmp_path
@@ -142,6 +145,7 @@ def test_refusals_name_the_file_and_key(files, tmp_path):
     _load(str(d / "tq.gguf"))
 
 
+@pytest.mark.slow
 def test_unexpected_and_missing_tensors(files, tmp_path):
   import gguf as gg
   from gguf_tiny import _copy_fields, _finish

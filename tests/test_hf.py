@@ -129,6 +129,7 @@ def test_sharded_bf16_checkpoint(tmp_path):
   assert rel_err(jaxft_logits(cfg, p32, ids), torch_logits(peer.eval(), ids)) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_as_loaded(tiny, kind):
   """model.quant: kernels arrive quantized, exactly as quantizing the float kernel layer by layer."""

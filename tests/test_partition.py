@@ -102,6 +102,7 @@ def test_rslora_scale():
   assert peft.from_config(c, CFG).scale == pytest.approx(8.0 / 2.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "full"])
 def test_training_touches_only_trainable_and_opt_state_mirrors_it(name):
   method = peft.from_config(lora_cfg(method=name), CFG)
@@ -142,6 +143,7 @@ def test_packed_and_padded_batches_give_the_same_loss():
   np.testing.assert_allclose(float(s1 / n1), float(s2 / n2), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_large_batch():
   method = peft.from_config(lora_cfg(), CFG)
   trainable, frozen = setup(method)

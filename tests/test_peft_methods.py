@@ -137,6 +137,7 @@ def test_step0_reproduces_base(name, kw):
   assert rel_err(moved, ref) > 1e-2
 
 
+@pytest.mark.slow
 def test_dora_on_quantized_base():
   """DoRA over an NF4 base: the magnitudes are the dequantized kernels' column norms (step 0 is
   the quantized base), training moves it, and merging folds it into float kernels."""
@@ -179,6 +180,7 @@ class _DoRAReference(peft.DoRA):
     return x @ (w * (p["magnitude"] / norm))
 
 
+@pytest.mark.slow
 def test_dora_weight_norm_is_constant_in_backward():
   """Gradients equal those of the DoRA formula with the norm frozen at its current value (DoRA
   section 4.3, PEFT's detach), which differ from differentiating through the norm."""
@@ -214,6 +216,7 @@ def _prefix_params(mlp_hidden=0):
   return m, peft.merge_trees(_base(), _added(m, _base()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp_hidden", [0, 6])
 def test_prefix_packed_segments_each_see_the_prefixes(mlp_hidden):
   """Two examples packed in one row (restarted positions, distinct segment ids) give the logits
@@ -233,6 +236,7 @@ def test_prefix_packed_segments_each_see_the_prefixes(mlp_hidden):
   assert rel_err(alone_a, _logits(_base(), peft.Method(), a[None])[0]) > 1e-2
 
 
+@pytest.mark.slow
 def test_prefix_with_kv_cache_matches_full_forward():
   """Prefill, then one token at a time through the KV cache: the prefixes are read from the params
   at every step and the positions continue after them, as in one full forward pass."""
@@ -318,6 +322,7 @@ def _read_adapter_config(d):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_dora_export_loads_in_peft_and_merges(runs, caplog):
   import logging
   from peft import PeftModel
@@ -342,6 +347,7 @@ def test_dora_export_loads_in_peft_and_merges(runs, caplog):
   assert rel_err(torch_logits(_hf_model(merged), runs["ids"]), tuned) < 1e-4
 
 
+@pytest.mark.slow
 def test_prefix_export_loads_in_peft(runs):
   from peft import PeftModel
   from safetensors import safe_open
@@ -385,6 +391,7 @@ def apply_bottleneck_adapters(model, directory):
   return model
 
 
+@pytest.mark.slow
 def test_adapter_export_reproduces_logits(runs):
   workdir, tuned = runs["adapter"]
   assert rel_err(tuned, runs["plain"]) > 1e-3
@@ -402,6 +409,7 @@ def test_adapter_export_reproduces_logits(runs):
 
 # -- the quickstart task -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dora", "adapter", "prefix"])
 def test_quickstart_trains(method, tmp_path):
   """configs/quickstart.py:method=NAME (the settings bench/methods.py compares) with 20 of its 150

@@ -55,6 +55,7 @@ def _config_only_checkpoint(directory):
   return directory
 
 
+@pytest.mark.slow
 def test_plan_for_v5e_2x2_without_a_tpu_or_weights(tmp_path):
   libtpu = _libtpu_dir()
   model = _config_only_checkpoint(str(tmp_path / "model"))
@@ -80,6 +81,7 @@ def test_plan_for_v5e_2x2_without_a_tpu_or_weights(tmp_path):
   assert os.listdir(model) == ["config.json"]
 
 
+@pytest.mark.slow
 def test_a_plan_that_does_not_fit_exits_1_with_the_knobs():
   r = _plan(["--config=configs/quickstart.py", "--config.model.preset=tiny", "--time=false",
              "--memory_gib=0.0001", "--config.data.batch_size=4", "--config.data.max_len=64"])
@@ -98,6 +100,7 @@ def restore_cache_settings():
   jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_loads_its_compiled_step_from_the_cache(tmp_path, restore_cache_settings):
   from jaxft import trainer
   hits = []

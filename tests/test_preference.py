@@ -166,6 +166,7 @@ def one_step(method, objective, trainable, frozen, batch, accum):
   return jax.jit(steps.train)(state, b, frozen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dpo", "orpo"])
 def test_accumulation_equals_one_large_batch(name):
   method = lora_method()
@@ -193,6 +194,7 @@ def test_accumulation_equals_one_large_batch(name):
   np.testing.assert_allclose(float(mp["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "dora", "adapter", "prefix", "qlora"])
 def test_dpo_reference_is_the_base_with_the_method_off(kind):
   """On every method the reference is the frozen base run without the method: rewards are zero

@@ -90,6 +90,7 @@ def pairs_of(batch):
   return [preference.Pair(seq(i), seq(n + i)) for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_and_lora_gradients_match_trl(tiny_hf, quickstart_tokenizer, tmp_path, loss_type):
   loss_t, grads_t, weights_t, metrics_t, batch = trl_dpo(tiny_hf, quickstart_tokenizer, tmp_path,

@@ -120,6 +120,7 @@ def test_nf4_kernels_not_a_multiple_of_the_block(shape):
   assert np.all(np.abs(np.asarray(q.dequantize()) - w) <= absmax * half_gap * (1 + 1e-6))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_node_passes_through_jit_scan_and_per_layer_stacking(kind):
   w = jnp.asarray(matrix("normal", (3, 128, 64)))
@@ -192,6 +193,7 @@ def tiny_config(kind: str, steps: int = 20):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_lora_trains_on_a_quantized_base_that_never_changes(kind, tmp_path):
   from jaxft import session, trainer
