@@ -144,9 +144,11 @@ def test_lora_gradient_on_every_expert_that_received_tokens(tmp_path):
   cfg, params = _load(d)
   method = peft.LoRA(targets=match_targets("experts,q_proj", cfg), rank=4)
   added = method.init(cfg, jax.random.key(0))
-  b = _batch(_ids(t=3, batch=1))
+  b = _batch(_ids(t=4, batch=1))
   grads = jax.grad(lambda tr: loss_sum_and_aux(cfg, method, tr, params, b, None)[0])(added)
-  _, _, router = llama.hidden_states_and_router(cfg, params, b["inputs"], adapter=peft.Method())
+  # the tokens the loss depends on: all but the last (which has no target, and nothing after it)
+  _, _, router = llama.hidden_states_and_router(cfg, params, b["inputs"][:, :-1],
+                                                adapter=peft.Method())
   got_tokens = np.asarray(router["stats"]["counts"]).sum(1) > 0  # [L, E]
   assert got_tokens.any() and not got_tokens.all()
   for n in ("gate_proj", "up_proj", "down_proj"):
