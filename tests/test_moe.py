@@ -188,3 +188,55 @@ def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
       want = model.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
                             max_new_tokens=8, pad_token_id=0)[0, len(prompt):].numpy()
     np.testing.assert_array_equal(g.tokens, want)
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def lora_run(request, tmp_path_factory):
+  """A 3-step LoRA run (every linear: attention and each expert) on a tiny model of each family."""
+  from test_families import _family_config
+  from jaxft.trainer import train
+  root = tmp_path_factory.mktemp(request.param)
+  config, base = _family_config(root, request.param)
+  workdir = str(root / "work")
+  train(config, workdir)
+  trained = session.restore_trained(workdir)
+  ids = _ids(t=10, vocab=32000)
+  tuned = jaxft_logits(trained.model.cfg, trained.params, ids, trained.model.method)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in l]
+  return dict(root=root, base=base, workdir=workdir, ids=ids, tuned=tuned, rows=rows,
+              trained=trained)
+
+
+@pytest.mark.slow
+def test_lora_run_exports_reproduce_jaxft_in_transformers_and_peft(lora_run):
+  """The run trained every expert's LoRA (B left zero nowhere that saw tokens), logged the
+  load-balancing loss, and its merged export and PEFT adapter (target_parameters on the fused
+  experts) give jaxft's logits and loss in transformers and PEFT."""
+  import transformers
+  from peft import PeftModel
+  from test_families import _loss
+  assert all(np.isfinite(r["router_aux"]) for r in lora_run["rows"] if "router_aux" in r)
+  assert any("router_aux" in r for r in lora_run["rows"]), lora_run["rows"][0]
+  tr = lora_run["trained"].trainable["layers"]
+  moved = np.abs(np.asarray(tr["down_proj"]["lora_b"])).sum(axis=(2, 3)) > 0  # [L, E]
+  assert moved.mean() > 0.5, moved
+  ids, tuned = lora_run["ids"], lora_run["tuned"]
+  base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["base"], dtype="float32")
+  assert rel_err(torch_logits(base.eval(), ids), tuned) > 1e-3
+  merged = str(lora_run["root"] / "merged")
+  export.export_hf(lora_run["workdir"], merged)
+  model = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype="float32").eval()
+  got = torch_logits(model, ids)
+  assert rel_err(got, tuned) < 1e-4
+  assert abs(_loss(got, ids) - _loss(tuned, ids)) < 1e-4
+  adapter = str(lora_run["root"] / "adapter")
+  export.export_peft(lora_run["workdir"], adapter)
+  with open(os.path.join(adapter, "adapter_config.json")) as f:
+    c = json.load(f)
+  assert c["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+  assert sorted(c["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  assert c["r"] == 8  # rank 4 per gate and up = one rank-8 LoRA of the fused gate_up_proj
+  peft_model = PeftModel.from_pretrained(base, adapter).eval()
+  got = torch_logits(peft_model, ids)
+  assert rel_err(got, tuned) < 1e-4
+  assert abs(_loss(got, ids) - _loss(tuned, ids)) < 1e-4

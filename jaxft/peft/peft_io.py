@@ -90,7 +90,7 @@ def lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tu
             "target_modules": sorted(linears), "use_rslora": bool(method.rslora),
             "use_dora": dora}
   if experts:
-    config["target_parameters"] = sorted({_PARAMS[n] for n in experts})
+    config["target_parameters"] = sorted({f"mlp.experts.{_PARAMS[n]}" for n in experts})
 
   def tensors():
     for n in linears:
@@ -109,14 +109,16 @@ def lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tu
 
 
 # -- experts (PEFT's target_parameters) --------------------------------------------------------
-# transformers 5 holds a layer's experts fused in one module `mlp.experts` with 3D parameters
-# gate_up_proj [E, 2F, D] (gate rows first) and down_proj [E, D, F]; PEFT's ParamWrapper adapts
-# a 3D parameter [E, P1, P2] with lora_A.weight [E*r, P1] (rows expert-major: [E, r, P1]) and
-# lora_B.weight [P2, r*E] (columns rank-major: [P2, r, E]), delta[e] = scale * B[:, :, e] A[e]
-# as [P1, P2]. jaxft's per-expert kernel is [in, out] = [P2, P1]: its lora_a [E, P2, r] is PEFT's
-# lora_B and its lora_b [E, r, P1] PEFT's lora_A. jaxft's separate gate and up LoRAs (rank r each)
-# are one fused LoRA of rank 2r (A side by side, B block-diagonal), so an adapter with both is
-# written at r = 2r, every other module zero-padded to it and lora_alpha keeping alpha / r.
+# transformers 5 holds a layer's experts fused in one module `mlp.experts` (Mixtral's too) with 3D
+# parameters gate_up_proj [E, 2F, D] (gate rows first) and down_proj [E, D, F], each expert an
+# [out, in] matrix. PEFT 0.21's ParamWrapper adapts such a parameter with lora_A.weight [E*r, in]
+# (rows expert-major: [E, r, in]) and lora_B.weight [out, r*E] (columns rank-major: [out, r, E]),
+# W[e] += scale * B[:, :, e] @ A[e]. jaxft's per-expert lora_a [E, in, r] and lora_b [E, r, out]
+# are those, transposed. jaxft's separate gate and up LoRAs (rank r each) are one fused LoRA of
+# rank 2r (A side by side, B block-diagonal), so an adapter with both is written at r = 2r, every
+# other module zero-padded to it and lora_alpha keeping the scale alpha / r. When both parameters
+# of the module are targeted PEFT nests two wrappers: gate_up_proj's tensors sit one
+# `base_layer` deeper than down_proj's.
 _PARAMS = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 
 
@@ -170,16 +172,12 @@ def _expert_tensors(cfg: ModelConfig, trainable, experts, rank: int):
     leaves = trainable["layers"]["down_proj"]
     fused["down_proj"] = _padded(host_array(leaves["lora_a"]), host_array(leaves["lora_b"]), rank)
   for param, (a, b) in fused.items():
-    L, E, p2, R = a.shape
+    L, E, d_in, R = a.shape
     for i in range(cfg.num_layers):
-      key = f"{expert_key(i)}{_NESTING[param] if len(fused) > 1 else ''}"
-      yield f"{key}.lora_A.weight", np.ascontiguousarray(b[i].reshape(E * R, -1))
-      yield f"{key}.lora_B.weight", np.ascontiguousarray(a[i].transpose(1, 2, 0).reshape(p2, R * E))
+      key = f"{expert_key(i)}{'.base_layer' if param == 'gate_up_proj' and len(fused) > 1 else ''}"
+      yield f"{key}.lora_A.weight", np.ascontiguousarray(a[i].transpose(0, 2, 1).reshape(E * R, d_in))
+      yield f"{key}.lora_B.weight", np.ascontiguousarray(b[i].transpose(2, 1, 0).reshape(-1, R * E))
 
-
-# Two parameters of one module: PEFT wraps the module once per parameter, in the sorted order of
-# target_parameters, the later wrapper around the earlier (its tensors one base_layer deeper).
-_NESTING = {"down_proj": ".base_layer", "gate_up_proj": ""}
 
 
 def prefix_tensors(method, cfg: ModelConfig,
