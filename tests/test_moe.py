@@ -240,3 +240,76 @@ def test_lora_run_exports_reproduce_jaxft_in_transformers_and_peft(lora_run):
   got = torch_logits(peft_model, ids)
   assert rel_err(got, tuned) < 1e-4
   assert abs(_loss(got, ids) - _loss(tuned, ids)) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,quant", [("mixtral", "nf4"), ("qwen3_moe", "int8")])
+def test_quantized_base_lora_trains_the_experts(kind, quant, tmp_path):
+  """QLoRA (NF4) and int8 bases: the expert kernels stay quantized, the loss goes down."""
+  from jaxft import quant as jq
+  from jaxft.trainer import train
+  from test_families import _family_config
+  config, _ = _family_config(tmp_path, kind, quant=quant, steps=4)
+  workdir = str(tmp_path / "work")
+  train(config, workdir)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in l]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 4 and np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  trained = session.restore_trained(workdir)
+  k = trained.model.base["layers"]["gate_proj"]["kernel"]
+  assert jq.is_quantized(k) and k.shape == (2, 4, 64, 32)
+  assert np.abs(np.asarray(trained.trainable["layers"]["gate_proj"]["lora_b"])).sum() > 0
+
+
+_SHARDED = """
+import sys, numpy as np, jax, jax.numpy as jnp, ml_collections
+sys.path.insert(0, {tests!r})
+from test_moe import _batch
+from jaxft import peft, sharding
+from jaxft.models import hf, llama
+from jaxft.models.loss import loss_sum_and_aux
+from jaxft.peft.base import match_targets
+assert jax.device_count() == 8
+mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=1, expert=2)))
+cfg = hf.read_config({d!r})
+params = hf.load_params({d!r}, cfg, sharding.tree_shardings(llama.param_specs(cfg), mesh))
+k = params["layers"]["gate_proj"]["kernel"]
+assert k.sharding.spec[1] == "expert" and k.addressable_shards[0].data.shape[1] == 2, k.sharding
+method = peft.LoRA(targets=match_targets("all-linear", cfg), rank=4)
+added = jax.jit(method.init, static_argnums=0, out_shardings=sharding.tree_shardings(
+    method.trainable_specs(cfg), mesh))(cfg, jax.random.key(0))
+assert added["layers"]["up_proj"]["lora_a"].sharding.spec[1] == "expert"
+added["layers"]["up_proj"]["lora_b"] = added["layers"]["up_proj"]["lora_b"] + 0.05
+b = _batch(np.load({ids!r}))
+f = jax.jit(jax.value_and_grad(lambda tr: loss_sum_and_aux(cfg, method, tr, params, b, None)[0]))
+loss, g = f(added)
+print("RESULT", float(loss), float(jnp.abs(g["layers"]["down_proj"]["lora_b"]).sum()))
+"""
+
+
+@pytest.mark.slow
+def test_expert_parallel_mesh_of_8_devices_equals_one_device(tmp_path):
+  """mesh.expert=2 (with data=2, fsdp=2) on 8 forced CPU devices: the experts and their LoRA
+  leaves are split over the expert axis, and the loss and gradients equal one device's."""
+  import subprocess
+  import sys
+  import textwrap
+  d = str(tmp_path / "m")
+  make_tiny("qwen3_moe", d)
+  ids = _ids(t=8, batch=4)
+  np.save(tmp_path / "ids.npy", ids)
+  tests = os.path.dirname(os.path.abspath(__file__))
+  script = _SHARDED.format(tests=tests, d=d, ids=str(tmp_path / "ids.npy"))
+  out = {}
+  for n in (1, 8):
+    s = script if n == 8 else script.replace("== 8", "== 1").replace(
+        "data=2, fsdp=2, tensor=1, expert=2", "data=1, fsdp=1, tensor=1, expert=1").replace(
+        'k.sharding.spec[1] == "expert" and k.addressable_shards[0].data.shape[1] == 2', "True"
+        ).replace('added["layers"]["up_proj"]["lora_a"].sharding.spec[1] == "expert"', "True")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(s)], cwd=os.path.dirname(tests),
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out[n] = [float(x) for x in r.stdout.split("RESULT")[1].split()]
+  np.testing.assert_allclose(out[8], out[1], rtol=1e-5)
