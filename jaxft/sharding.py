@@ -75,7 +75,7 @@ def rules_from_config(mesh_cfg) -> Rules:
 
 def mesh_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
   """{axis: size} from config.mesh with -1 resolved; ConfigError when they do not fit the devices."""
-  sizes = {a: int(getattr(mesh_cfg, a)) for a in AXES}
+  sizes = {a: int(getattr(mesh_cfg, a, 1)) for a in AXES}  # (expert: 1 when a caller omits it)
   free = [a for a, s in sizes.items() if s == -1]
   shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
   if len(free) > 1:
