@@ -228,7 +228,8 @@ def stream_params(cfg: ModelConfig, shardings, quant_kind: str, names,
   fns = {}
   for path, spec in specs.items():  # stacked layer leaves: allocated once, filled slice by slice
     if path[0] == "layers":
-      kind = quant_kind if path[-1] == "kernel" else "none"
+      # (the linears' kernels only: a mixture of experts' router stays float)
+      kind = quant_kind if path[-1] == "kernel" and path[1] in llama.LINEARS else "none"
       fns[path] = _stacked_fns(spec.shape, dtype, kind, flat_sh[path], _transposed(path))
       out[path] = fns[path][0]()
   for name in names:
