@@ -120,4 +120,4 @@ def test_every_declared_key_effect_names_a_key_of_the_schema():
   assert configlib.effect("optim.lr") == configlib.NUMERICS
   assert configlib.effect("mesh.data") == configlib.NOTHING
   from jaxft import session
-  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention")
+  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention", "router_aux_coef")
