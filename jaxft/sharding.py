@@ -305,7 +305,7 @@ def describe(tree, mesh: Mesh) -> str:
   """One line: the mesh and how many bytes of `tree` the fullest device holds (for the log)."""
   per = bytes_per_device(tree)
   total = sum(x.nbytes for x in jax.tree.leaves(tree))
-  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in AXES)
+  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in AXES if a in mesh.shape)
   return (f"mesh ({shape}) over {mesh.size} devices in {jax.process_count()} processes; "
           f"params {total / 2**20:.1f} MiB, at most {max(per.values(), default=0) / 2**20:.1f} MiB "
           "on one device")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hf_tiny import jaxft_logits, make_tiny, one_device_shardings, rel_err, torch_logits
-from jaxft import decode, export, peft, session
+from jaxft import configlib, decode, export, peft, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
 from jaxft.models.loss import loss_sum_and_aux
@@ -136,6 +136,10 @@ def test_targets_reach_the_experts(tmp_path):
   assert specs["gate_proj"]["lora_a"].shape == (cfg.num_layers, cfg.num_experts, 64, 4)
   assert specs["down_proj"]["lora_b"].axes == ("layers", "expert", "lora", "embed")
   assert specs["q_proj"]["lora_a"].shape == (cfg.num_layers, 64, 4)
+  pc = configlib.load("base").peft
+  pc.method, pc.targets = "dora", "all-linear"
+  with pytest.raises(ConfigError, match="DoRA does not implement"):
+    peft.from_config(pc, cfg)
 
 
 def test_lora_gradient_on_every_expert_that_received_tokens(tmp_path):
