@@ -52,9 +52,13 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """N: the base parameters that enter matmuls (decoder linears and the output projection)."""
+  """N: the base parameters that enter matmuls per token (decoder linears and the output
+  projection; of a mixture of experts, the router and the k experts each token runs)."""
   D, F = cfg.hidden_size, cfg.intermediate_size
+  if cfg.num_experts:
+    F = cfg.experts_per_token * cfg.moe_intermediate_size
   per_layer = D * cfg.q_size + 2 * D * cfg.kv_size + cfg.q_size * D + 3 * D * F
+  per_layer += D * cfg.num_experts
   return cfg.num_layers * per_layer + D * cfg.vocab_size
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.models import llama
-from jaxft.models.loss import loss_sum, token_losses
+from jaxft.models.loss import loss_sum, loss_sum_and_aux, token_losses
 from jaxft.models.ops import pack_frozen
 from jaxft.peft.base import Method, merge_trees
 
@@ -45,17 +45,30 @@ class SFT:
   metric_names: tuple = ()
 
   def counts(self, batch):
-    return {"tokens": jnp.sum(batch["weights"])}
+    # batches: micro-batches (train: the leading accumulation axis; eval: one per batch), over
+    # which the mixture-of-experts load-balancing loss is averaged.
+    batches = batch["inputs"].shape[0] if batch["inputs"].ndim == 3 else 1
+    return {"tokens": jnp.sum(batch["weights"]), "batches": jnp.float32(batches)}
 
   def sums(self, cfg, method, trainable, frozen, batch, rng):
-    s, _ = loss_sum(cfg, method, trainable, frozen, batch, rng)
-    return {"nll": s}, {}
+    if not cfg.num_experts:
+      s, _ = loss_sum(cfg, method, trainable, frozen, batch, rng)
+      return {"nll": s}, {}
+    # Mixture of experts: + model.router_aux_coef * the load-balancing loss, as transformers
+    # adds it (per micro-batch, averaged over them); router_aux logged unscaled.
+    s, _, aux = loss_sum_and_aux(cfg, method, trainable, frozen, batch, rng)
+    return {"nll": s, "aux": cfg.router_aux_coef * aux}, {"router_aux": aux}
 
   def loss(self, terms, counts):
-    return terms["nll"] / jnp.maximum(counts["tokens"], 1.0)
+    nll = terms["nll"] / jnp.maximum(counts["tokens"], 1.0)
+    if "aux" in terms:
+      nll = nll + terms["aux"] / counts["batches"]
+    return nll
 
   def metrics(self, terms, stats, counts):
-    del terms, stats, counts
+    del terms
+    if "router_aux" in stats:
+      return {"router_aux": stats["router_aux"] / counts["batches"]}
     return {}
 
 

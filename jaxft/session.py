@@ -34,8 +34,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     base = (gguf if gguf.is_gguf(m.path) else hf).read_config(m.path)
   else:
     base = preset(m.preset)
+  aux = base.router_aux_coef if m.router_aux_coef < 0 else float(m.router_aux_coef)
   return base.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                      attention=m.attention)
+                      attention=m.attention, router_aux_coef=aux)
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

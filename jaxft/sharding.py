@@ -1,4 +1,4 @@
-"""Device mesh (`data`, `fsdp`, `tensor`), the logical-to-mesh rules table, and the shardings of
+"""Device mesh (`data`, `fsdp`, `tensor`, `expert`), the logical-to-mesh rules table, and the shardings of
 everything the train step touches: params (trainable, frozen, quantized), optimizer state, batches.
 
 Parameters name logical axes (see models/llama.py `param_specs`); a rules table maps each to a mesh
@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "expert")
 # Logical axis -> mesh axis (None = replicated). fsdp shards the model dimension of every matrix
 # (ZeRO-3 style: gathered per layer inside the scan, since the decoder pins activations to the batch
 # axes, jaxft.target); tensor shards heads, MLP and vocabulary
@@ -30,6 +30,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None, "norm": None, "lora": None,
     "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor",
     "prefix": None, "adapter": None, "head_dim": None,
+    # Mixture of experts: the stacked experts split over `expert` (expert parallelism: each chip
+    # holds E / mesh.expert experts; the router's [embed, E] stays whole).
+    "expert": "expert", "router": None,
 }
 BATCH = ("data", "fsdp")
 Rules = dict[str, Any]
@@ -72,7 +75,7 @@ def rules_from_config(mesh_cfg) -> Rules:
 
 def mesh_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
   """{axis: size} from config.mesh with -1 resolved; ConfigError when they do not fit the devices."""
-  sizes = {a: int(getattr(mesh_cfg, a)) for a in AXES}
+  sizes = {a: int(getattr(mesh_cfg, a, 1)) for a in AXES}  # (expert: 1 when a caller omits it)
   free = [a for a, s in sizes.items() if s == -1]
   shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
   if len(free) > 1:
@@ -107,11 +110,16 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def check_model_fits(mesh: Mesh, cfg) -> None:
-  """ConfigError when mesh.tensor does not divide the attention heads (kv heads included)."""
+  """ConfigError when mesh.tensor does not divide the attention heads (kv heads included), or
+  mesh.expert the experts."""
   t = mesh.shape["tensor"]
   if cfg.num_heads % t or cfg.num_kv_heads % t:
     raise ConfigError(f"config.mesh.tensor={t} does not divide num_heads={cfg.num_heads} and "
                       f"num_kv_heads={cfg.num_kv_heads}; use a tensor size that divides both")
+  e = mesh.shape.get("expert", 1)
+  if e > 1 and (not cfg.num_experts or cfg.num_experts % e):
+    raise ConfigError(f"config.mesh.expert={e} does not divide num_experts={cfg.num_experts} "
+                      "(a dense model takes mesh.expert=1)")
 
 
 def checked_mesh(config, model_cfg, mesh: Mesh | None = None,
@@ -153,6 +161,8 @@ def spec_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules: R
   for name, dim in zip(axes, shape):
     m = rules.get(name)
     names = () if m is None else (m if isinstance(m, tuple) else (m,))
+    if any(a not in mesh.shape for a in names):  # a mesh made without that axis
+      names, m = (), None
     if not names or used & set(names) or dim % _mesh_size(mesh, m):
       out.append(None)
     else:
@@ -295,7 +305,7 @@ def describe(tree, mesh: Mesh) -> str:
   """One line: the mesh and how many bytes of `tree` the fullest device holds (for the log)."""
   per = bytes_per_device(tree)
   total = sum(x.nbytes for x in jax.tree.leaves(tree))
-  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in AXES)
+  shape = ", ".join(f"{a}={mesh.shape[a]}" for a in AXES if a in mesh.shape)
   return (f"mesh ({shape}) over {mesh.size} devices in {jax.process_count()} processes; "
           f"params {total / 2**20:.1f} MiB, at most {max(per.values(), default=0) / 2**20:.1f} MiB "
           "on one device")

@@ -10,7 +10,8 @@ def make_tiny(kind: str, directory: str, seed: int = 0, dtype=None, max_shard_si
               **overrides):
   """Saves a random tiny LlamaForCausalLM (GQA, Llama 3 rope scaling), MistralForCausalLM
   (sliding window 4), Qwen2ForCausalLM (q/k/v bias, tied embeddings), Qwen3ForCausalLM (q/k norms,
-  untied), Gemma2ForCausalLM or Gemma3ForCausalLM (text) with save_pretrained and
+  untied), Gemma2ForCausalLM, Gemma3ForCausalLM (text), MixtralForCausalLM or
+  Qwen3MoeForCausalLM (tiny mixtures of experts) with save_pretrained and
   returns the torch model (float32, eval mode). Every weight, norms and biases included, is
   perturbed so that a mis-mapped tensor shows in the logits."""
   import torch
@@ -45,6 +46,17 @@ def make_tiny(kind: str, directory: str, seed: int = 0, dtype=None, max_shard_si
         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     cls, conf = transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig
+  elif kind == "mixtral":  # 4 experts of width 32, top-2
+    kw.update(intermediate_size=overrides.get("intermediate_size", 32))
+    kw.setdefault("num_local_experts", 4)
+    kw.setdefault("num_experts_per_tok", 2)
+    cls, conf = transformers.MixtralForCausalLM, transformers.MixtralConfig
+  elif kind == "qwen3_moe":  # 4 experts of width 32, top-2, renormalised
+    kw.setdefault("moe_intermediate_size", 32)
+    kw.setdefault("num_experts", 4)
+    kw.setdefault("num_experts_per_tok", 2)
+    kw.setdefault("norm_topk_prob", True)
+    cls, conf = transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig
   else:
     raise ValueError(kind)
   model = cls(conf(**kw, attn_implementation="eager"))

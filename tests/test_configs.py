@@ -42,6 +42,7 @@ def test_llama3_variants(arg, preset, method, quant):
 @pytest.mark.parametrize("name,arch,billions", [
     ("qwen3", "Qwen3ForCausalLM", 8.19), ("gemma2", "Gemma2ForCausalLM", 9.24),
     ("gemma3", "Gemma3ForCausalLM", 11.77),  # Gemma 3 12B's language model (no vision tower)
+    ("mixtral", "MixtralForCausalLM", 46.70), ("qwen3_moe", "Qwen3MoeForCausalLM", 30.53),
 ])
 def test_family_configs_have_the_published_sizes(name, arch, billions):
   import jax
@@ -119,4 +120,4 @@ def test_every_declared_key_effect_names_a_key_of_the_schema():
   assert configlib.effect("optim.lr") == configlib.NUMERICS
   assert configlib.effect("mesh.data") == configlib.NOTHING
   from jaxft import session
-  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention")
+  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention", "router_aux_coef")

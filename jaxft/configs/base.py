@@ -18,6 +18,8 @@ def get_config(arg=None):
   c.model.quant = "none"          # none | int8 | nf4: how the frozen base kernels are stored
   c.model.remat = "none"          # none | full | dots | auto (dots on CPU, full on accelerators): activation rematerialisation per layer
   c.model.attention = "auto"      # auto | einsum | xla | cudnn (auto: cuDNN on GPUs in bf16)
+  c.model.router_aux_coef = -1.0  # mixture of experts: weight of the load-balancing loss; -1 = the
+                                  # checkpoint's router_aux_loss_coef (the preset's; 0 for dense)
   c.model.tokenizer = ""          # tokenizer directory; empty = model.path (or the quickstart one)
 
   c.peft = ml_collections.ConfigDict()
@@ -94,6 +96,7 @@ def _mesh_eval_checkpoint(c):
   c.mesh.data = -1                # -1 = the devices the other axes leave
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.expert = 1               # splits the experts of a mixture of experts (expert parallelism)
   c.mesh.rules = ""               # logical->mesh axis overrides: "embed=fsdp,mlp=tensor,vocab=none"
 
   # What jaxft.evaluate measures beyond loss and exact match (jaxft/eval_metrics.py).

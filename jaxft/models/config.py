@@ -52,6 +52,13 @@ class ModelConfig:
   # `sliding_window` says.
   layer_types: tuple[str, ...] | None = None
   rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+  # Mixture of experts (Mixtral, Qwen3-MoE): num_experts > 0 replaces every layer's MLP by a
+  # router and `num_experts` SwiGLU experts of width moe_intermediate_size (models/moe.py).
+  num_experts: int = 0
+  experts_per_token: int = 2  # top-k
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = True  # renormalise the top-k router probabilities (Mixtral: always)
+  router_aux_coef: float = 0.0  # weight of the load-balancing loss in the objective
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -64,6 +71,11 @@ class ModelConfig:
                         "or splash")
     if self.hidden_act not in ("silu", "gelu_tanh"):
       raise ConfigError(f"hidden_act={self.hidden_act!r}: expected silu or gelu_tanh")
+    if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+      raise ConfigError(f"num_experts_per_tok={self.experts_per_token}: expected 1 to "
+                        f"num_experts={self.num_experts}")
+    if self.num_experts and self.moe_intermediate_size <= 0:
+      raise ConfigError("moe_intermediate_size must be positive for a mixture of experts")
     if self.layer_types is not None:
       kinds = set(self.layer_types) - {"sliding_attention", "full_attention"}
       if kinds or len(self.layer_types) != self.num_layers:
@@ -99,7 +111,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "Qwen3ForCausalLM": dict(qk_norm=True),
     "Gemma2ForCausalLM": _GEMMA,
     "Gemma3ForCausalLM": dict(_GEMMA, qk_norm=True),
+    "MixtralForCausalLM": {}, "Qwen3MoeForCausalLM": dict(qk_norm=True),
 }
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
 _FEATURES = ("qkv_bias", "qk_norm", "norm_plus_one", "hidden_act", "scale_embeddings", "post_norms")
 
 
@@ -169,6 +183,18 @@ PRESETS = {
         max_position_embeddings=131072, sliding_window=1024, layer_types=_layer_pattern(48, 6),
         query_pre_attn_scalar=256.0, tie_embeddings=True, architecture="Gemma3ForCausalLM",
         bos_token_id=2, eos_token_id=(1, 106), pad_token_id=0, **FAMILIES["Gemma3ForCausalLM"]),
+    "mixtral-8x7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=32768,
+        num_experts=8, experts_per_token=2, moe_intermediate_size=14336, router_aux_coef=0.02,
+        architecture="MixtralForCausalLM", bos_token_id=1, eos_token_id=2),
+    "qwen3-30b-a3b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+        num_kv_heads=4, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, num_experts=128, experts_per_token=8,
+        moe_intermediate_size=768, norm_topk_prob=True, router_aux_coef=0.001,
+        architecture="Qwen3MoeForCausalLM", bos_token_id=151643, eos_token_id=151645,
+        **FAMILIES["Qwen3MoeForCausalLM"]),
 }
 
 

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft import quant
 from jaxft.errors import CheckpointError
-from jaxft.models import llama, ops
+from jaxft.models import llama, moe, ops
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf_config import ARCHITECTURES, checkpoint_dtype, hf_config, read_config
 from jaxft.models.safetensors_io import (INDEX, read_tensor, refuse_pickle, shard_entries,
@@ -70,13 +70,36 @@ _OURS_TO_POST_NORM = {v: k for k, v in {**_LAYER_NAMES, **_POST_NORM_NAMES}.item
                       if k != "post_attention_layernorm.weight" or v[0] == "attn_post_norm"}
 
 
-def hf_name(path: tuple[str, ...], layer: int | None = None, post_norms: bool = False) -> str:
-  """The HF tensor name of our leaf `path` (e.g. ('layers', 'q_proj', 'kernel')) at `layer`;
-  `post_norms`: the Gemma 2/3 names of the four norms of a layer."""
+# Mixture of experts on disk (what the hub's checkpoints and transformers' save_pretrained hold):
+# the router and each expert as its own [out, in] matrix, in the block each family names.
+#   Mixtral:   model.layers.N.block_sparse_moe.gate.weight [E, D]
+#              model.layers.N.block_sparse_moe.experts.J.{w1,w3,w2}.weight (gate, up, down)
+#   Qwen3-MoE: model.layers.N.mlp.gate.weight [E, D]
+#              model.layers.N.mlp.experts.J.{gate_proj,up_proj,down_proj}.weight
+MOE_BLOCKS = {"MixtralForCausalLM": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3",
+                                                          "down_proj": "w2"}),
+              "Qwen3MoeForCausalLM": ("mlp", {n: n for n in moe.EXPERT_LINEARS})}
+
+
+def hf_name(path: tuple[str, ...], layer=None, post_norms: bool = False, arch: str = "") -> str:
+  """The HF tensor name of our leaf `path` (e.g. ('layers', 'q_proj', 'kernel')) at `layer`
+  (an int, or (layer, expert) for the experts of a mixture-of-experts `arch`); `post_norms`:
+  the Gemma 2/3 names of the four norms of a layer."""
+  if path[0] == "layers" and arch in MOE_BLOCKS and path[1] in ("router", *moe.EXPERT_LINEARS):
+    block, names = MOE_BLOCKS[arch]
+    if path[1] == "router":
+      return f"model.layers.{layer}.{block}.gate.weight"
+    i, e = layer
+    return f"model.layers.{i}.{block}.experts.{e}.{names[path[1]]}.weight"
   if path[0] == "layers":
     names = _OURS_TO_POST_NORM if post_norms else _OURS_TO_LAYER
     return f"model.layers.{layer}.{names[path[1:]]}"
   return {v: k for k, v in _TOP_NAMES.items()}[path]
+
+
+def _index(layer) -> tuple[int, ...]:
+  """The leading indices of one HF tensor in its stacked leaf: () , (layer,) or (layer, expert)."""
+  return () if layer is None else tuple(layer) if isinstance(layer, tuple) else (layer,)
 
 
 def _transposed(path: tuple[str, ...]) -> bool:
@@ -88,12 +111,15 @@ def expected_names(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | N
   out = {}
   flat = _flat_specs(cfg)
   for path, spec in flat.items():
-    shape = spec.shape[1:] if path[0] == "layers" else spec.shape
+    experts = len(spec.axes) > 1 and spec.axes[1] == "expert"
+    shape = spec.shape[1 + experts:] if path[0] == "layers" else spec.shape
     if _transposed(path):
       shape = shape[::-1]
     layers = range(cfg.num_layers) if path[0] == "layers" else [None]
+    if experts:
+      layers = [(i, e) for i in layers for e in range(cfg.num_experts)]
     for i in layers:
-      out[hf_name(path, i, cfg.post_norms)] = (path, i, tuple(shape))
+      out[hf_name(path, i, cfg.post_norms, cfg.architecture)] = (path, i, tuple(shape))
   return out
 
 
@@ -133,11 +159,13 @@ def _stacked_fns(shape: tuple, dtype: str, kind: str, sharding: NamedSharding, t
     out_sh = quant.leaf_shardings(abstract, sharding)
     make = lambda: quantize(jnp.zeros(shape, dtype))
 
-  def write(stacked, x, i):
-    x = (x.T if transpose else x).astype(dtype)[None]
+  def write(stacked, x, idx):  # idx: [layer] or [layer, expert]
+    x = (x.T if transpose else x).astype(dtype)
+    x = x.reshape((1,) * idx.shape[0] + x.shape)
     new = jax.tree.leaves(quantize(x)) if quantize is not None else [x]  # as models.quantized.init_base does
     leaves, treedef = jax.tree.flatten(stacked)
-    leaves = [jax.lax.dynamic_update_slice_in_dim(s, n.astype(s.dtype), i, 0)
+    starts = lambda s: [idx[j] for j in range(idx.shape[0])] + [0] * (s.ndim - idx.shape[0])
+    leaves = [jax.lax.dynamic_update_slice(s, n.astype(s.dtype), starts(s))
               for s, n in zip(leaves, new)]
     return jax.tree.unflatten(treedef, leaves)
 
@@ -200,7 +228,8 @@ def stream_params(cfg: ModelConfig, shardings, quant_kind: str, names,
   fns = {}
   for path, spec in specs.items():  # stacked layer leaves: allocated once, filled slice by slice
     if path[0] == "layers":
-      kind = quant_kind if path[-1] == "kernel" else "none"
+      # (the linears' kernels only: a mixture of experts' router stays float)
+      kind = quant_kind if path[-1] == "kernel" and path[1] in llama.LINEARS else "none"
       fns[path] = _stacked_fns(spec.shape, dtype, kind, flat_sh[path], _transposed(path))
       out[path] = fns[path][0]()
   for name in names:
@@ -212,8 +241,9 @@ def stream_params(cfg: ModelConfig, shardings, quant_kind: str, names,
       dims = spec[::-1] if _transposed(path) else spec
       out[path] = _convert_fn(dtype, sh, _transposed(path))(_to_device(x, sh, dims))
     else:
-      dims = spec[1:][::-1] if _transposed(path) else spec[1:]
-      out[path] = fns[path][1](out[path], _to_device(x, sh, dims), jnp.int32(layer))
+      idx = _index(layer)
+      dims = spec[len(idx):][::-1] if _transposed(path) else spec[len(idx):]
+      out[path] = fns[path][1](out[path], _to_device(x, sh, dims), jnp.asarray(idx, jnp.int32))
     del x
   tree: dict = {}
   for path, v in out.items():
@@ -230,7 +260,7 @@ def export_names(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int |
   """(HF name, our path, layer or None, HF shape) of every tensor of cfg, in HF's usual order."""
   names = expected_names(cfg)
   order = lambda n: (0 if n.startswith("model.embed") else 1 if n.startswith("model.layers")
-                     else 2, names[n][1] or 0, n)
+                     else 2, _index(names[n][1]), n)
   for n in sorted(names, key=order):
     yield (n, *names[n])
 
@@ -240,7 +270,8 @@ def host_tensor(params, path: tuple[str, ...], layer: int | None, dtype) -> np.n
   x = params
   for k in path:
     x = x[k]
-  x = _slicer(layer is not None, _transposed(path), jnp.dtype(dtype).name)(x, jnp.int32(layer or 0))
+  idx = _index(layer)
+  x = _slicer(len(idx), _transposed(path), jnp.dtype(dtype).name)(x, jnp.asarray(idx, jnp.int32))
   if not x.is_fully_addressable:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -248,11 +279,11 @@ def host_tensor(params, path: tuple[str, ...], layer: int | None, dtype) -> np.n
 
 
 @functools.lru_cache(maxsize=None)
-def _slicer(layered: bool, transpose: bool, dtype: str):
-  def fn(x, i):
+def _slicer(levels: int, transpose: bool, dtype: str):
+  def fn(x, idx):
+    for j in range(levels):  # a quantized kernel: slice its codes, dequantize only the slice
+      x = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, idx[j], 0, keepdims=False), x)
     x = ops.weight(x, dtype)  # a quantized base kernel (QLoRA) is written dequantized
-    if layered:
-      x = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
     return x.T if transpose else x
   return jax.jit(fn)
 

@@ -1,5 +1,6 @@
 """HF config.json <-> `ModelConfig`, for LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-Qwen3ForCausalLM, Gemma2ForCausalLM and Gemma3ForCausalLM (text) in both the transformers 4 spelling (rope_theta + rope_scaling, torch_dtype) and 5's (rope_parameters,
+Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), MixtralForCausalLM and
+Qwen3MoeForCausalLM in both the transformers 4 spelling (rope_theta + rope_scaling, torch_dtype) and 5's (rope_parameters,
 dtype)."""
 
 from __future__ import annotations
@@ -8,15 +9,16 @@ import json
 import os
 
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models.config import ModelConfig, family_features
+from jaxft.models.config import MOE_ARCHITECTURES, ModelConfig, family_features
 from jaxft.models.rope import inverse_frequencies
 
 # architecture -> model_type
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+                 "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
 _GEMMAS = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
-_QWENS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_QWENS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 _ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
                 "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32",
@@ -100,7 +102,7 @@ def _gemma_layers(arch: str, c: dict, num_layers: int) -> tuple[int | None, tupl
 
 def _sliding_window(file: str, arch: str, c: dict, num_layers: int) -> int | None:
   window = c.get("sliding_window")
-  if arch == "MistralForCausalLM":
+  if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
     return int(window) if window else None
   if arch == "LlamaForCausalLM":
     return None
@@ -134,14 +136,40 @@ def _architecture(file: str, c: dict) -> str:
     raise ConfigError(f"{file}: hidden_act={act!r} is not supported for {arch} "
                       f"({'gelu_pytorch_tanh' if want == 'gelu_tanh' else 'silu'})")
   for key in ("attention_bias", "mlp_bias"):  # Llama's attention_bias also biases o_proj
-    if arch not in ("MistralForCausalLM", "Qwen2ForCausalLM") and c.get(key):
+    if arch not in ("MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM") and c.get(key):
       raise ConfigError(f"{file}: {key}=true is not supported for {arch}")
   return arch
+
+
+def _moe_fields(file: str, arch: str, c: dict, layers: int) -> dict:
+  """The mixture-of-experts fields of Mixtral (num_local_experts; experts as wide as
+  intermediate_size; top-k always renormalised) and Qwen3-MoE (num_experts,
+  moe_intermediate_size, norm_topk_prob). Qwen3-MoE checkpoints with dense MLP layers
+  (decoder_sparse_step > 1, mlp_only_layers) are refused: jaxft stacks one layer kind."""
+  if arch == "MixtralForCausalLM":
+    experts, width, norm = c.get("num_local_experts", 8), c["intermediate_size"], True
+    if c.get("router_jitter_noise"):
+      raise ConfigError(f"{file}: router_jitter_noise={c['router_jitter_noise']} is not supported")
+  else:
+    # (transformers 4 wrote num_experts; 5 writes num_local_experts, its attribute_map's name)
+    experts = c.get("num_local_experts") or c.get("num_experts") or 128
+    width = c.get("moe_intermediate_size", 768)
+    norm = bool(c.get("norm_topk_prob", False))
+    step, dense = int(c.get("decoder_sparse_step", 1)), list(c.get("mlp_only_layers") or [])
+    if dense or (step != 1 and layers > 1):
+      raise ConfigError(f"{file}: decoder_sparse_step={step}, mlp_only_layers={dense}: dense MLP "
+                        "layers among the expert layers are not supported (every layer sparse: "
+                        "decoder_sparse_step=1, mlp_only_layers=[])")
+  return dict(num_experts=int(experts), experts_per_token=int(c.get("num_experts_per_tok", 2)),
+              moe_intermediate_size=int(width), norm_topk_prob=norm,
+              router_aux_coef=float(c.get("router_aux_loss_coef", 0.001)))
 
 
 def _family_fields(file: str, arch: str, c: dict, layers: int) -> dict:
   """The ModelConfig fields of the architecture's own layer features."""
   out = family_features(arch)
+  if arch in MOE_ARCHITECTURES:
+    out.update(_moe_fields(file, arch, c, layers))
   if arch not in _GEMMAS:
     return dict(out, sliding_window=_sliding_window(file, arch, c, layers))
   window, types = _gemma_layers(arch, c, layers)
@@ -213,6 +241,13 @@ def _check_expressible(cfg: ModelConfig) -> None:
   for key, want in family_features(arch).items():
     if getattr(cfg, key) != want:
       raise ConfigError(f"{arch} cannot express {key}={getattr(cfg, key)!r}")
+  moe = arch in MOE_ARCHITECTURES
+  if bool(cfg.num_experts) != moe:
+    raise ConfigError(f"{arch} cannot express num_experts={cfg.num_experts}")
+  if arch == "MixtralForCausalLM" and (cfg.moe_intermediate_size != cfg.intermediate_size
+                                       or not cfg.norm_topk_prob):
+    raise ConfigError(f"{arch} cannot express moe_intermediate_size={cfg.moe_intermediate_size} "
+                      f"beside intermediate_size={cfg.intermediate_size}, or norm_topk_prob=False")
   if cfg.sliding_window and arch == "LlamaForCausalLM":
     raise ConfigError(f"{arch} cannot express sliding_window={cfg.sliding_window}")
   gemma = {"layer_types": cfg.layer_types, "attn_softcap": cfg.attn_softcap,
@@ -270,15 +305,25 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
     out["rope_scaling"] = scaling
   if arch == "LlamaForCausalLM":
     out.update(attention_bias=False, mlp_bias=False)
-  elif arch == "MistralForCausalLM":
+  elif arch in ("MistralForCausalLM", "MixtralForCausalLM"):
     out["sliding_window"] = cfg.sliding_window
   elif arch in _QWENS:
     w = cfg.sliding_window
     out.update(use_sliding_window=bool(w), sliding_window=w,
                max_window_layers=0 if w else cfg.num_layers,
                layer_types=["sliding_attention" if w else "full_attention"] * cfg.num_layers)
-    if arch == "Qwen3ForCausalLM":
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
       out["attention_bias"] = False
   else:
     out.update(_gemma_keys(cfg, rope))
+  if arch == "MixtralForCausalLM":
+    out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+               router_aux_loss_coef=cfg.router_aux_coef, router_jitter_noise=0.0,
+               output_router_logits=False)
+  elif arch == "Qwen3MoeForCausalLM":
+    out.update(num_experts=cfg.num_experts, num_local_experts=cfg.num_experts,
+               num_experts_per_tok=cfg.experts_per_token,
+               moe_intermediate_size=cfg.moe_intermediate_size,
+               norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+               router_aux_loss_coef=cfg.router_aux_coef, output_router_logits=False)
   return out

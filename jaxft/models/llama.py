@@ -9,6 +9,8 @@ sharding rules and the HF mapping):
   layers/{q,k,v}_proj/kernel [L, embed, heads*head_dim]   (+ bias [L, out] when qkv_bias)
   layers/o_proj/kernel [L, heads*head_dim, embed]
   layers/{gate,up}_proj/kernel [L, embed, mlp]            layers/down_proj/kernel [L, mlp, embed]
+  mixture of experts (models/moe.py): layers/router/kernel [L, embed, E] and the experts stacked,
+  layers/{gate,up}_proj/kernel [L, E, embed, mlp], layers/down_proj/kernel [L, E, mlp, embed]
 
 A PEFT method is a static `Adapter` (see jaxft/peft/base.py): the decoder calls its hooks for every
 linear layer, after each block and for key/value prefixes; the method's leaves sit beside the base
@@ -26,7 +28,7 @@ import numpy as np
 
 from jaxft import target
 from jaxft.models import attention_kernels
-from jaxft.models import families
+from jaxft.models import families, moe
 from jaxft.models.config import ModelConfig
 from jaxft.models.ops import rms_norm, softmax_attention, swiglu, unpack_16bit
 from jaxft.models.rope import apply_rope, inverse_frequencies
@@ -61,6 +63,13 @@ def param_specs(cfg: ModelConfig) -> Params:
       "up_proj": lin(D, F, "embed", "mlp"),
       "down_proj": lin(F, D, "mlp", "embed"),
   }
+  if cfg.num_experts:  # Mixtral, Qwen3-MoE: a router and stacked experts instead of the MLP
+    E, Fe = cfg.num_experts, cfg.moe_intermediate_size
+    exp = lambda i, o, ai, ao: {"kernel": ParamSpec((L, E, i, o), ("layers", "expert", ai, ao),
+                                                    "normal")}
+    layers.update(router={"kernel": ParamSpec((L, D, E), ("layers", "embed", "router"), "normal")},
+                  gate_proj=exp(D, Fe, "embed", "mlp"), up_proj=exp(D, Fe, "embed", "mlp"),
+                  down_proj=exp(Fe, D, "mlp", "embed"))
   if cfg.qkv_bias:
     layers["q_proj"]["bias"] = ParamSpec((L, cfg.q_size), ("layers", "heads"), "zeros")
     layers["k_proj"]["bias"] = ParamSpec((L, cfg.kv_size), ("layers", "kv_heads"), "zeros")
@@ -232,13 +241,19 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   x = x + adapter.block_output("attn", p, attn, dtype)
 
   h = norm(cfg, x, p["mlp_norm"]["scale"])
-  act_fn = families.geglu if cfg.hidden_act == "gelu_tanh" else swiglu
-  act = target.constrain(act_fn(lin("gate_proj", h), lin("up_proj", h)), ("batch", "length", "mlp"))
-  mlp = lin("down_proj", act)
+  router = None
+  if cfg.num_experts:
+    mlp, logits, stats = moe.moe_mlp(cfg, adapter, p, h, ctx["segment_ids"] > 0, dtype, ctx["rng"])
+    router = {"stats": stats, "logits": logits if ctx["router_logits"] else None}
+  else:
+    act_fn = families.geglu if cfg.hidden_act == "gelu_tanh" else swiglu
+    act = target.constrain(act_fn(lin("gate_proj", h), lin("up_proj", h)),
+                           ("batch", "length", "mlp"))
+    mlp = lin("down_proj", act)
   if cfg.post_norms:
     mlp = norm(cfg, mlp, p["mlp_post_norm"]["scale"])
   x = x + adapter.block_output("mlp", p, mlp, dtype)
-  return x, new_cache
+  return x, (new_cache, router)
 
 
 _ACTS = ("batch", "length", "embed")  # logical axes of the hidden states (jaxft.target)
@@ -275,6 +290,17 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
   cache: {"k","v": [L, B, S, K, hd], "seg": [B, S]} for decoding, with cache_index the slot of
   tokens[:, 0]; indices then run over the whole cache.
   """
+  return hidden_states_and_router(cfg, params, tokens, adapter=adapter, positions=positions,
+                                  segment_ids=segment_ids, rng=rng, cache=cache,
+                                  cache_index=cache_index)[:2]
+
+
+def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adapter,
+                             positions=None, segment_ids=None, rng=None, cache=None,
+                             cache_index=None, router_logits: bool = False):
+  """`hidden_states` plus, for a mixture of experts, the router's outputs of every layer:
+  {"stats": moe.router_stats stacked [L, ...], "logits": [L, B*T, E] float32 when
+  `router_logits`, else None}; None for a dense model."""
   B, T = tokens.shape
   dtype = jnp.dtype(cfg.dtype)
   if positions is None:
@@ -311,16 +337,16 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adap
       freq = jnp.where(sliding, jnp.asarray(local[1]), jnp.asarray(inv_freq))
     ctx = {"positions": positions, "mask": m, "segment_ids": segment_ids,
            "rng": None if rng is None else layer_rng, "cache": layer_cache,
-           "cache_index": cache_index}
-    x, new_cache = _layer(cfg, adapter, freq, x, p, ctx)
-    return target.constrain(x, _ACTS), new_cache
+           "cache_index": cache_index, "router_logits": router_logits}
+    x, out = _layer(cfg, adapter, freq, x, p, ctx)
+    return target.constrain(x, _ACTS), out
 
   layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
   layers = adapter.layer_params(cfg, params)  # params["layers"], or derived by the method
-  x, new_kv = jax.lax.scan(_remat(cfg, body), x, (layers, rngs, layer_caches, flags))
+  x, (new_kv, router) = jax.lax.scan(_remat(cfg, body), x, (layers, rngs, layer_caches, flags))
   x = norm(cfg, x, params["final_norm"]["scale"])
   new_cache = None if cache is None else {"k": new_kv["k"], "v": new_kv["v"], "seg": kv_seg}
-  return x, new_cache
+  return x, new_cache, router
 
 
 def output_kernel(cfg: ModelConfig, params: Params) -> jnp.ndarray:

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import families, llama
+from jaxft.models import families, llama, moe
 from jaxft.models.config import ModelConfig
 from jaxft.models.ops import pack_16bit, pack_frozen, unpack_16bit
 from jaxft.peft.base import Method, merge_trees
@@ -247,12 +247,19 @@ def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_
 
 def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
   """(sum of target-token losses, number of target tokens) of one micro-batch."""
+  return loss_sum_and_aux(cfg, method, trainable, frozen, batch, rng)[:2]
+
+
+def loss_sum_and_aux(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
+  """`loss_sum` plus the micro-batch's load-balancing loss (moe.load_balancing_loss, unscaled)
+  of a mixture of experts; 0.0 for a dense model."""
   frozen = pack_frozen(frozen)  # frozen kernels are never differentiated: scan them as integers
   params = merge_trees(frozen, trainable)
-  h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
-                             positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)
+  h, _, router = llama.hidden_states_and_router(
+      cfg, params, batch["inputs"], adapter=method, positions=batch["positions"],
+      segment_ids=batch["segment_ids"], rng=rng)
   head = "embed" if cfg.tie_embeddings else "lm_head"
   losses = token_losses(cfg, params, h, batch["targets"], head_trained=head in trainable)
   w = batch["weights"]
-  return jnp.sum(losses * w), jnp.sum(w)
-
+  aux = jnp.float32(0.0) if router is None else moe.load_balancing_loss(cfg, router["stats"])
+  return jnp.sum(losses * w), jnp.sum(w), aux

@@ -116,6 +116,16 @@ def matmul(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
   return checkpoint_name(_linear(x.astype(dtype), w, dtype), "linear")
 
 
+def ragged_matmul(x: jnp.ndarray, w, group_sizes: jnp.ndarray, dtype) -> jnp.ndarray:
+  """Grouped matmul of the mixture-of-experts layer: rows x [M, in] sorted by group, group g's
+  `group_sizes[g]` rows times w[g] ([G, in, out]: float, packed or quantized), in `dtype` with
+  float32 accumulation (`jax.lax.ragged_dot`). Plain autodiff: only a float w gets a gradient."""
+  dtype = jnp.dtype(dtype)
+  y = jax.lax.ragged_dot(x.astype(dtype), weight(w, dtype), group_sizes,
+                         preferred_element_type=jnp.float32)
+  return checkpoint_name(y.astype(dtype), "linear")
+
+
 def weight(w, dtype):
   """The float weight of a stored kernel in `dtype`: dequantized when quantized (jaxft.quant),
   cast back first when it is a 16-bit float kernel bit-cast to integers (`pack_16bit`)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxft.errors import ConfigError
 from jaxft.models.config import ModelConfig
-from jaxft.peft.base import (Method, count_params, flatten, match_targets, merge_trees,
+from jaxft.peft.base import (Method, count_params, flatten, is_expert, match_targets, merge_trees,
                              unflatten)
 from jaxft.peft.adapter import BottleneckAdapter, check as _check_adapter
 from jaxft.peft.dora import DoRA
@@ -38,7 +38,12 @@ def from_config(peft_cfg, model_cfg: ModelConfig) -> Method:
     if not 0.0 <= lc.dropout < 1.0:
       raise ConfigError(f"peft.lora.dropout={lc.dropout}: must be in [0, 1)")
     cls = LoRA if name == "lora" else DoRA
-    return cls(targets=match_targets(peft_cfg.targets, model_cfg), rank=int(lc.rank),
+    targets = match_targets(peft_cfg.targets, model_cfg)
+    if name == "dora" and any(is_expert(model_cfg, n) for n in targets):
+      raise ConfigError(f"peft.targets={peft_cfg.targets!r} reaches the experts of a mixture of "
+                        "experts, which DoRA does not implement; use peft.method=lora, or "
+                        "attention targets (q_proj,k_proj,v_proj,o_proj)")
+    return cls(targets=targets, rank=int(lc.rank),
                alpha=float(lc.alpha), dropout=float(lc.dropout), rslora=bool(lc.rslora))
   if name == "adapter":
     ac = peft_cfg.adapter

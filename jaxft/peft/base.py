@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxft import configlib, quant
 from jaxft.errors import ConfigError
-from jaxft.models import llama, ops
+from jaxft.models import llama, moe, ops
 from jaxft.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -66,7 +66,9 @@ def match_targets(targets: str, cfg: ModelConfig) -> tuple[str, ...]:
   """Resolves `peft.targets` to the linear names it selects, in decoder order.
 
   Items (comma separated): a linear name (`q_proj`), `all-linear`, or a regex matched (search) against
-  parameter paths like `layers/q_proj/kernel`. Raises ConfigError when an item matches nothing.
+  parameter paths like `layers/q_proj/kernel`; in a mixture of experts the MLP linears are the
+  experts' (`layers/experts/gate_proj/kernel`, so `experts` selects them and all-linear includes
+  them; the router is never a target). Raises ConfigError when an item matches nothing.
   """
   chosen = set()
   items = [t.strip() for t in targets.split(",") if t.strip()]
@@ -75,25 +77,43 @@ def match_targets(targets: str, cfg: ModelConfig) -> tuple[str, ...]:
   for item in items:
     if item == "all-linear":
       hits = set(llama.LINEARS)
-    elif _NAME.match(item):
+    elif _NAME.match(item) and item != "experts":
       hits = {item} & set(llama.LINEARS)
     else:
       try:
         rx = re.compile(item)
       except re.error as e:
         raise ConfigError(f"peft.targets item {item!r} is not a valid regex: {e}") from None
-      hits = {n for n in llama.LINEARS if rx.search(f"layers/{n}/kernel")}
+      hits = {n for n in llama.LINEARS if rx.search(target_path(cfg, n))}
     if not hits:
       raise ConfigError(f"peft.targets item {item!r} matches no linear layer; expected one of "
-                        f"{', '.join(llama.LINEARS)}, all-linear or a regex over 'layers/NAME/kernel'")
+                        f"{', '.join(llama.LINEARS)}, all-linear or a regex over "
+                        f"'{target_path(cfg, 'NAME')}'")
     chosen |= hits
   return tuple(n for n in llama.LINEARS if n in chosen)
 
 
+def is_expert(cfg: ModelConfig, name: str) -> bool:
+  """Whether decoder linear `name` is a stack of experts (the MLP of a mixture of experts)."""
+  return bool(cfg.num_experts) and name in moe.EXPERT_LINEARS
+
+
+def target_path(cfg: ModelConfig, name: str) -> str:
+  """The path `peft.targets` regexes are matched against for linear `name`."""
+  return f"layers/experts/{name}/kernel" if is_expert(cfg, name) else f"layers/{name}/kernel"
+
+
 def linear_dims(cfg: ModelConfig, name: str) -> tuple[int, int, str, str]:
-  """(in, out, in_axis, out_axis) of a decoder linear layer."""
+  """(in, out, in_axis, out_axis) of a decoder linear layer (of each expert, for experts)."""
   spec = llama.param_specs(cfg)["layers"][name]["kernel"]
-  return spec.shape[1], spec.shape[2], spec.axes[1], spec.axes[2]
+  return spec.shape[-2], spec.shape[-1], spec.axes[-2], spec.axes[-1]
+
+
+def linear_lead(cfg: ModelConfig, name: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """(shape, logical axes) of the stacking dims before [in, out]: ([L], [layers]), or
+  ([L, E], [layers, expert]) for experts. Adapter leaves of a linear stack the same way."""
+  spec = llama.param_specs(cfg)["layers"][name]["kernel"]
+  return spec.shape[:-2], spec.axes[:-2]
 
 
 def base_linear(p: Params, x: jnp.ndarray, dtype) -> jnp.ndarray:
@@ -158,6 +178,12 @@ class Method:
   def linear(self, name: str, p: Params, x, dtype, rng):
     del name, rng
     return base_linear(p, x, dtype)
+
+  def expert_linear(self, name: str, p: Params, x, group_sizes, dtype, rng):
+    """An expert linear of a mixture of experts: rows x [M, in] sorted by expert, group_sizes
+    [E] (see models/moe.py); p holds the [E, in, out] kernel and the method's leaves."""
+    del name, rng
+    return ops.ragged_matmul(x, p["kernel"], group_sizes, dtype)
 
   def block_output(self, kind: str, p: Params, out, dtype):
     del kind, p, dtype

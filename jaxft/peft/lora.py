@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxft.models import llama, ops
 from jaxft.peft import peft_io
-from jaxft.peft.base import ADAPTER_DTYPE, Method, base_linear, linear_dims
+from jaxft.peft.base import ADAPTER_DTYPE, Method, base_linear, linear_dims, linear_lead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,9 @@ class LoRA(Method):
     out = {}
     for n in self.targets:
       i, o, ai, ao = linear_dims(cfg, n)
-      out[n] = {"lora_a": llama.ParamSpec((cfg.num_layers, i, self.rank), ("layers", ai, "lora"), "lora_a"),
-                "lora_b": llama.ParamSpec((cfg.num_layers, self.rank, o), ("layers", "lora", ao), "zeros")}
+      lead, axes = linear_lead(cfg, n)  # [L] or, for experts, [L, E]: one A, B per expert
+      out[n] = {"lora_a": llama.ParamSpec((*lead, i, self.rank), (*axes, ai, "lora"), "lora_a"),
+                "lora_b": llama.ParamSpec((*lead, self.rank, o), (*axes, "lora", ao), "zeros")}
     return {"layers": out}
 
   def init(self, cfg, rng):
@@ -52,11 +53,12 @@ class LoRA(Method):
     out = {}
     for idx, n in enumerate(self.targets):
       i, o, _, _ = linear_dims(cfg, n)
+      lead, _ = linear_lead(cfg, n)
       bound = 1.0 / math.sqrt(i)
-      a = jax.random.uniform(jax.random.fold_in(rng, idx), (cfg.num_layers, i, self.rank),
+      a = jax.random.uniform(jax.random.fold_in(rng, idx), (*lead, i, self.rank),
                              jnp.float32, -bound, bound)
       out[n] = {"lora_a": a.astype(ADAPTER_DTYPE),
-                "lora_b": jnp.zeros((cfg.num_layers, self.rank, o), ADAPTER_DTYPE)}
+                "lora_b": jnp.zeros((*lead, self.rank, o), ADAPTER_DTYPE)}
     return {"layers": out}
 
   def _dropout(self, name, x, rng):
@@ -76,6 +78,13 @@ class LoRA(Method):
       y = y + self.delta(name, p, x, dtype, rng)
     return y
 
+  def expert_linear(self, name, p, x, group_sizes, dtype, rng):
+    y = ops.ragged_matmul(x, p["kernel"], group_sizes, dtype)
+    if "lora_a" in p:  # each expert's own A [in, r] and B [r, out], on its own rows
+      h = ops.ragged_matmul(self._dropout(name, x, rng), p["lora_a"], group_sizes, dtype)
+      y = y + ops.ragged_matmul(h, p["lora_b"], group_sizes, dtype) * jnp.asarray(self.scale, dtype)
+    return y
+
   def merge(self, cfg, params):
     return self._merge_each(cfg, params, lambda w, p: w)
 
@@ -88,7 +97,7 @@ class LoRA(Method):
       p = dict(layers[n])
       w = ops.weight(p.pop("kernel"), jnp.float32)
       a, b = p.pop("lora_a").astype(jnp.float32), p.pop("lora_b").astype(jnp.float32)
-      p["kernel"] = finish(w + self.scale * jnp.einsum("lir,lro->lio", a, b), p).astype(
+      p["kernel"] = finish(w + self.scale * jnp.einsum("...ir,...ro->...io", a, b), p).astype(
           cfg.param_dtype)
       layers[n] = p
     return {**params, "layers": layers}

@@ -28,7 +28,7 @@ from absl import logging
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import hf, llama
 from jaxft.models.config import ModelConfig
-from jaxft.peft.base import ADAPTER_DTYPE, linear_dims
+from jaxft.peft.base import ADAPTER_DTYPE, is_expert, linear_dims
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -77,25 +77,107 @@ _LORA_DEFAULTS = {"bias": "none", "fan_in_fan_out": False, "modules_to_save": No
 
 def lora_tensors(method, cfg: ModelConfig, trainable) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
   """adapter_config.json entries and (name, array) tensors of a LoRA or DoRA method's trainable
-  tree. DoRA adds `...q_proj.lora_magnitude_vector` [out] and use_dora=true."""
+  tree. DoRA adds `...q_proj.lora_magnitude_vector` [out] and use_dora=true. The experts of a
+  mixture of experts go out as PEFT's `target_parameters` (see `_expert_tensors`)."""
   dora = method.name == "dora"
-  config = {**_LORA_DEFAULTS, "peft_type": "LORA", "r": method.rank,
-            "lora_alpha": _alpha(method.alpha), "lora_dropout": float(method.dropout),
-            "target_modules": sorted(method.targets), "use_rslora": bool(method.rslora),
+  experts = tuple(n for n in method.targets if is_expert(cfg, n))
+  linears = tuple(n for n in method.targets if n not in experts)
+  rank = _export_rank(method, experts)
+  scale = method.scale * (np.sqrt(rank) if method.rslora else rank)  # alpha keeping the scale
+  alpha = method.alpha if rank == method.rank else float(scale)
+  config = {**_LORA_DEFAULTS, "peft_type": "LORA", "r": rank,
+            "lora_alpha": _alpha(alpha), "lora_dropout": float(method.dropout),
+            "target_modules": sorted(linears), "use_rslora": bool(method.rslora),
             "use_dora": dora}
+  if experts:
+    config["target_parameters"] = sorted({f"mlp.experts.{_PARAMS[n]}" for n in experts})
 
   def tensors():
-    for n in method.targets:
+    for n in linears:
       leaves = trainable["layers"][n]
-      a, b = host_array(leaves["lora_a"]), host_array(leaves["lora_b"])
+      a, b = _padded(host_array(leaves["lora_a"]), host_array(leaves["lora_b"]), rank)
       m = host_array(leaves["magnitude"]) if dora else None
       for i in range(cfg.num_layers):
         yield f"{module_key(n, i)}.lora_A.weight", np.ascontiguousarray(a[i].T)
         yield f"{module_key(n, i)}.lora_B.weight", np.ascontiguousarray(b[i].T)
         if dora:
           yield f"{module_key(n, i)}.lora_magnitude_vector", np.ascontiguousarray(m[i])
+    if experts:
+      yield from _expert_tensors(cfg, trainable, experts, rank)
 
   return config, tensors()
+
+
+# -- experts (PEFT's target_parameters) --------------------------------------------------------
+# transformers 5 holds a layer's experts fused in one module `mlp.experts` (Mixtral's too) with 3D
+# parameters gate_up_proj [E, 2F, D] (gate rows first) and down_proj [E, D, F], each expert an
+# [out, in] matrix. PEFT 0.21's ParamWrapper adapts such a parameter with lora_A.weight [E*r, in]
+# (rows expert-major: [E, r, in]) and lora_B.weight [out, r*E] (columns rank-major: [out, r, E]),
+# W[e] += scale * B[:, :, e] @ A[e]. jaxft's per-expert lora_a [E, in, r] and lora_b [E, r, out]
+# are those, transposed. jaxft's separate gate and up LoRAs (rank r each) are one fused LoRA of
+# rank 2r (A side by side, B block-diagonal), so an adapter with both is written at r = 2r, every
+# other module zero-padded to it and lora_alpha keeping the scale alpha / r. When both parameters
+# of the module are targeted PEFT nests two wrappers: gate_up_proj's tensors sit one
+# `base_layer` deeper than down_proj's.
+_PARAMS = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def _export_rank(method, experts) -> int:
+  return 2 * method.rank if {"gate_proj", "up_proj"} <= set(experts) else method.rank
+
+
+def _padded(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """lora_a [..., in, r] and lora_b [..., r, out] zero-padded to `rank` (the same product)."""
+  extra = rank - a.shape[-1]
+  if not extra:
+    return a, b
+  pad = lambda x, axis: np.concatenate(
+      [x, np.zeros(x.shape[:axis] + (extra,) + x.shape[axis + 1:], x.dtype)], axis=axis)
+  return pad(a, a.ndim - 1), pad(b, b.ndim - 2)
+
+
+def expert_key(layer: int) -> str:
+  """PEFT's name of the module holding a layer's fused experts (transformers 5)."""
+  return f"{PREFIX}model.layers.{layer}.mlp.experts"
+
+
+def _fused_gate_up(cfg: ModelConfig, trainable, experts, rank: int):
+  """(a [L, E, D, R], b [L, E, R, 2F]) of the gate_up_proj LoRA equal to the gate and up LoRAs."""
+  F = cfg.moe_intermediate_size
+  parts = []
+  for n in ("gate_proj", "up_proj"):
+    if n in experts:
+      leaves = trainable["layers"][n]
+      parts.append((host_array(leaves["lora_a"]), host_array(leaves["lora_b"])))
+    else:
+      parts.append(None)
+  like = next(p for p in parts if p is not None)
+  L, E, D, r = like[0].shape
+  a = np.zeros((L, E, D, rank), like[0].dtype)
+  b = np.zeros((L, E, rank, 2 * F), like[1].dtype)
+  at = 0
+  for half, p in enumerate(parts):
+    if p is not None:
+      a[..., at:at + r] = p[0]
+      b[..., at:at + r, half * F:(half + 1) * F] = p[1]
+      at += r
+  return a, b
+
+
+def _expert_tensors(cfg: ModelConfig, trainable, experts, rank: int):
+  fused = {}
+  if {"gate_proj", "up_proj"} & set(experts):
+    fused["gate_up_proj"] = _fused_gate_up(cfg, trainable, experts, rank)
+  if "down_proj" in experts:
+    leaves = trainable["layers"]["down_proj"]
+    fused["down_proj"] = _padded(host_array(leaves["lora_a"]), host_array(leaves["lora_b"]), rank)
+  for param, (a, b) in fused.items():
+    L, E, d_in, R = a.shape
+    for i in range(cfg.num_layers):
+      key = f"{expert_key(i)}{'.base_layer' if param == 'gate_up_proj' and len(fused) > 1 else ''}"
+      yield f"{key}.lora_A.weight", np.ascontiguousarray(a[i].transpose(0, 2, 1).reshape(E * R, d_in))
+      yield f"{key}.lora_B.weight", np.ascontiguousarray(b[i].transpose(2, 1, 0).reshape(-1, R * E))
+
 
 
 def prefix_tensors(method, cfg: ModelConfig,

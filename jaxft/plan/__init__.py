@@ -249,7 +249,7 @@ def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
   tok = None if secs is None else rows * T / secs / chips
   return {
       "topology": config_topology(ab), "chips": chips, "device_kind": device.device_kind,
-      "mesh": {a: int(ab.mesh.shape[a]) for a in sharding.AXES},
+      "mesh": {a: int(ab.mesh.shape[a]) for a in sharding.AXES if a in ab.mesh.shape},
       "model": {"layers": ab.cfg.num_layers, "hidden": ab.cfg.hidden_size},
       "method": ab.method.name, "quant": config.model.quant, "remat": remat,
       "attention": attention,
