@@ -58,6 +58,7 @@ def _batch(ids, pad=0):
           "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,over", VARIANTS, ids=IDS)
 def test_logits_match_transformers(kind, over, tmp_path, capfd):
   import transformers
@@ -86,6 +87,7 @@ def test_logits_match_transformers(kind, over, tmp_path, capfd):
     assert rel_err(jaxft_logits(flipped, params, ids), ref) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,over", [VARIANTS[0], VARIANTS[4]], ids=[IDS[0], IDS[4]])
 def test_router_and_aux_loss_match_transformers(kind, over, tmp_path):
   """Router logits of every layer, the load-balancing loss (with padding masked out, as
@@ -142,6 +144,7 @@ def test_targets_reach_the_experts(tmp_path):
     peft.from_config(pc, cfg)
 
 
+@pytest.mark.slow
 def test_lora_gradient_on_every_expert_that_received_tokens(tmp_path):
   d = str(tmp_path / "m")
   make_tiny("mixtral", d, num_local_experts=8, num_experts_per_tok=1)
@@ -178,6 +181,7 @@ def test_read_config_transformers4_spelling(kind, tmp_path):
     hf.read_config(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
   import torch
