@@ -272,7 +272,7 @@ def refused_report(config, ab: Abstract, message: str, needed: float, available:
   r = _figures(config, ab, parts, total, [], None)
   r["fits"] = False
   r["refused"] = {"temporaries_gib": needed / _GIB, "available_gib": available / _GIB,
-                  "short_gib": (needed - available) / _GIB,
+                  "short_gib": (total - available) / _GIB,  # with the params and state
                   "message": message.strip().splitlines()[0][:500]}
   return r
 
@@ -381,7 +381,8 @@ def format_report(r: dict) -> str:
     f = r["refused"]
     lines[6] = (f"  total             {r['total_gib']:9.3f} GiB or more: DOES NOT FIT (XLA refused the "
                 f"program: its temporaries need {f['temporaries_gib']:.2f} GiB of the "
-                f"{f['available_gib']:.2f} GiB it may use, {f['short_gib']:.2f} GiB short)")
+                f"{f['available_gib']:.2f} GiB it may use; with the parameters and optimizer "
+                f"state at least {f['short_gib']:.2f} GiB short)")
     lines[7] = "  largest buffers:  unknown (XLA lists none for a program it refuses)"
   if r["fits"] is False:
     lines.append("  to fit, turn one of:")
