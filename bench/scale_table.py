@@ -87,10 +87,15 @@ def render(results: dict) -> str:
     method = "qlora" if r["quant"] == "nf4" else r["method"]
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 chip"
     big = r["largest_buffers"][0] if r["largest_buffers"] else None
+    gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.0f}"
+    if r.get("refused"):  # XLA refused it: its temporaries alone, no buffer list
+      f = r["refused"]
+      gib = (f"{r['total_gib']:.2f}+ of {r['chip_gib']:.0f} (XLA: temporaries "
+             f"{f['temporaries_gib']:.2f} of {f['available_gib']:.2f})")
     rows.append(
         f"| {name} | {model} | {method} | {r['batch']} x {r['seq']} | {r['topology']} ({mesh}) | "
-        f"{r['total_gib']:.2f} of {r['chip_gib']:.0f} | {'yes' if r['fits'] else '**no**'} | "
-        f"{'' if big is None else big['shape'] + ' ' + format(big['gib'], '.2f')} | "
+        f"{gib} | {'yes' if r['fits'] else '**no**'} | "
+        f"{'unknown (refused)' if big is None else big['shape'] + ' ' + format(big['gib'], '.2f')} | "
         f"{_cell(r['tokens_per_sec_per_chip'], '{:.0f}')} | {_cell(r['mfu'], '{:.0%}')} |")
   return "\n".join(rows)
 

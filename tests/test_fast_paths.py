@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import optim, peft, quant
 from jaxft.models import llama, ops
@@ -242,3 +243,17 @@ def test_bf16_full_fine_tuning_keeps_the_state_dtypes():
   dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
   assert dtypes(new["trainable"]) == dtypes(state["trainable"])
   assert dtypes(new["opt_state"]) == dtypes(state["opt_state"])
+
+
+def test_remat_offload_gives_the_gradients_of_full():
+  """model.remat=offload (layer inputs saved to host memory) recomputes what full does."""
+
+  def body(x, w):
+    return jnp.tanh(checkpoint_name(x, "layer_input") @ w), None
+
+  def grads(remat):
+    f = llama._remat(CFG.replace(remat=remat), body)
+    return jax.jit(jax.grad(lambda ws, x: jax.lax.scan(f, x, ws)[0].sum()))(
+        0.1 * jnp.ones((3, 8, 8)), jnp.ones((4, 8)))
+
+  np.testing.assert_allclose(grads("offload"), grads("full"), rtol=1e-6)

@@ -12,6 +12,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as cc
 
 from conftest import ROOT, tiny_config
+from jaxft import plan as plan_lib
 
 # libtpu lives outside the test venv, in ROOT/.libtpu (tools/install_test_deps.sh puts it there):
 # installed into the venv it makes every CPU-only jax process probe for a TPU and print errors.
@@ -88,6 +89,53 @@ def test_a_plan_that_does_not_fit_exits_1_with_the_knobs():
   assert r.returncode == 1, r.stderr[-3000:]
   assert "DOES NOT FIT" in r.stdout
   assert "--config.model.remat=full" in r.stdout and "--config.data.max_len=32" in r.stdout
+
+
+# XLA's TPU compiler refusing Llama-3-70B QLoRA at batch 8 x 2048 on v5e:2x2 (libtpu 0.0.42)
+_XLA_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+            "temporaries (17.01G) exceeds available HBM (15.75G).")
+
+
+def test_xla_refusing_a_program_for_memory_reads_as_its_sizes():
+  needed, available = plan_lib.refused_for_memory("jax.errors.JaxRuntimeError: " + _XLA_OOM)
+  assert needed == pytest.approx(17.01 * 2**30) and available == pytest.approx(15.75 * 2**30)
+  assert plan_lib.refused_for_memory("RESOURCE_EXHAUSTED: something else") is None
+  assert plan_lib.refused_for_memory("INVALID_ARGUMENT: (17.01G) (15.75G)") is None
+
+
+def test_the_knobs_table_names_batch_accum_remat_mesh_and_seq():
+  r = {"batch": 8, "accum": 1, "remat": "full", "seq": 2048, "quant": "nf4", "method": "lora",
+       "chips": 4, "mesh": {"data": 2, "fsdp": 2, "tensor": 1}}
+  rows = {k: (now, try_) for k, now, try_ in plan_lib.knobs(r)}
+  assert list(rows)[:5] == ["batch", "accum", "remat", "mesh", "seq"]
+  assert rows["batch"] == ("8 rows", "--config.data.batch_size=4")
+  assert rows["accum"][1].startswith("--config.optim.accum_steps=2")
+  assert rows["remat"][1].startswith("--config.model.remat=offload")
+  assert rows["mesh"] == ("data=2, fsdp=2, tensor=1",
+                          "--config.mesh.fsdp=-1 --config.mesh.data=1 (shard every weight over "
+                          "all chips)")
+  assert rows["seq"][1].startswith("--config.data.max_len=1024")
+  # one row per chip already: no accumulation left to turn
+  assert dict((k, t) for k, _, t in plan_lib.knobs(dict(r, batch=4)))["accum"] == ""
+
+
+@pytest.mark.slow
+def test_a_program_xla_refuses_for_memory_is_reported_as_not_fitting(tmp_path):
+  libtpu = _libtpu_dir()
+  model = _config_only_checkpoint(str(tmp_path / "model"))
+  r = _plan(["--config=configs/quickstart.py", "--topology=v5e:2x2", "--time=false",
+             f"--config.model.path={model}", "--config.model.dtype=bfloat16",
+             "--config.model.param_dtype=bfloat16", "--config.data.max_len=256",
+             "--config.data.batch_size=65536", "--config.mesh.data=1", "--config.mesh.fsdp=-1"],
+            libtpu)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  assert "DOES NOT FIT (XLA refused the program" in r.stdout
+  assert "of the 15.75 GiB it may use" in r.stdout
+  for knob in ("batch", "accum", "remat", "mesh", "seq"):
+    assert f"\n    {knob} " in r.stdout
+  assert "--config.data.batch_size=32768" in r.stdout
+  assert "--config.data.max_len=128" in r.stdout
 
 
 @pytest.fixture

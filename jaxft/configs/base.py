@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.model.dtype = "float32"       # compute dtype of matmuls (float32 | bfloat16)
   c.model.param_dtype = "float32" # storage dtype of float parameters
   c.model.quant = "none"          # none | int8 | nf4: how the frozen base kernels are stored
-  c.model.remat = "none"          # none | full | dots | auto (dots on CPU, full on accelerators): activation rematerialisation per layer
+  c.model.remat = "none"          # none | full | dots | offload | auto (dots on CPU, full on accelerators): activation rematerialisation per layer
   c.model.attention = "auto"      # auto | einsum | xla | cudnn (auto: cuDNN on GPUs in bf16)
   c.model.router_aux_coef = -1.0  # mixture of experts: weight of the load-balancing loss; -1 = the
                                   # checkpoint's router_aux_loss_coef (the preset's; 0 for dense)

@@ -37,7 +37,7 @@ class ModelConfig:
   # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: str = "none"  # none | full | dots | auto (see llama._remat)
+  remat: str = "none"  # none | full | dots | offload | auto (see llama._remat)
   attention: str = "auto"  # auto | einsum | xla | cudnn | splash (see llama.attention_impl)
   # Family features (Qwen3, Gemma 2/3); the defaults are Llama's. Read by the one decoder.
   qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Gemma 3)
@@ -64,8 +64,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads={self.num_heads} is not a multiple of "
                         f"num_kv_heads={self.num_kv_heads}")
-    if self.remat not in ("none", "full", "dots", "auto"):
-      raise ConfigError(f"model.remat={self.remat!r}: expected none, full, dots or auto")
+    if self.remat not in ("none", "full", "dots", "offload", "auto"):
+      raise ConfigError(f"model.remat={self.remat!r}: expected none, full, dots, offload or auto")
     if self.attention not in ("auto", "einsum", "xla", "cudnn", "splash"):
       raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla, cudnn "
                         "or splash")

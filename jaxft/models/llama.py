@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import target
 from jaxft.models import attention_kernels
@@ -272,12 +273,20 @@ def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
   keeps the outputs of the linear layers (tagged "linear" by `matmul`) and recomputes the rest
   (norms, activations, attention); auto is dots in programs built for CPU (jaxft.target) and full
   on accelerators, where dots kept 25 GB per chip for Llama-3-8B at batch 8 x 2048 on four 16 GB
-  v5e chips and full fits (`python -m jaxft.plan` shows what a config needs)."""
+  v5e chips and full fits (`python -m jaxft.plan` shows what a config needs); offload is full with
+  each layer's input (named "layer_input" in the scan body) kept in the host's memory instead of
+  the chip's (`save_and_offload_only_these_names`; accelerators only): the saved inputs of all
+  layers, [layers, rows, T, hidden], are the largest buffer of a long or deep step."""
   remat = remat_policy(cfg)
   if remat == "full":
     return jax.checkpoint(fn)
   if remat == "dots":
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names("linear"))
+  if remat == "offload":
+    policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host")
+    return jax.checkpoint(fn, policy=policy)
   return fn
 
 
@@ -331,6 +340,7 @@ def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jnp.ndarr
 
   def body(x, xs):
     p, layer_rng, layer_cache, sliding = xs
+    x = checkpoint_name(x, "layer_input")  # what remat=offload keeps, in host memory
     m, freq = mask, inv_freq
     if sliding is not None:  # Gemma 2/3: this layer's mask (and RoPE base, rope_local_theta)
       m = jnp.where(sliding, local[0], mask)

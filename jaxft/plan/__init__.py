@@ -220,23 +220,68 @@ def _peak(device, config) -> float | None:
   return per * 1e12 if per > 0 else flops.peak_flops(device.device_kind)
 
 
-def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
-  """The plan's figures (per chip unless named otherwise) as a JSON-able dict; `secs` is the
-  estimated step time (estimate_seconds) or None."""
-  device = ab.mesh.devices.flat[0]
-  chips = ab.mesh.size
-  mem = compiled.memory_analysis()
-  hlo = compiled.as_text()
+def _state_parts(ab: Abstract) -> dict:
+  """Bytes per chip of the frozen params, trainable params and optimizer state (from shapes)."""
   trainable = ab.state["trainable"]
   opt = {k: v for k, v in ab.state.items() if k != "trainable"}
-  parts = {
+  return {
       "frozen_params": per_chip_bytes(ab.frozen, ab.frozen_shardings),
       "trainable_params": per_chip_bytes(trainable, ab.state_shardings["trainable"]),
       "optimizer_state": per_chip_bytes(opt, {k: ab.state_shardings[k] for k in opt}),
-      "temporaries": int(mem.temp_size_in_bytes),
   }
+
+
+def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
+  """The plan's figures (per chip unless named otherwise) as a JSON-able dict; `secs` is the
+  estimated step time (estimate_seconds) or None."""
+  mem = compiled.memory_analysis()
+  parts = dict(_state_parts(ab), temporaries=int(mem.temp_size_in_bytes))
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  r = _figures(config, ab, parts, total, largest_buffers(compiled.as_text()), secs)
+  # what XLA placed in the host's memory (remat=offload's saved layer inputs), not in the chip's
+  r["host_gib"] = getattr(mem, "host_temp_size_in_bytes", 0) / _GIB
+  return r
+
+
+# XLA's TPU compiler refusing a program for memory, e.g. "RESOURCE_EXHAUSTED: Ran out of memory in
+# memory space hbm. ... the total memory required for HLO temporaries (17.01G) exceeds available
+# HBM (15.75G)." Its sizes are in GiB (15.75G is v5e's 16 GiB less what the runtime reserves).
+_REFUSED = re.compile(r"required for (?:HLO )?temporaries \(([\d.]+)([KMGT])i?B?\) exceeds "
+                      r"available \w+ \(([\d.]+)([KMGT])i?B?\)")
+_UNIT = {"K": 2.0 ** 10, "M": 2.0 ** 20, "G": 2.0 ** 30, "T": 2.0 ** 40}
+
+
+def refused_for_memory(message: str) -> tuple[float, float] | None:
+  """(bytes of temporaries required, bytes available) from XLA's out-of-memory refusal, or None
+  when `message` is not one (or does not give those sizes)."""
+  if "RESOURCE_EXHAUSTED" not in message:
+    return None
+  m = _REFUSED.search(message)
+  if m is None:
+    return None
+  return float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)]
+
+
+def refused_report(config, ab: Abstract, message: str, needed: float, available: float) -> dict:
+  """The plan of a step XLA refused to compile for memory: the parameter and optimizer figures
+  (from shapes), the temporaries XLA said it needed, fits False, and `refused` (XLA's words).
+  XLA lists no buffers then, so `largest_buffers` is empty."""
+  parts = dict(_state_parts(ab), temporaries=int(needed))
+  total = sum(parts.values())
+  r = _figures(config, ab, parts, total, [], None)
+  r["fits"] = False
+  r["refused"] = {"temporaries_gib": needed / _GIB, "available_gib": available / _GIB,
+                  "short_gib": (total - available) / _GIB,  # with the params and state
+                  "message": message.strip().splitlines()[0][:500]}
+  return r
+
+
+def _figures(config, ab: Abstract, parts: dict, total: float, buffers: list,
+             secs: float | None) -> dict:
+  device = ab.mesh.devices.flat[0]
+  chips = ab.mesh.size
+  trainable = ab.state["trainable"]
   hbm = chip_memory_gib(device)
   T, rows = config.data.max_len, config.data.batch_size
   window = ab.cfg.sliding_window
@@ -256,7 +301,7 @@ def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
       "batch": rows, "accum": config.optim.accum_steps, "seq": T,
       "gib": {k: v / _GIB for k, v in parts.items()}, "total_gib": total / _GIB,
       "chip_gib": hbm, "fits": None if hbm is None else total / _GIB <= hbm,
-      "largest_buffers": largest_buffers(hlo),
+      "largest_buffers": buffers,
       "flops_per_step": step_flops, "flops_per_chip": step_flops / chips,
       "xla_step_seconds": secs,
       "tokens_per_sec_per_chip": tok,
@@ -270,21 +315,36 @@ def config_topology(ab: Abstract) -> str:
   return f"{d.platform} x{ab.mesh.size}"
 
 
-def knobs(r: dict) -> list[str]:
-  """What to turn when the plan does not fit, the likeliest first."""
-  out = []
-  if r["remat"] != "full":
-    out.append("--config.model.remat=full (keep only each layer's input for the backward)")
-  if r["batch"] // r["accum"] > r["mesh"]["data"] * r["mesh"]["fsdp"]:
-    out.append(f"--config.optim.accum_steps={2 * r['accum']} (same batch, half the rows at once)"
-               f" or a smaller --config.data.batch_size")
-  if r["mesh"]["fsdp"] < r["chips"]:
-    out.append("--config.mesh.fsdp=-1 --config.mesh.data=1 (shard every weight over all chips)")
+def knobs(r: dict) -> list[tuple[str, str, str]]:
+  """What to turn when the plan does not fit: (knob, its value now, what to try), one row for each
+  of batch, accum, remat, mesh and seq (try is '' where nothing is left to turn), then the chips."""
+  mesh, rows = r["mesh"], r["batch"] // r["accum"]
+  remat = ("--config.model.remat=offload (layer inputs in host memory)" if r["remat"] == "full"
+           else "--config.model.remat=full (keep only each layer's input for the backward)"
+           if r["remat"] != "offload" else "")
+  accum = (f"--config.optim.accum_steps={2 * r['accum']} (same batch, half the rows at once)"
+           if rows % 2 == 0 and rows // 2 >= mesh["data"] * mesh["fsdp"] else "")
+  out = [
+      ("batch", f"{r['batch']} rows", f"--config.data.batch_size={max(1, r['batch'] // 2)}"
+       if r["batch"] > 1 else ""),
+      ("accum", f"{r['accum']} micro-batches", accum),
+      ("remat", r["remat"], remat),
+      ("mesh", ", ".join(f"{a}={n}" for a, n in mesh.items()),
+       "--config.mesh.fsdp=-1 --config.mesh.data=1 (shard every weight over all chips)"
+       if mesh["fsdp"] < r["chips"] else ""),
+      ("seq", f"{r['seq']} tokens", f"--config.data.max_len={r['seq'] // 2} (shorter rows)"),
+  ]
   if r["quant"] == "none" and r["method"] != "full":
-    out.append("--config.model.quant=nf4 (a 4-bit base: QLoRA)")
-  out.append(f"--config.data.max_len={r['seq'] // 2} (shorter rows)")
-  out.append("more chips (a larger --topology)")
+    out.append(("quant", "none", "--config.model.quant=nf4 (a 4-bit base: QLoRA)"))
+  out.append(("chips", str(r["chips"]), "more chips (a larger --topology)"))
   return out
+
+
+def knobs_table(r: dict) -> list[str]:
+  """knobs(r) as aligned text lines."""
+  rows = [("knob", "now", "try")] + knobs(r)
+  w0, w1 = (max(len(row[i]) for row in rows) for i in (0, 1))
+  return [f"    {k:<{w0}}  {now:<{w1}}  {try_ or '-'}" for k, now, try_ in rows]
 
 
 def _fmt(x, spec="{:.2f}", none="unknown"):
@@ -306,7 +366,8 @@ def format_report(r: dict) -> str:
       f"  optimizer state   {g['optimizer_state']:9.3f} GiB",
       f"  temporaries       {g['temporaries']:9.3f} GiB",
       f"  total             {r['total_gib']:9.3f} GiB of {_fmt(r['chip_gib'], '{:.2f}')} GiB: "
-      + {True: "fits", False: "DOES NOT FIT", None: "chip memory unknown"}[r["fits"]],
+      + {True: "fits", False: "DOES NOT FIT", None: "chip memory unknown"}[r["fits"]]
+      + (f" (and {r['host_gib']:.3f} GiB in host memory)" if r.get("host_gib") else ""),
       "  largest buffers:  " + "; ".join(f"{b['shape']} {b['op']} {b['gib']:.2f} GiB"
                                          for b in r["largest_buffers"][:4]),
       f"  FLOPs per step    {r['flops_per_step']:.4g} (jaxft's model count, "
@@ -316,8 +377,16 @@ def format_report(r: dict) -> str:
       f"  tokens/s per chip {_fmt(r['tokens_per_sec_per_chip'], '{:.0f}')} (model estimate)",
       f"  MFU               {_fmt(r['mfu'], '{:.1%}')} (model estimate)",
   ]
+  if r.get("refused"):
+    f = r["refused"]
+    lines[6] = (f"  total             {r['total_gib']:9.3f} GiB or more: DOES NOT FIT (XLA refused the "
+                f"program: its temporaries need {f['temporaries_gib']:.2f} GiB of the "
+                f"{f['available_gib']:.2f} GiB it may use; with the parameters and optimizer "
+                f"state at least {f['short_gib']:.2f} GiB short)")
+    lines[7] = "  largest buffers:  unknown (XLA lists none for a program it refuses)"
   if r["fits"] is False:
-    lines.append("  to fit, turn one of: " + "; ".join(knobs(r)))
+    lines.append("  to fit, turn one of:")
+    lines += knobs_table(r)
   return "\n".join(lines)
 
 
@@ -328,9 +397,17 @@ def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
   memory_gib > 0 replaces the chip's memory (a chip the table does not know, or a share of one)."""
   devices = topology_devices(topology, chips)
   ab = build(config, devices)
-  secs = estimate_seconds(config, devices) if time else None
-  r = report(config, ab, compile_step(ab), secs)
-  if memory_gib > 0:
+  try:
+    compiled = compile_step(ab)
+  except jax.errors.JaxRuntimeError as e:
+    sizes = refused_for_memory(str(e))
+    if sizes is None:
+      raise
+    r = refused_report(config, ab, str(e), *sizes)
+  else:
+    secs = estimate_seconds(config, devices) if time else None
+    r = report(config, ab, compiled, secs)
+  if memory_gib > 0 and not r.get("refused"):
     r["chip_gib"], r["fits"] = memory_gib, r["total_gib"] <= memory_gib
   r["topology"] = topology if not chips else f"{topology} (first {chips} chips)"
   return r

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.quant.blockwise8 import Blockwise8, quantize_blockwise8
-from jaxft.quant.qtensor import QTensor, block_max, bucket, expand_blocks, materialize
+from jaxft.quant.qtensor import QTensor, block_max, bucket, expand_blocks, lookup, materialize
 
 # bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
 NF4_CODE = np.asarray([
@@ -61,7 +61,7 @@ class NF4Tensor(QTensor):
     product is float32, as in bitsandbytes, then cast."""
     q = self.unpacked_codes()
     absmax = materialize(self.scale, jnp.float32)
-    w = jnp.take(jnp.asarray(NF4_CODE), q.astype(jnp.int32), axis=0)
+    w = lookup(q, NF4_CODE)  # fused selects, not a gather (see qtensor.lookup)
     w = w * expand_blocks(absmax, self.block, -2, q.shape[-2])
     return w.astype(self.dtype if dtype is None else dtype)
 
