@@ -78,6 +78,7 @@ def test_attention_matches_reference_with_gqa_packing_and_window(impl, blocks):
   _close(ours, ref)
 
 
+@pytest.mark.slow
 def test_rms_norm_and_swiglu_backward_match_autodiff():
   k = _keys(4)
   x, s = jax.random.normal(k[0], (3, 5, 16)), jax.random.normal(k[1], (16,))

@@ -156,6 +156,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
   assert np.isfinite(k2)[0].tolist() == [False, True, False, True]
 
 
+@pytest.mark.slow
 def test_stops_at_eos_and_stop_strings():
   base = _base(CFG)
   prompts = _prompts()

@@ -44,6 +44,7 @@ def _load(d, cfg=None, **kw):
   return cfg, hf.load_params(d, cfg, one_device_shardings(cfg), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(tiny, kind, tmp_path, capfd):
   import transformers
@@ -106,6 +107,7 @@ def test_read_config_qwen2_sliding_window(tmp_path):
     hf.read_config(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_sharded_bf16_checkpoint(tmp_path):
   """An index over several files, bf16 on disk: loads, cast to the configured param dtype."""
   import jax.numpy as jnp

@@ -80,6 +80,7 @@ def test_targets_resolution():
     peft.match_targets("qproj", CFG)
 
 
+@pytest.mark.slow
 def test_lora_partition_counts_and_step0_logits():
   method = peft.from_config(lora_cfg(targets="all-linear"), CFG)
   trainable, frozen = setup(method)
@@ -130,6 +131,7 @@ def test_training_touches_only_trainable_and_opt_state_mirrors_it(name):
   assert any(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow
 def test_packed_and_padded_batches_give_the_same_loss():
   method = peft.from_config(lora_cfg(), CFG)
   trainable, frozen = setup(method)

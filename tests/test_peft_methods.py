@@ -121,6 +121,7 @@ def _logits_jnp(params, method, ids):
   return llama.logits(CFG, params, h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kw", [
     ("lora", {}), ("dora", {}), ("dora", {"lora.rslora": True}),
     ("adapter", {"adapter.placement": "houlsby", "adapter.activation": "gelu"}),

@@ -58,6 +58,7 @@ def test_dynamic_code_is_bitsandbytes():
   np.testing.assert_allclose(quant.DYNAMIC_CODE, bnbf.create_dynamic_map().numpy(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dist", ["normal", "student_t"])
 def test_double_quantization_error_within_qlora_bound(dist):
   """QLoRA's double quantization stores each block absmax c as 8-bit dynamic code * c2 + mean,
@@ -152,6 +153,7 @@ def test_node_passes_through_jit_scan_and_per_layer_stacking(kind):
   np.testing.assert_array_equal(q2.dequantize()[0], full[2])
 
 
+@pytest.mark.slow
 def test_orbax_saves_and_restores_a_quantized_tree(tmp_path):
   import orbax.checkpoint as ocp
   tree = {"nf4": quant.quantize(jnp.asarray(matrix("normal", (2, 128, 64))), "nf4"),
@@ -165,6 +167,7 @@ def test_orbax_saves_and_restores_a_quantized_tree(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back, tree)
 
 
+@pytest.mark.slow
 def test_lora_merge_uses_the_dequantized_float32_base():
   from jaxft.peft import LoRA
   w = jnp.asarray(matrix("normal", (2, 64, 32)))
