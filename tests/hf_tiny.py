@@ -97,6 +97,33 @@ def one_device_shardings(cfg):
                       is_leaf=llama.is_spec)
 
 
+def load_tiny(directory: str, cfg=None, **kw):
+  """(cfg, params) of the HF checkpoint in `directory` on one device; kw go to hf.load_params."""
+  from jaxft.models import hf
+  cfg = cfg or hf.read_config(directory)
+  return cfg, hf.load_params(directory, cfg, one_device_shardings(cfg), **kw)
+
+
+def check_written_back(cfg, params, model, ids: np.ndarray, ref: np.ndarray, out: str,
+                       capfd) -> None:
+  """jaxft writes `params` back as an HF checkpoint in `out`: its config reads back as `cfg`, and
+  transformers loads it as `model`'s class with no tensor missing, unexpected or misshapen and
+  gives the logits `ref` (within 1e-6) without a load report."""
+  import os
+  import transformers
+  from jaxft.models import hf
+  os.makedirs(out)
+  hf.write_checkpoint(out, cfg, params, "float32")
+  assert hf.read_config(out) == cfg
+  capfd.readouterr()
+  back, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32",
+                                                                  output_loading_info=True)
+  assert type(back) is type(model)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert "LOAD REPORT" not in capfd.readouterr().err
+  assert rel_err(torch_logits(back.eval(), ids), ref) < 1e-6
+
+
 def check_sharded_load(directory: str, model, ids: np.ndarray, tmp_path, kernel_shard: tuple,
                        extra_checks: str = "") -> None:
   """Loads the HF checkpoint in `directory` straight onto a data x fsdp x tensor mesh of 8 forced

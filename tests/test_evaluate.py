@@ -80,7 +80,7 @@ def test_quickstart_writes_samples_report_and_curve(quickstart):
   with open(os.path.join(wd, evaluation.REPORT), encoding="utf-8") as f:
     report = f.read()
   assert "| exact_match |" in report
-  assert f"| 0 | user: Give the capital of Spain. | Madrid. | " in report
+  assert "| 0 | user: Give the capital of Spain. | Madrid. | " in report
   with open(os.path.join(wd, curves.LOSS_CURVE), "rb") as f:
     png = f.read()
   assert png.startswith(b"\x89PNG") and len(png) > 5000

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from hf_tiny import (check_sharded_load, jaxft_logits, make_tiny, one_device_shardings, rel_err,
-                     torch_logits)
+from hf_tiny import (check_sharded_load, check_written_back, jaxft_logits, load_tiny, make_tiny,
+                     rel_err, torch_logits)
 from jaxft import configlib, decode, export, peft, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf
@@ -37,33 +37,19 @@ def _ids(t=12, vocab=128, batch=2, seed=0):
   return np.random.RandomState(seed).randint(0, vocab, (batch, t))
 
 
-def _load(d, cfg=None, **kw):
-  cfg = cfg or hf.read_config(d)
-  return cfg, hf.load_params(d, cfg, one_device_shardings(cfg), **kw)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,over", VARIANTS,
                          ids=[f"{k}-{i}" for i, (k, _) in enumerate(VARIANTS)])
 def test_logits_match_transformers(kind, over, tmp_path, capfd):
-  import transformers
   d = str(tmp_path / "src")
   model = make_tiny(kind, d, seed=len(over), **over)
   ids = _ids(t=13)
   ref = torch_logits(model, ids)
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   assert rel_err(jaxft_logits(cfg, params, ids), ref) < 1e-4
   # written back, transformers reads the same model with no weight left out or over
-  out = str(tmp_path / "out")
-  os.makedirs(out)
-  hf.write_checkpoint(out, cfg, params, "float32")
-  assert hf.read_config(out) == cfg
-  capfd.readouterr()
-  back, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32",
-                                                                  output_loading_info=True)
-  assert type(back) is type(model)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  assert rel_err(torch_logits(back.eval(), ids), ref) < 1e-6
+  check_written_back(cfg, params, model, ids, ref, str(tmp_path / "out"), capfd)
   # Each feature is exercised: without it the logits would differ.
   off = {"qwen3": dict(qk_norm=False),
          "gemma2": dict(attn_softcap=None, query_pre_attn_scalar=None)}.get(kind, dict(rope_local_theta=None))
@@ -144,7 +130,7 @@ def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
   d = str(tmp_path / "m")
   model = make_tiny(kind, d)
   model.generation_config.eos_token_id = None
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   prompts = [np.asarray(p, np.int32) for p in (_ids(3, seed=1)[0], _ids(9, seed=2)[0])]
   got = decode.generate(cfg, peft.Method(), params, prompts, max_new_tokens=10)
   for prompt, g in zip(prompts, got):

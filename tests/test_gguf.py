@@ -188,7 +188,7 @@ def test_smollm2_config_runs_end_to_end_on_a_truncated_copy(files, tmp_path):
   the merged HF export and the PEFT adapter load in transformers and PEFT with the GGUF's
   byte-level BPE tokenizer and ChatML template, and agree with each other."""
   import transformers
-  from jaxft import configlib, session
+  from jaxft import session
   from jaxft.data import bundled, pipeline
   wd = str(tmp_path / "run")
   common = [f"--config.model.path={files['trunc']}", "--config.model.dtype=float32",

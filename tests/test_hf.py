@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from hf_tiny import (check_sharded_load, jaxft_logits, make_tiny, one_device_shardings, rel_err,
-                     torch_logits)
+from hf_tiny import (check_sharded_load, check_written_back, jaxft_logits, load_tiny, make_tiny,
+                     one_device_shardings, rel_err, torch_logits)
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import hf
 
@@ -39,30 +39,16 @@ def _ids(t=12, vocab=128, batch=2):
   return np.random.RandomState(0).randint(0, vocab, (batch, t))
 
 
-def _load(d, cfg=None, **kw):
-  cfg = cfg or hf.read_config(d)
-  return cfg, hf.load_params(d, cfg, one_device_shardings(cfg), **kw)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(tiny, kind, tmp_path, capfd):
-  import transformers
   d, model = tiny(kind)
   ids = _ids()
   ref = torch_logits(model, ids)
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   assert rel_err(jaxft_logits(cfg, params, ids), ref) < 1e-4
   # ... and written back, transformers reads the same model, with no weight left out or over.
-  hf.write_checkpoint(str(tmp_path), cfg, params, "float32")
-  assert hf.read_config(str(tmp_path)) == cfg
-  capfd.readouterr()
-  back, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype="float32",
-                                                                  output_loading_info=True)
-  assert type(back) is type(model)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  assert "LOAD REPORT" not in capfd.readouterr().err
-  assert rel_err(torch_logits(back.eval(), ids), ref) < 1e-6
+  check_written_back(cfg, params, model, ids, ref, str(tmp_path / "out"), capfd)
   # The feature each architecture brings is exercised: without it the logits would differ.
   if kind == "llama":
     assert cfg.num_kv_heads < cfg.num_heads and dict(cfg.rope_scaling)["rope_type"] == "llama3"
@@ -117,8 +103,8 @@ def test_sharded_bf16_checkpoint(tmp_path):
   assert len([n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]) > 2
   assert hf.checkpoint_dtype(str(tmp_path)) == "bfloat16"
   cfg = hf.read_config(str(tmp_path))
-  _, p16 = _load(str(tmp_path), cfg.replace(param_dtype="bfloat16"))
-  _, p32 = _load(str(tmp_path), cfg)
+  _, p16 = load_tiny(str(tmp_path), cfg.replace(param_dtype="bfloat16"))
+  _, p32 = load_tiny(str(tmp_path), cfg)
   assert p16["layers"]["q_proj"]["kernel"].dtype == jnp.bfloat16
   assert p32["layers"]["q_proj"]["kernel"].dtype == jnp.float32
   want = model.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
@@ -138,8 +124,8 @@ def test_quantized_as_loaded(tiny, kind):
   import jax
   from jaxft import quant
   d, _ = tiny("llama")
-  cfg, ref = _load(d)
-  _, q = _load(d, quant_kind=kind)
+  cfg, ref = load_tiny(d)
+  _, q = load_tiny(d, quant_kind=kind)
   assert all(quant.is_quantized(q["layers"][n]["kernel"]) for n in ("q_proj", "down_proj"))
   got = q["layers"]["down_proj"]["kernel"]
   want = jax.lax.map(lambda w: quant.quantize(w, kind), ref["layers"]["down_proj"]["kernel"])
@@ -266,7 +252,7 @@ def test_missing_tensor(tiny, tmp_path):
   d = _copy(tiny("llama")[0], tmp_path / "m")
   _rewrite(d, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
   with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.self_attn\.k_proj\.weight is missing"):
-    _load(d)
+    load_tiny(d)
 
 
 def test_unexpected_tensor(tiny, tmp_path):
@@ -274,7 +260,7 @@ def test_unexpected_tensor(tiny, tmp_path):
   _rewrite(d, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}))
   with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor "
                      r"model\.layers\.0\.self_attn\.o_proj\.bias"):
-    _load(d)
+    load_tiny(d)
 
 
 def test_wrong_shape(tiny, tmp_path):
@@ -282,7 +268,7 @@ def test_wrong_shape(tiny, tmp_path):
   _rewrite(d, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((80, 64), np.float32)}))
   with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.0\.mlp\.up_proj"
                      r"\.weight has shape \[80, 64\], expected \[96, 64\]"):
-    _load(d)
+    load_tiny(d)
 
 
 class _Trap:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_tiny import jaxft_logits, make_tiny, one_device_shardings, rel_err, torch_logits
+from hf_tiny import check_written_back, jaxft_logits, load_tiny, make_tiny, rel_err, torch_logits
 from jaxft import configlib, decode, export, peft, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
@@ -37,10 +37,6 @@ def _ids(t=12, vocab=128, batch=2, seed=0):
   return np.random.RandomState(seed).randint(0, vocab, (batch, t))
 
 
-def _load(d, **kw):
-  cfg = hf.read_config(d)
-  return cfg, hf.load_params(d, cfg, one_device_shardings(cfg), **kw)
-
 
 def _batch(ids, pad=0):
   """A batch whose inputs are `ids` (every position, as transformers sees them) and whose
@@ -59,36 +55,26 @@ def _batch(ids, pad=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,over", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("kind,over", VARIANTS[1:], ids=IDS[1:])
 def test_logits_match_transformers(kind, over, tmp_path, capfd):
-  import transformers
   d = str(tmp_path / "src")
   model = make_tiny(kind, d, seed=len(over), **over)
   ids = _ids(t=13)
   ref = torch_logits(model, ids)
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   assert cfg.num_experts == model.config.num_experts_per_tok * 0 + (
       over.get("num_local_experts") or over.get("num_experts") or 4)
   assert params["layers"]["gate_proj"]["kernel"].shape[:2] == (cfg.num_layers, cfg.num_experts)
   assert rel_err(jaxft_logits(cfg, params, ids), ref) < 1e-4
   # written back (per-expert tensors, as the hub's checkpoints), transformers reads the same model
-  out = str(tmp_path / "out")
-  os.makedirs(out)
-  hf.write_checkpoint(out, cfg, params, "float32")
-  assert hf.read_config(out) == cfg
-  capfd.readouterr()
-  back, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32",
-                                                                  output_loading_info=True)
-  assert type(back) is type(model)
-  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-  assert rel_err(torch_logits(back.eval(), ids), ref) < 1e-6
+  check_written_back(cfg, params, model, ids, ref, str(tmp_path / "out"), capfd)
   if kind == "qwen3_moe":  # the renormalisation is exercised: flipped, the logits differ
     flipped = cfg.replace(norm_topk_prob=not cfg.norm_topk_prob)
     assert rel_err(jaxft_logits(flipped, params, ids), ref) > 1e-3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,over", [VARIANTS[0], VARIANTS[4]], ids=[IDS[0], IDS[4]])
+@pytest.mark.parametrize("kind,over", [VARIANTS[4]], ids=[IDS[4]])
 def test_router_and_aux_loss_match_transformers(kind, over, tmp_path):
   """Router logits of every layer, the load-balancing loss (with padding masked out, as
   transformers' attention_mask does) and the objective's loss (cross-entropy + coef * aux) equal
@@ -96,7 +82,7 @@ def test_router_and_aux_loss_match_transformers(kind, over, tmp_path):
   import torch
   d = str(tmp_path / "m")
   model = make_tiny(kind, d, router_aux_loss_coef=0.05, **over)
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   assert cfg.router_aux_coef == 0.05
   ids, pad = _ids(t=10), 3
   mask = np.ones_like(ids)
@@ -148,7 +134,7 @@ def test_targets_reach_the_experts(tmp_path):
 def test_lora_gradient_on_every_expert_that_received_tokens(tmp_path):
   d = str(tmp_path / "m")
   make_tiny("mixtral", d, num_local_experts=8, num_experts_per_tok=1)
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   method = peft.LoRA(targets=match_targets("experts,q_proj", cfg), rank=4)
   added = method.init(cfg, jax.random.key(0))
   b = _batch(_ids(t=4, batch=1))
@@ -182,13 +168,13 @@ def test_read_config_transformers4_spelling(kind, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral"])
 def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
   import torch
   d = str(tmp_path / "m")
   model = make_tiny(kind, d)
   model.generation_config.eos_token_id = None
-  cfg, params = _load(d)
+  cfg, params = load_tiny(d)
   prompts = [np.asarray(p, np.int32) for p in (_ids(3, seed=1)[0], _ids(9, seed=2)[0])]
   got = decode.generate(cfg, peft.Method(), params, prompts, max_new_tokens=8)
   for prompt, g in zip(prompts, got):
@@ -198,9 +184,11 @@ def test_cached_decoding_equals_transformers_generate(kind, tmp_path):
     np.testing.assert_array_equal(g.tokens, want)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral"])
 def lora_run(request, tmp_path_factory):
-  """A 3-step LoRA run (every linear: attention and each expert) on a tiny model of each family."""
+  """A 3-step LoRA run (every linear: attention and each expert) on a tiny Mixtral (Qwen3-MoE's
+  experts have the same fused layout and PEFT names in transformers 5; its per-expert checkpoint
+  names are checked by test_logits_match_transformers)."""
   from test_families import _family_config
   from jaxft.trainer import train
   root = tmp_path_factory.mktemp(request.param)

@@ -2,7 +2,6 @@
 same tiny transformers model, LoRA weights and tokenized batch (loss, every LoRA gradient and the
 logged rewards); ORPO and SimPO against TRL's loss functions on the same per-sequence log-probs."""
 
-import os
 import types
 
 import jax
@@ -15,7 +14,6 @@ from jaxft import objectives, peft
 from jaxft.data import preference
 from jaxft.data.formats import Example
 from jaxft.models import hf
-from jaxft.models import llama
 
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")

@@ -3,7 +3,6 @@ pytree node under jit/scan/Orbax/sharding, LoRA training on a quantized base, an
 initialising a quantized model."""
 
 import json
-import math
 import os
 import subprocess
 import sys
