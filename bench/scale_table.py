@@ -87,10 +87,10 @@ def render(results: dict) -> str:
     method = "qlora" if r["quant"] == "nf4" else r["method"]
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 chip"
     big = r["largest_buffers"][0] if r["largest_buffers"] else None
-    gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.0f}"
+    gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.2f}"
     if r.get("refused"):  # XLA refused it: its temporaries alone, no buffer list
       f = r["refused"]
-      gib = (f"{r['total_gib']:.2f}+ of {r['chip_gib']:.0f} (XLA: temporaries "
+      gib = (f"{r['total_gib']:.2f}+ of {r['chip_gib']:.2f} (XLA: temporaries "
              f"{f['temporaries_gib']:.2f} of {f['available_gib']:.2f})")
     rows.append(
         f"| {name} | {model} | {method} | {r['batch']} x {r['seq']} | {r['topology']} ({mesh}) | "

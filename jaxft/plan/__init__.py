@@ -31,10 +31,13 @@ from jaxft.models import llama, quantized
 from jaxft.models.ops import pack_frozen
 
 # Memory per chip (GiB) by device kind, matched as substrings in order (TPU topology devices do not
-# report their memory; local accelerators do, through memory_stats).
-HBM_GIB = (("TPU v6 lite", 32.0), ("TPU v6e", 32.0), ("TPU v5 lite", 16.0), ("TPU v5e", 16.0),
-           ("TPU v5p", 95.0), ("TPU v5", 95.0), ("TPU v4", 32.0), ("H200", 141.0),
-           ("H100", 80.0), ("A100", 80.0), ("L4", 24.0))
+# report their memory; local accelerators do, through memory_stats). TPUs: the HBM XLA itself may
+# use, as its compiler states when it refuses a program ("exceeds available HBM (15.75G)", libtpu
+# 0.0.42, deviceless): the chip's HBM less what the runtime reserves (v5e 16 -> 15.75, v6e 32 ->
+# 31.25; v5p 95.74; v4 15.25 per device). GPUs: the total nvidia-smi reports.
+HBM_GIB = (("TPU v6 lite", 31.25), ("TPU v6e", 31.25), ("TPU v5 lite", 15.75), ("TPU v5e", 15.75),
+           ("TPU v5p", 95.74), ("TPU v5", 95.74), ("TPU v4", 15.25), ("H200", 140.4),
+           ("H100", 79.6), ("A100", 80.0), ("L4", 22.5))
 _GIB = 2.0 ** 30
 
 
