@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib,
+from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
                    objectives, optim, peft, session, sharding, target, workdir as workdir_lib)
 from jaxft.data import pipeline, preference
 from jaxft.errors import CheckpointError
 from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
 from jaxft.metrics import MetricsWriter
+from jaxft.models import llama
 from jaxft.models.ops import pack_frozen
 from jaxft.sharding import put_batch
 from jaxft.step import StepFns, make_steps
@@ -110,7 +111,50 @@ def prepare(config, model: session.Model) -> Prepared:
   tx, steps, state_sh, train_step = build_step(config, model.cfg, method, mesh, trainable_sh,
                                                frozen_sh)
   state = init_state(tx, trainable, config.train.seed, state_sh)
+  batch = abstract_batch(config)
+
+  def measure_with(policy):
+    step = train_step if policy is None else build_step(
+        config, model.cfg.replace(remat=policy), method, mesh, trainable_sh, frozen_sh)[3]
+    return memory.measure(lambda: step.lower(state, batch, frozen).compile(),
+                          mesh.local_devices[0])
+
+  policy, _, note = fitting_remat(model.cfg, measure_with)
+  if note:
+    logging.warning("%s", note)
+  if policy == "offload" and model.cfg.remat == "auto":
+    tx, steps, state_sh, train_step = build_step(config, model.cfg.replace(remat=policy), method,
+                                                 mesh, trainable_sh, frozen_sh)
   return Prepared(frozen, state, state_sh, frozen_sh, steps, train_step)
+
+
+def abstract_batch(config) -> dict:
+  """The shapes and dtypes of the train step's batch: [accum, rows / accum, T] per field."""
+  accum, rows, T = config.optim.accum_steps, config.data.batch_size, config.data.max_len
+  return {k: jax.ShapeDtypeStruct((accum, rows // accum, T),
+                                  jnp.float32 if k == "weights" else jnp.int32)
+          for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
+
+
+def fitting_remat(cfg, measure_with: Callable[[str | None], memory.Measured]):
+  """model.remat=auto on an accelerator: full rematerialisation, unless the step compiled with it
+  does not fit the chip's memory and with remat=offload (each layer's saved input kept in host
+  memory) it does. `measure_with(policy)` compiles the step with that policy (None: as configured)
+  and measures it (memory.measure). Returns (policy, its Measured, a note for the log and the plan
+  ('' when auto had nothing to choose)); (cfg.remat, None, '') without compiling anything for an
+  explicit policy and on CPU, where auto is dots."""
+  if cfg.remat != "auto" or llama.remat_policy(cfg) != "full":
+    return cfg.remat, None, ""
+  full = measure_with(None)
+  if full.fits is not False:
+    return "full", full, ""
+  off = measure_with("offload")
+  if off.fits:
+    return "offload", off, (f"model.remat=auto chose offload (each layer's saved input in host "
+                            f"memory): with full the step does not fit ({full.describe()}); with "
+                            f"offload it needs {off.describe()}")
+  return "full", full, (f"model.remat=auto: the step fits neither with full ({full.describe()}) "
+                        f"nor with offload ({off.describe()})")
 
 
 def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):

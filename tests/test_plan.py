@@ -12,7 +12,8 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as cc
 
 from conftest import ROOT, tiny_config
-from jaxft import plan as plan_lib
+from jaxft import memory, plan as plan_lib, target, trainer
+from jaxft.models.config import ModelConfig
 
 # libtpu lives outside the test venv, in ROOT/.libtpu (tools/install_test_deps.sh puts it there):
 # installed into the venv it makes every CPU-only jax process probe for a TPU and print errors.
@@ -44,11 +45,11 @@ def _plan(args, libtpu=None, timeout=900):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def _config_only_checkpoint(directory):
+def _config_only_checkpoint(directory, layers=2):
   """An HF model directory with config.json alone: no weights file exists to be read."""
   os.makedirs(directory)
   cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
-         "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+         "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": layers,
          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
          "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
   with open(os.path.join(directory, "config.json"), "w") as f:
@@ -136,6 +137,62 @@ def test_a_program_xla_refuses_for_memory_is_reported_as_not_fitting(tmp_path):
     assert f"\n    {knob} " in r.stdout
   assert "--config.data.batch_size=32768" in r.stdout
   assert "--config.data.max_len=128" in r.stdout
+
+
+@pytest.mark.slow
+def test_remat_auto_offloads_when_full_does_not_fit(tmp_path):
+  """model.remat=auto on a TPU: 32 layers at 2,048 rows x 256 tokens per chip do not fit with full
+  rematerialisation (the saved layer inputs alone are 8 GiB); auto then compiles remat=offload,
+  which fits with those inputs in host memory, and says so."""
+  libtpu = _libtpu_dir()
+  model = _config_only_checkpoint(str(tmp_path / "model"), layers=32)
+  args = ["--config=configs/quickstart.py", "--topology=v5e:2x2", "--json", "--time=false",
+          f"--config.model.path={model}", "--config.model.dtype=bfloat16",
+          "--config.model.param_dtype=bfloat16", "--config.data.max_len=256",
+          "--config.data.batch_size=8192", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+  r = _plan(args + ["--config.model.remat=auto"], libtpu)
+  assert r.returncode == 0, r.stderr[-3000:]
+  plan = json.loads(r.stdout[r.stdout.index("{"):])
+  assert plan["remat"] == "offload" and plan["fits"] is True, plan
+  assert plan["total_gib"] < 15.75 and plan["host_gib"] == pytest.approx(8.0, rel=0.01)
+  note = plan["remat_note"]
+  assert note.startswith("model.remat=auto chose offload") and "with full the step does not fit" in note
+  full = float(note.split("does not fit (")[1].split(" GiB")[0])
+  assert full > 15.75 and full > plan["total_gib"] + 7.5  # the 8 GiB of inputs moved off the chip
+
+
+def _measured(gib, refused=False):
+  return memory.Measured(None, None if refused else int(gib * memory.GIB),
+                         (gib * memory.GIB, 15.75 * memory.GIB) if refused else None, "", 15.75)
+
+
+def test_remat_auto_chooses_offload_only_on_accelerators_and_only_when_full_does_not_fit():
+  cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                    num_kv_heads=1, head_dim=8)
+  asked = []
+
+  def measure(sizes):
+    def m(policy):
+      asked.append(policy)
+      return sizes[policy]
+    return m
+
+  # an explicit policy, and auto on CPU (dots): nothing compiled, nothing chosen
+  assert trainer.fitting_remat(cfg.replace(remat="full"), measure({})) == ("full", None, "")
+  assert trainer.fitting_remat(cfg.replace(remat="auto"), measure({})) == ("auto", None, "")
+  assert asked == []
+  auto = cfg.replace(remat="auto")
+  with target.building_for("tpu"):
+    policy, m, note = trainer.fitting_remat(auto, measure({None: _measured(12.0)}))
+    assert (policy, m.bytes, note) == ("full", int(12 * memory.GIB), "") and asked == [None]
+    policy, m, note = trainer.fitting_remat(
+        auto, measure({None: _measured(17.0, refused=True), "offload": _measured(9.0)}))
+    assert policy == "offload" and m.fits
+    assert "XLA refused it, its temporaries alone needing 17.00 GiB of the 15.75" in note
+    assert "with offload it needs 9.00 GiB per chip of 15.75" in note
+    policy, m, note = trainer.fitting_remat(
+        auto, measure({None: _measured(20.0), "offload": _measured(16.5)}))
+    assert policy == "full" and not m.fits and "fits neither with full (20.00 GiB" in note
 
 
 @pytest.fixture

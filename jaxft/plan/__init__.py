@@ -17,28 +17,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxft import flops, peft, quant, session, sharding, target, trainer
+from jaxft import flops, memory, peft, quant, session, sharding, target, trainer
 from jaxft.errors import ConfigError
 from jaxft.models import llama, quantized
 from jaxft.models.ops import pack_frozen
 
-# Memory per chip (GiB) by device kind, matched as substrings in order (TPU topology devices do not
-# report their memory; local accelerators do, through memory_stats). TPUs: the HBM XLA itself may
-# use, as its compiler states when it refuses a program ("exceeds available HBM (15.75G)", libtpu
-# 0.0.42, deviceless): the chip's HBM less what the runtime reserves (v5e 16 -> 15.75, v6e 32 ->
-# 31.25; v5p 95.74; v4 15.25 per device). GPUs: the total nvidia-smi reports.
-HBM_GIB = (("TPU v6 lite", 31.25), ("TPU v6e", 31.25), ("TPU v5 lite", 15.75), ("TPU v5e", 15.75),
-           ("TPU v5p", 95.74), ("TPU v5", 95.74), ("TPU v4", 15.25), ("H200", 140.4),
-           ("H100", 79.6), ("A100", 80.0), ("L4", 22.5))
-_GIB = 2.0 ** 30
+_GIB = memory.GIB
+# (re-exported: the plan's callers and tests read them here)
+chip_memory_gib, refused_for_memory = memory.chip_memory_gib, memory.refused_for_memory
 
 
 def topology_devices(topology: str, chips: int = 0) -> list:
@@ -125,12 +117,8 @@ def build(config, devices, layers: int | None = None) -> Abstract:
     tx, _, state_sh, step = trainer.build_step(config, cfg, method, mesh, trainable_sh, frozen_sh)
     state = jax.eval_shape(lambda tr: dict(trainer.fresh_state(tx, tr, config.train.seed),
                                            trainable=tr), trainable)
-  accum, rows, T = config.optim.accum_steps, config.data.batch_size, config.data.max_len
-  shape = (accum, rows // accum, T)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32)
-           for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
-  return Abstract(cfg, method, mesh, step, _strip(state), batch, _strip(frozen), state_sh,
-                  frozen_sh)
+  return Abstract(cfg, method, mesh, step, _strip(state), trainer.abstract_batch(config),
+                  _strip(frozen), state_sh, frozen_sh)
 
 
 def compile_step(ab: Abstract):
@@ -168,23 +156,6 @@ def largest_buffers(hlo_text: str, n: int = 5) -> list[dict]:
     if shape not in seen or seen[shape]["gib"] < gib:
       seen[shape] = {"shape": shape, "op": op, "gib": gib}
   return sorted(seen.values(), key=lambda b: -b["gib"])[:n]
-
-
-def chip_memory_gib(device) -> float | None:
-  """The memory of one chip: the device's own report when it has one, else the table."""
-  try:
-    stats = device.memory_stats() or {}
-    if stats.get("bytes_limit"):
-      return stats["bytes_limit"] / _GIB
-  except Exception:  # deviceless topology devices and CPUs report nothing
-    pass
-  if device.platform == "cpu":  # the host's memory, shared by its CPU devices
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total / _GIB / max(1, len(jax.local_devices(backend="cpu")))
-  for name, gib in HBM_GIB:
-    if name.lower() in device.device_kind.lower():
-      return gib
-  return None
 
 
 def _xla_seconds(compiled) -> float | None:
@@ -239,31 +210,11 @@ def report(config, ab: Abstract, compiled, secs: float | None) -> dict:
   estimated step time (estimate_seconds) or None."""
   mem = compiled.memory_analysis()
   parts = dict(_state_parts(ab), temporaries=int(mem.temp_size_in_bytes))
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  r = _figures(config, ab, parts, total, largest_buffers(compiled.as_text()), secs)
+  r = _figures(config, ab, parts, memory.program_bytes(compiled),
+               largest_buffers(compiled.as_text()), secs)
   # what XLA placed in the host's memory (remat=offload's saved layer inputs), not in the chip's
   r["host_gib"] = getattr(mem, "host_temp_size_in_bytes", 0) / _GIB
   return r
-
-
-# XLA's TPU compiler refusing a program for memory, e.g. "RESOURCE_EXHAUSTED: Ran out of memory in
-# memory space hbm. ... the total memory required for HLO temporaries (17.01G) exceeds available
-# HBM (15.75G)." Its sizes are in GiB (15.75G is v5e's 16 GiB less what the runtime reserves).
-_REFUSED = re.compile(r"required for (?:HLO )?temporaries \(([\d.]+)([KMGT])i?B?\) exceeds "
-                      r"available \w+ \(([\d.]+)([KMGT])i?B?\)")
-_UNIT = {"K": 2.0 ** 10, "M": 2.0 ** 20, "G": 2.0 ** 30, "T": 2.0 ** 40}
-
-
-def refused_for_memory(message: str) -> tuple[float, float] | None:
-  """(bytes of temporaries required, bytes available) from XLA's out-of-memory refusal, or None
-  when `message` is not one (or does not give those sizes)."""
-  if "RESOURCE_EXHAUSTED" not in message:
-    return None
-  m = _REFUSED.search(message)
-  if m is None:
-    return None
-  return float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)]
 
 
 def refused_report(config, ab: Abstract, message: str, needed: float, available: float) -> dict:
@@ -387,6 +338,8 @@ def format_report(r: dict) -> str:
                 f"{f['available_gib']:.2f} GiB it may use; with the parameters and optimizer "
                 f"state at least {f['short_gib']:.2f} GiB short)")
     lines[7] = "  largest buffers:  unknown (XLA lists none for a program it refuses)"
+  if r.get("remat_note"):
+    lines.insert(2, f"  {r['remat_note']}")
   if r["fits"] is False:
     lines.append("  to fit, turn one of:")
     lines += knobs_table(r)
@@ -400,16 +353,29 @@ def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
   memory_gib > 0 replaces the chip's memory (a chip the table does not know, or a share of one)."""
   devices = topology_devices(topology, chips)
   ab = build(config, devices)
-  try:
-    compiled = compile_step(ab)
-  except jax.errors.JaxRuntimeError as e:
-    sizes = refused_for_memory(str(e))
-    if sizes is None:
-      raise
-    r = refused_report(config, ab, str(e), *sizes)
+  built = {None: (config, ab)}
+
+  def measure_with(policy):
+    if policy is not None:
+      c = config.copy_and_resolve_references()
+      c.model.remat = policy
+      built[policy] = (c, build(c, devices))
+    return memory.measure(lambda: compile_step(built[policy][1]), devices[0])
+
+  # model.remat=auto chooses as jaxft.train does (trainer.fitting_remat): offload when full does
+  # not fit and offload does
+  with target.building_for(devices[0].platform):
+    policy, measured, note = trainer.fitting_remat(ab.cfg, measure_with)
+  config, ab = built[policy if policy in built else None]
+  if measured is None:  # an explicit policy, or auto on CPU: nothing was compiled yet
+    measured = measure_with(None)
+  if measured.refused is not None:
+    r = refused_report(config, ab, measured.message, *measured.refused)
   else:
     secs = estimate_seconds(config, devices) if time else None
-    r = report(config, ab, compiled, secs)
+    r = report(config, ab, measured.compiled, secs)
+  if note:
+    r["remat_note"] = note
   if memory_gib > 0 and not r.get("refused"):
     r["chip_gib"], r["fits"] = memory_gib, r["total_gib"] <= memory_gib
   r["topology"] = topology if not chips else f"{topology} (first {chips} chips)"
