@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as cc
 
@@ -193,6 +194,28 @@ def test_remat_auto_chooses_offload_only_on_accelerators_and_only_when_full_does
     policy, m, note = trainer.fitting_remat(
         auto, measure({None: _measured(20.0), "offload": _measured(16.5)}))
     assert policy == "full" and not m.fits and "fits neither with full (20.00 GiB" in note
+
+
+def test_train_takes_the_offload_step_when_auto_finds_full_too_big(monkeypatch, tmp_path, caplog):
+  """jaxft.train with model.remat=auto on a chip where the step with full does not fit: it builds
+  the step again with offload, says so, and trains with it (CPU standing in for the accelerator:
+  auto resolves to full here, and the measurements are given)."""
+  from jaxft.models import llama
+  resolve = llama.remat_policy
+  monkeypatch.setattr(llama, "remat_policy",
+                      lambda cfg: "full" if cfg.remat == "auto" else resolve(cfg))
+  sizes = iter([_measured(17.0, refused=True), _measured(9.0)])
+  monkeypatch.setattr(memory, "measure", lambda compile_fn, device: next(sizes))
+  built = []
+  build = trainer.build_step
+  monkeypatch.setattr(trainer, "build_step",
+                      lambda config, cfg, *a: built.append(cfg.remat) or build(config, cfg, *a))
+  config = tiny_config(**{"train.steps": 2, "model.remat": "auto"})
+  with caplog.at_level("WARNING"):
+    result = trainer.train(config, str(tmp_path / "w"))
+  assert built == ["auto", "offload", "offload"]  # the first step, the measured one, the one kept
+  assert "model.remat=auto chose offload" in caplog.text
+  assert result["step"] == 2 and np.isfinite(result["loss"])
 
 
 @pytest.fixture
