@@ -37,6 +37,13 @@ TARGETS = {
     "8b-full-v5e16": ("llama3.py:size=8b,method=full", "v5e:4x4", 0, ["data.batch_size=16"]),
     "8b-qlora-v5p1-128k": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
                            ["data.batch_size=1", "data.max_len=131072"]),
+    # the same with each layer's saved input in host memory: how long a row fits on one chip
+    "8b-qlora-v5p1-128k-offload": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
+                                   ["data.batch_size=1", "data.max_len=131072",
+                                    "model.remat=offload"]),
+    "8b-qlora-v5p1-256k-offload": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
+                                   ["data.batch_size=1", "data.max_len=262144",
+                                    "model.remat=offload"]),
     # the same on v6e:8x8 (256 chips, 16 hosts): one row per chip, fsdp over all of them
     "8b-qlora-v6e256": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
     "8b-lora-v6e256": ("llama3.py:size=8b,method=lora", "v6e:8x8", 0, ["data.batch_size=256"]),
@@ -68,6 +75,10 @@ def run(name: str, time: bool) -> dict:
   return out
 
 
+def _buffer(b: dict) -> str:
+  return (f"{b['shape']} {b['gib']:.2f}" + (" (host memory)" if b.get("memory") == "host" else ""))
+
+
 def _cell(x, spec):
   return "unknown" if x is None else spec.format(x)
 
@@ -87,7 +98,8 @@ def render(results: dict) -> str:
     method = "qlora" if r["quant"] == "nf4" else r["method"]
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 chip"
     big = r["largest_buffers"][0] if r["largest_buffers"] else None
-    gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.2f}"
+    gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.2f}" + (
+        f" (+{r['host_gib']:.2f} in host memory)" if r.get("host_gib") else "")
     if r.get("refused"):  # XLA refused it: its temporaries alone, no buffer list
       f = r["refused"]
       gib = (f"{r['total_gib']:.2f}+ of {r['chip_gib']:.2f} (XLA: temporaries "
@@ -95,7 +107,7 @@ def render(results: dict) -> str:
     rows.append(
         f"| {name} | {model} | {method} | {r['batch']} x {r['seq']} | {r['topology']} ({mesh}) | "
         f"{gib} | {'yes' if r['fits'] else '**no**'} | "
-        f"{'unknown (refused)' if big is None else big['shape'] + ' ' + format(big['gib'], '.2f')} | "
+        f"{'unknown (refused)' if big is None else _buffer(big)} | "
         f"{_cell(r['tokens_per_sec_per_chip'], '{:.0f}')} | {_cell(r['mfu'], '{:.0%}')} |")
   return "\n".join(rows)
 

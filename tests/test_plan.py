@@ -156,6 +156,10 @@ def test_remat_auto_offloads_when_full_does_not_fit(tmp_path):
   plan = json.loads(r.stdout[r.stdout.index("{"):])
   assert plan["remat"] == "offload" and plan["fits"] is True, plan
   assert plan["total_gib"] < 15.75 and plan["host_gib"] == pytest.approx(8.0, rel=0.01)
+  # the largest buffer, the 32 layers' saved inputs, is the one in host memory
+  assert plan["largest_buffers"][0]["shape"] == "bf16[32,2048,256,256]"
+  assert plan["largest_buffers"][0]["memory"] == "host"
+  assert all(b["memory"] == "device" for b in plan["largest_buffers"][1:])
   note = plan["remat_note"]
   assert note.startswith("model.remat=auto chose offload") and "with full the step does not fit" in note
   full = float(note.split("does not fit (")[1].split(" GiB")[0])

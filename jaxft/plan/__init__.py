@@ -138,23 +138,26 @@ def per_chip_bytes(tree, shardings) -> int:
 _HLO_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
               "u64": 8, "f64": 8}
-_SHAPE = re.compile(r"%(\S+) = (\w+)\[([\d,]*)\][^ ]* (\S+?)\(")
+_SHAPE = re.compile(r"%(\S+) = (\w+)\[([\d,]*)\]([^ ]*) (\S+?)\(")
+_HOST = "S(5)"  # the layout's memory space of a buffer in host memory (remat=offload's saves)
 
 
 def largest_buffers(hlo_text: str, n: int = 5) -> list[dict]:
-  """The `n` largest array results of the compiled (per-chip) program: shape, op and GiB."""
-  seen: dict[str, dict] = {}
+  """The `n` largest array results of the compiled (per-chip) program: shape, op, GiB and memory
+  ('device', or 'host' for a buffer XLA placed in the host's memory)."""
+  seen: dict[tuple, dict] = {}
   for m in _SHAPE.finditer(hlo_text):
-    _, dtype, dims, op = m.groups()
+    _, dtype, dims, layout, op = m.groups()
     if dtype in ("token", "tuple") or op in ("parameter", "get-tuple-element", "bitcast"):
       continue
     size = _HLO_BYTES.get(dtype)
     if size is None:
       continue
     shape = f"{dtype}[{dims}]"
+    where = "host" if _HOST in layout else "device"
     gib = math.prod(int(d) for d in dims.split(",") if d) * size / _GIB
-    if shape not in seen or seen[shape]["gib"] < gib:
-      seen[shape] = {"shape": shape, "op": op, "gib": gib}
+    if (shape, where) not in seen or seen[shape, where]["gib"] < gib:
+      seen[shape, where] = {"shape": shape, "op": op, "gib": gib, "memory": where}
   return sorted(seen.values(), key=lambda b: -b["gib"])[:n]
 
 
@@ -322,8 +325,10 @@ def format_report(r: dict) -> str:
       f"  total             {r['total_gib']:9.3f} GiB of {_fmt(r['chip_gib'], '{:.2f}')} GiB: "
       + {True: "fits", False: "DOES NOT FIT", None: "chip memory unknown"}[r["fits"]]
       + (f" (and {r['host_gib']:.3f} GiB in host memory)" if r.get("host_gib") else ""),
-      "  largest buffers:  " + "; ".join(f"{b['shape']} {b['op']} {b['gib']:.2f} GiB"
-                                         for b in r["largest_buffers"][:4]),
+      "  largest buffers:  " + "; ".join(
+          f"{b['shape']} {b['op']} {b['gib']:.2f} GiB"
+          + (" (host memory)" if b.get("memory") == "host" else "")
+          for b in r["largest_buffers"][:4]),
       f"  FLOPs per step    {r['flops_per_step']:.4g} (jaxft's model count, "
       f"{r['flops_per_chip']:.4g} per chip)",
       f"  XLA step time     {_fmt(r['xla_step_seconds'], '{:.3f} s')} (XLA's cost model, layers "
