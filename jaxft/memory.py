@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import jax
 
+from jaxft.errors import ConfigError
+
 GIB = 2.0 ** 30
 
 # Memory per chip (GiB) by device kind, matched as substrings in order (TPU topology devices do not
@@ -98,6 +100,20 @@ def measure(compile_fn: Callable[[], Any], device) -> Measured:
   except jax.errors.JaxRuntimeError as e:
     sizes = refused_for_memory(str(e))
     if sizes is None:
+      if "RESOURCE_EXHAUSTED" in str(e):  # another limit than HBM, e.g. a kernel's scratch memory
+        raise ConfigError(_limit_message(str(e))) from None
       raise
     return Measured(None, None, sizes, str(e), chip)
   return Measured(compiled, program_bytes(compiled), None, "", chip)
+
+
+def _limit_message(message: str) -> str:
+  """A compile refused for a limit other than the chip's HBM, in words: XLA's first line, and for
+  the splash attention kernel what to turn."""
+  first = message.strip().splitlines()[0][:400]
+  text = f"XLA cannot compile this step: {first}"
+  if "splash" in message and "smem" in message.lower():
+    text += (" (the splash attention kernel keeps per-block data of the whole sequence, such as "
+             "the segment ids, in the chip's scalar memory (SMEM), which this sequence length "
+             "exceeds: try a shorter --config.data.max_len)")
+  return text

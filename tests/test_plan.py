@@ -14,6 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache as cc
 
 from conftest import ROOT, tiny_config
 from jaxft import memory, plan as plan_lib, target, trainer
+from jaxft.errors import ConfigError
 from jaxft.models.config import ModelConfig
 
 # libtpu lives outside the test venv, in ROOT/.libtpu (tools/install_test_deps.sh puts it there):
@@ -103,6 +104,27 @@ def test_xla_refusing_a_program_for_memory_reads_as_its_sizes():
   assert needed == pytest.approx(17.01 * 2**30) and available == pytest.approx(15.75 * 2**30)
   assert plan_lib.refused_for_memory("RESOURCE_EXHAUSTED: something else") is None
   assert plan_lib.refused_for_memory("INVALID_ARGUMENT: (17.01G) (15.75G)") is None
+
+
+def test_compile_refusals_read_as_not_fitting_or_as_a_named_limit():
+  """XLA's refusal for HBM is a step that does not fit (its sizes kept); a refusal for another
+  limit (the splash kernel's scalar memory at 393,216 tokens on v5p, libtpu 0.0.42) is an error
+  that says which limit and what to turn, not a traceback."""
+  def refusing(message):
+    def compile_fn():
+      raise jax.errors.JaxRuntimeError(message)
+    return compile_fn
+
+  m = memory.measure(refusing(_XLA_OOM), jax.devices()[0])
+  assert m.fits is False and m.refused[0] == pytest.approx(17.01 * 2**30)
+  smem = ("RESOURCE_EXHAUSTED: Allocation (size=1179648) would exceed memory (size=1048576) :: "
+          "#allocation3 [shape = 'u8[1179648]{0}', space=smem, size = 0x120000, scoped, tag = "
+          "'prefetched SMEM operand 0'] :: splash_mqa_fwd_segmented_residuals.16")
+  with pytest.raises(ConfigError, match=r"XLA cannot compile this step: .*size=1179648.*scalar "
+                     r"memory \(SMEM\).*--config.data.max_len"):
+    memory.measure(refusing(smem), jax.devices()[0])
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    memory.measure(refusing("INTERNAL: something else"), jax.devices()[0])
 
 
 def test_the_knobs_table_names_batch_accum_remat_mesh_and_seq():
