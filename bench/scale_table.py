@@ -44,13 +44,13 @@ TARGETS = {
     "8b-qlora-v5p1-256k-offload": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
                                    ["data.batch_size=1", "data.max_len=262144",
                                     "model.remat=offload"]),
-    # the same on v6e:8x8 (256 chips, 16 hosts): one row per chip, fsdp over all of them
-    "8b-qlora-v6e256": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
-    "8b-lora-v6e256": ("llama3.py:size=8b,method=lora", "v6e:8x8", 0, ["data.batch_size=256"]),
-    "70b-qlora-v6e256": ("llama3.py:size=70b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
-    "8b-full-v6e256": ("llama3.py:size=8b,method=full", "v6e:8x8", 0, ["data.batch_size=256"]),
-    "8b-qlora-v6e256-128k": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0,
-                             ["data.batch_size=256", "data.max_len=131072"]),
+    # the same on v6e:8x8 (64 chips, 16 hosts of 4): four rows per chip, fsdp over all of them
+    "8b-qlora-v6e64": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "8b-lora-v6e64": ("llama3.py:size=8b,method=lora", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "70b-qlora-v6e64": ("llama3.py:size=70b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "8b-full-v6e64": ("llama3.py:size=8b,method=full", "v6e:8x8", 0, ["data.batch_size=256"]),
+    "8b-qlora-v6e64-128k": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0,
+                             ["data.batch_size=64", "data.max_len=131072"]),  # a row per chip
 }
 
 
@@ -79,20 +79,25 @@ def _buffer(b: dict) -> str:
   return (f"{b['shape']} {b['gib']:.2f}" + (" (host memory)" if b.get("memory") == "host" else ""))
 
 
+def _remat(r: dict) -> str:
+  """The remat policy the step was compiled with; 'offload (auto)' where auto chose it."""
+  return r["remat"] + (" (auto)" if "auto chose" in r.get("remat_note", "") else "")
+
+
 def _cell(x, spec):
   return "unknown" if x is None else spec.format(x)
 
 
 def render(results: dict) -> str:
-  rows = ["| target | model | method | batch x seq | topology (mesh) | GiB per chip | fits | "
-          "largest buffer | est. tokens/s per chip | est. MFU |", "|" + "---|" * 10]
+  rows = ["| target | model | method | batch x seq | remat | topology (mesh) | GiB per chip | fits | "
+          "largest buffer | est. tokens/s per chip | est. MFU |", "|" + "---|" * 11]
   for name in TARGETS:
     r = results.get(name)
     if r is None:
-      rows.append(f"| {name} | | | | | not compiled yet | | | | |")
+      rows.append(f"| {name} | | | | | | not compiled yet | | | | |")
       continue
     if "error" in r:
-      rows.append(f"| {name} | | | | | error: {r['error']} | | | | |")
+      rows.append(f"| {name} | | | | | | error: {r['error']} | | | | |")
       continue
     model = {32: "Llama-3-8B", 80: "Llama-3-70B"}.get(r["model"]["layers"], r["model"]["layers"])
     method = "qlora" if r["quant"] == "nf4" else r["method"]
@@ -105,7 +110,8 @@ def render(results: dict) -> str:
       gib = (f"{r['total_gib']:.2f}+ of {r['chip_gib']:.2f} (XLA: temporaries "
              f"{f['temporaries_gib']:.2f} of {f['available_gib']:.2f})")
     rows.append(
-        f"| {name} | {model} | {method} | {r['batch']} x {r['seq']} | {r['topology']} ({mesh}) | "
+        f"| {name} | {model} | {method} | {r['batch']} x {r['seq']} | {_remat(r)} | "
+        f"{r['topology']} ({mesh}) | "
         f"{gib} | {'yes' if r['fits'] else '**no**'} | "
         f"{'unknown (refused)' if big is None else _buffer(big)} | "
         f"{_cell(r['tokens_per_sec_per_chip'], '{:.0f}')} | {_cell(r['mfu'], '{:.0%}')} |")
