@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.models import llama
-from jaxft.models.loss import loss_sum, loss_sum_and_aux, token_losses
+from jaxft.models.loss import loss_sum, loss_sum_and_aux, loss_sum_and_base_kl, token_losses
 from jaxft.models.ops import pack_frozen
 from jaxft.peft.base import Method, merge_trees
 
@@ -39,37 +39,56 @@ PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins",
 
 @dataclasses.dataclass(frozen=True)
 class SFT:
-  """Cross-entropy on target tokens, normalised by the target tokens of the whole batch."""
+  """Cross-entropy on target tokens, normalised by the target tokens of the whole batch.
+
+  base_kl > 0 adds base_kl * the mean over the tokens of rows marked "distill" (batch["distill"])
+  of KL(base || tuned): those rows are trained toward the base model's next-token distributions
+  (replay that keeps what the base knew), not toward their own text."""
   name: str = "sft"
   reference: str = "none"
   metric_names: tuple = ()
+  base_kl: float = 0.0
 
   def counts(self, batch):
     # batches: micro-batches (train: the leading accumulation axis; eval: one per batch), over
     # which the mixture-of-experts load-balancing loss is averaged.
     batches = batch["inputs"].shape[0] if batch["inputs"].ndim == 3 else 1
-    return {"tokens": jnp.sum(batch["weights"]), "batches": jnp.float32(batches)}
+    out = {"tokens": jnp.sum(batch["weights"]), "batches": jnp.float32(batches)}
+    if self.base_kl:
+      out["distill_tokens"] = jnp.sum(batch["distill"])
+    return out
 
   def sums(self, cfg, method, trainable, frozen, batch, rng):
-    if not cfg.num_experts:
+    if self.base_kl:
+      s, _, aux, kl = loss_sum_and_base_kl(cfg, method, trainable, frozen, batch, rng)
+      terms, stats = {"nll": s, "kl": kl}, {}
+    elif not cfg.num_experts:
       s, _ = loss_sum(cfg, method, trainable, frozen, batch, rng)
       return {"nll": s}, {}
-    # Mixture of experts: + model.router_aux_coef * the load-balancing loss, as transformers
-    # adds it (per micro-batch, averaged over them); router_aux logged unscaled.
-    s, _, aux = loss_sum_and_aux(cfg, method, trainable, frozen, batch, rng)
-    return {"nll": s, "aux": cfg.router_aux_coef * aux}, {"router_aux": aux}
+    else:
+      s, _, aux = loss_sum_and_aux(cfg, method, trainable, frozen, batch, rng)
+      terms, stats = {"nll": s}, {}
+    if cfg.num_experts:
+      # Mixture of experts: + model.router_aux_coef * the load-balancing loss, as transformers
+      # adds it (per micro-batch, averaged over them); router_aux logged unscaled.
+      terms["aux"], stats["router_aux"] = cfg.router_aux_coef * aux, aux
+    return terms, stats
 
   def loss(self, terms, counts):
     nll = terms["nll"] / jnp.maximum(counts["tokens"], 1.0)
     if "aux" in terms:
       nll = nll + terms["aux"] / counts["batches"]
+    if "kl" in terms:
+      nll = nll + self.base_kl * terms["kl"] / jnp.maximum(counts["distill_tokens"], 1.0)
     return nll
 
   def metrics(self, terms, stats, counts):
-    del terms
+    out = {}
     if "router_aux" in stats:
-      return {"router_aux": stats["router_aux"] / counts["batches"]}
-    return {}
+      out["router_aux"] = stats["router_aux"] / counts["batches"]
+    if "kl" in terms:  # the mean KL(base || tuned) per distill token, unscaled
+      out["base_kl"] = terms["kl"] / jnp.maximum(counts["distill_tokens"], 1.0)
+    return out
 
 
 def token_logps(cfg, method, trainable, frozen, batch, rng):
@@ -213,10 +232,18 @@ def from_config(config, trains_base: bool):
   if name != "sft" and t.eval_accuracy:
     raise ConfigError(f"train.eval_accuracy=True: answer accuracy reads single answers, not the "
                       f"pairs of train.objective={name}")
+  if t.base_kl < 0:
+    raise ConfigError(f"train.base_kl={t.base_kl}: must be >= 0")
   if name == "sft":
     if t.precompute_reference:
       raise ConfigError("train.precompute_reference=True needs train.objective=dpo")
-    return SFT()
+    if t.base_kl and trains_base:
+      raise ConfigError(f"train.base_kl={t.base_kl} with peft.method=full: the KL term compares "
+                        "with the base, and full fine-tuning keeps no frozen copy of it")
+    return SFT(base_kl=float(t.base_kl))
+  if t.base_kl:
+    raise ConfigError(f"train.base_kl={t.base_kl}: the KL-to-base term is part of "
+                      f"train.objective=sft, not {name}")
   if p.beta <= 0:
     raise ConfigError(f"pref.beta={p.beta}: must be > 0")
   if p.loss_type not in DPO_LOSSES:

@@ -16,7 +16,7 @@ from absl import logging
 from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
                    objectives, optim, peft, session, sharding, target, workdir as workdir_lib)
 from jaxft.data import pipeline, preference
-from jaxft.errors import CheckpointError
+from jaxft.errors import CheckpointError, ConfigError
 from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
 from jaxft.metrics import MetricsWriter
 from jaxft.models import llama
@@ -132,8 +132,8 @@ def abstract_batch(config) -> dict:
   """The shapes and dtypes of the train step's batch: [accum, rows / accum, T] per field."""
   accum, rows, T = config.optim.accum_steps, config.data.batch_size, config.data.max_len
   return {k: jax.ShapeDtypeStruct((accum, rows // accum, T),
-                                  jnp.float32 if k == "weights" else jnp.int32)
-          for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
+                                  jnp.float32 if k in ("weights", "distill") else jnp.int32)
+          for k in ("inputs", "targets", "weights", "positions", "segment_ids", "distill")}
 
 
 def fitting_remat(cfg, measure_with: Callable[[str | None], memory.Measured]):
@@ -308,6 +308,14 @@ def _datasets(config, enc, model_cfg, objective):
     load = pipeline.load_examples
     train_ds = load(config.data.train, enc, fmt, max_len, vocab, show=True)
   eval_ds = load(config.data.eval, enc, fmt, max_len, vocab) if config.data.eval else None
+  if objective.name == "sft":  # rows marked "distill" and the KL term come together
+    if train_ds.distill and not objective.base_kl:
+      raise ConfigError(f"{config.data.train}: {train_ds.distill} rows are marked \"distill\": "
+                        "true, which trains them toward the base's predictions: set "
+                        "train.base_kl > 0 (e.g. 1.0), or remove the field")
+    if objective.base_kl and not train_ds.distill:
+      raise ConfigError(f"train.base_kl={objective.base_kl}: no row of {config.data.train} is "
+                        "marked \"distill\": true, so the KL term would have nothing to act on")
   return train_ds, eval_ds
 
 

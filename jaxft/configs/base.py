@@ -79,6 +79,9 @@ def _optim_and_train(c):
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
   c.train.compile_cache = ""      # persistent compilation cache: "" = WORKDIR/compile_cache, none = off, or a dir
   c.train.objective = "sft"       # sft | dpo | orpo | simpo (the last three read preference pairs)
+  c.train.base_kl = 0.0           # sft: weight of KL(base || tuned) on the tokens of rows marked
+                                  # "distill": true (a PEFT method; those rows are trained toward
+                                  # the base's predictions, not their own text)
   c.train.precompute_reference = False  # dpo: reference log-probs of the starting model, computed
                                   # once before training (needed by full fine-tuning; with a PEFT
                                   # method the default reference is the base, method switched off)

@@ -23,6 +23,9 @@ _KEYS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
 class Example:
   ids: np.ndarray   # int32 [n]
   mask: np.ndarray  # bool [n]: token i is a target
+  # a row marked "distill": true: every token is trained toward the base model's predictions
+  # (train.base_kl), none toward the row's own text
+  distill: bool = False
 
 
 def detect(origin: str, row: dict[str, Any]) -> str:

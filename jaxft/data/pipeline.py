@@ -28,6 +28,7 @@ class Dataset:
   formats: dict[str, int]
   truncated: int
   target_tokens: int
+  distill: int = 0  # examples marked "distill": true
 
 
 def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: int,
@@ -54,6 +55,7 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
       ex = encoder.text(r.text)
     else:
       ex = formats.tokens_example(origin, r.row, vocab_size)
+    ex.distill = _distill_flag(origin, row)
     if show and not examples:
       logging.info("%s: first example (%s): %s", origin, kind, encoder.describe(ex))
     if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
@@ -62,7 +64,7 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
     targets_before += int(ex.mask[1:].sum())
     if len(ex.ids) > max_len + 1:
       truncated += 1
-      ex = Example(ex.ids[: max_len + 1], ex.mask[: max_len + 1])
+      ex = Example(ex.ids[: max_len + 1], ex.mask[: max_len + 1], ex.distill)
     if len(ex.ids) >= 2:
       examples.append(ex)
   targets = sum(int(e.mask[1:].sum()) for e in examples)
@@ -71,9 +73,19 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
                     f"token ({truncated} examples truncated); raise data.max_len")
   if not examples or targets == 0:
     raise DataError(f"{spec}: no example has a target token to train on")
-  logging.info("%s: %d examples, formats %s, %d truncated to %d tokens, %d target tokens",
-               spec, len(examples), dict(counts), truncated, max_len, targets)
-  return Dataset(examples, dict(counts), truncated, targets)
+  distill = sum(e.distill for e in examples)
+  logging.info("%s: %d examples, formats %s, %d truncated to %d tokens, %d target tokens%s",
+               spec, len(examples), dict(counts), truncated, max_len, targets,
+               f" ({distill} examples marked distill: trained toward the base)" if distill else "")
+  return Dataset(examples, dict(counts), truncated, targets, distill)
+
+
+def _distill_flag(origin: str, row) -> bool:
+  """A row's optional "distill" field (true: train its tokens toward the base's predictions)."""
+  flag = row.get("distill", False) if isinstance(row, dict) else False
+  if not isinstance(flag, bool):
+    raise DataError(f"{origin}: field 'distill' must be true or false, got {flag!r}")
+  return flag
 
 
 def _rows(examples: list[Example], max_len: int, packing: bool) -> list[list[Example]]:
@@ -94,19 +106,25 @@ def _rows(examples: list[Example], max_len: int, packing: bool) -> list[list[Exa
 
 
 def make_batch(rows: list[list[Example]], max_len: int, num_rows: int) -> Batch:
-  """Stacks rows (each a list of examples) into arrays [num_rows, max_len]; padding rows are empty."""
+  """Stacks rows (each a list of examples) into arrays [num_rows, max_len]; padding rows are empty.
+  "weights" marks the target tokens of the loss; "distill" every token of an example marked
+  "distill" (whose weights are 0: it is trained toward the base's predictions, train.base_kl)."""
   b = {"inputs": np.zeros((num_rows, max_len), np.int32),
        "targets": np.zeros((num_rows, max_len), np.int32),
        "weights": np.zeros((num_rows, max_len), np.float32),
        "positions": np.zeros((num_rows, max_len), np.int32),
-       "segment_ids": np.zeros((num_rows, max_len), np.int32)}
+       "segment_ids": np.zeros((num_rows, max_len), np.int32),
+       "distill": np.zeros((num_rows, max_len), np.float32)}
   for r, row in enumerate(rows):
     t = 0
     for s, e in enumerate(row, 1):
       n = len(e.ids) - 1
       b["inputs"][r, t:t + n] = e.ids[:-1]
       b["targets"][r, t:t + n] = e.ids[1:]
-      b["weights"][r, t:t + n] = e.mask[1:]
+      if e.distill:
+        b["distill"][r, t:t + n] = 1.0
+      else:
+        b["weights"][r, t:t + n] = e.mask[1:]
       b["positions"][r, t:t + n] = np.arange(n)
       b["segment_ids"][r, t:t + n] = s
       t += n

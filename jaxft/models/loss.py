@@ -253,8 +253,14 @@ def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
 def loss_sum_and_aux(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
   """`loss_sum` plus the micro-batch's load-balancing loss (moe.load_balancing_loss, unscaled)
   of a mixture of experts; 0.0 for a dense model."""
-  frozen = pack_frozen(frozen)  # frozen kernels are never differentiated: scan them as integers
-  params = merge_trees(frozen, trainable)
+  return _losses(cfg, method, trainable, pack_frozen(frozen), batch, rng)[:3]
+
+
+def _losses(cfg: ModelConfig, method: Method, trainable, packed, batch, rng):
+  """(sum of target-token losses, target tokens, load-balancing loss, the merged params, the
+  final hidden states) of one micro-batch; `packed` is the frozen tree after pack_frozen."""
+  # (frozen kernels are never differentiated: they are scanned as integers, see pack_frozen)
+  params = merge_trees(packed, trainable)
   h, _, router = llama.hidden_states_and_router(
       cfg, params, batch["inputs"], adapter=method, positions=batch["positions"],
       segment_ids=batch["segment_ids"], rng=rng)
@@ -262,4 +268,46 @@ def loss_sum_and_aux(cfg: ModelConfig, method: Method, trainable, frozen, batch,
   losses = token_losses(cfg, params, h, batch["targets"], head_trained=head in trainable)
   w = batch["weights"]
   aux = jnp.float32(0.0) if router is None else moe.load_balancing_loss(cfg, router["stats"])
-  return jnp.sum(losses * w), jnp.sum(w), aux
+  return jnp.sum(losses * w), jnp.sum(w), aux, params, h
+
+
+# Tokens per chunk of the KL term: two [chunk, vocabulary] float32 logits blocks at a time.
+KL_CHUNK_TOKENS = 1024
+
+
+def kl_sum(cfg: ModelConfig, params, h, ref_params, h_ref, weights,
+           chunk_tokens: int = KL_CHUNK_TOKENS):
+  """Sum over tokens of weights [B, T] * KL(p_ref || p) (float32), where p and p_ref are the
+  next-token distributions of hidden states h and h_ref [B, T, D] through `params`' and
+  `ref_params`' output projections. Made `chunk_tokens` rows at a time and rebuilt in the
+  backward (jax.checkpoint), so the full [B*T, vocab] logits never exist; the gradient flows to
+  h and params alone."""
+  B, T, D = h.shape
+  n = B * T
+
+  @jax.checkpoint
+  def chunk(a, r, w):
+    lp = jax.nn.log_softmax(llama.logits(cfg, params, a), axis=-1)
+    lq = jax.lax.stop_gradient(jax.nn.log_softmax(llama.logits(cfg, ref_params, r), axis=-1))
+    return jnp.sum(w * jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1))
+
+  hf, rf, wf = h.reshape(n, D), h_ref.reshape(n, D), weights.reshape(n).astype(jnp.float32)
+  if n <= chunk_tokens:
+    return chunk(hf, rf, wf)
+  pad = (-n) % chunk_tokens
+  blocks = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+      -1, chunk_tokens, *x.shape[1:])
+  return jnp.sum(jax.lax.map(lambda a: chunk(*a), (blocks(hf), blocks(rf), blocks(wf))))
+
+
+def loss_sum_and_base_kl(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
+  """`loss_sum_and_aux` plus the sum over the tokens marked in batch["distill"] of KL(base ||
+  tuned): the base is the frozen tree run with the method switched off (no second copy of any
+  weight). Returns (loss sum, target tokens, load-balancing loss, KL sum)."""
+  packed = pack_frozen(frozen)
+  # The base first: its temporaries are gone before the tuned model's saved activations exist.
+  h_ref, _ = llama.hidden_states(cfg, packed, batch["inputs"], adapter=Method(),
+                                 positions=batch["positions"], segment_ids=batch["segment_ids"])
+  h_ref = jax.lax.stop_gradient(h_ref)
+  s, n, aux, params, h = _losses(cfg, method, trainable, packed, batch, rng)
+  return s, n, aux, kl_sum(cfg, params, h, packed, h_ref, batch["distill"])
