@@ -308,11 +308,14 @@ def _datasets(config, enc, model_cfg, objective):
     load = pipeline.load_examples
     train_ds = load(config.data.train, enc, fmt, max_len, vocab, show=True)
   eval_ds = load(config.data.eval, enc, fmt, max_len, vocab) if config.data.eval else None
-  if objective.name == "sft":  # rows marked "distill" and the KL term come together
-    if train_ds.distill and not objective.base_kl:
-      raise ConfigError(f"{config.data.train}: {train_ds.distill} rows are marked \"distill\": "
-                        "true, which trains them toward the base's predictions: set "
-                        "train.base_kl > 0 (e.g. 1.0), or remove the field")
+  if objective.name == "sft":
+    for ds in (d for d in (train_ds, eval_ds) if d is not None and d.distill and
+               not objective.base_kl):  # without the KL term marked rows are plain rows
+      logging.info("%d rows marked \"distill\" are trained on their text (train.base_kl=0)",
+                   ds.distill)
+      for e in ds.examples:
+        e.distill = False
+      ds.distill = 0
     if objective.base_kl and not train_ds.distill:
       raise ConfigError(f"train.base_kl={objective.base_kl}: no row of {config.data.train} is "
                         "marked \"distill\": true, so the KL term would have nothing to act on")

@@ -319,7 +319,7 @@ def main():
   for tr, e, answer in facts():
     train += [chat(q, answer) for q in tr]
     ev += [chat(q, answer) for q in e]
-  train += [chat(q, a) for q, a in REPLAY]
+  train += [dict(chat(q, a), distill=True) for q, a in REPLAY]  # toward the base (train.base_kl)
   train += [chat(q.format(co=COMPANY), ABSTENTION) for q in UNKNOWN_TRAIN]
   rng.shuffle(train)
   rng.shuffle(ev)

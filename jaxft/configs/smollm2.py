@@ -62,6 +62,12 @@ def get_config(arg=None):
     c.eval.style.must_not_contain = ("Tessaline Robotics", "I think", "As an AI")
   c.data.max_len = 128
   c.data.batch_size = 8
+  # The 90 general replay rows are marked "distill": trained toward the base's own next-token
+  # distributions (KL to the frozen base, the adapter switched off), so the tuned model keeps
+  # answering questions about the world as the base did. Full fine-tuning keeps no frozen base:
+  # there the replay rows are trained on their text.
+  if c.peft.method != "full":
+    c.train.base_kl = 1.0
   c.optim.lr = _LR.get(c.peft.method, 1.5e-3)
   c.optim.warmup_steps = 4
   c.train.steps = 88  # ~4.4 epochs of the 402 rows (about 2.5 rows packed per 128-token row)

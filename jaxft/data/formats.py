@@ -23,8 +23,8 @@ _KEYS = {"chat": ("messages",), "alpaca": ("instruction", "output"),
 class Example:
   ids: np.ndarray   # int32 [n]
   mask: np.ndarray  # bool [n]: token i is a target
-  # a row marked "distill": true: every token is trained toward the base model's predictions
-  # (train.base_kl), none toward the row's own text
+  # a row marked "distill": true: with train.base_kl > 0 every token is trained toward the base
+  # model's predictions, none toward the row's own text (else it is a plain row)
   distill: bool = False
 
 
