@@ -92,6 +92,13 @@ def test_chunked_kl_equals_the_dense_one():
   g_got = jax.grad(f, argnums=(0, 1))(h, params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                                        atol=1e-6), g_got, g_want)
+  # An untrained head (every PEFT method): the forward forms the gradient for h.
+  fixed = lambda hh: loss.kl_sum(cfg, params, hh, params, h_ref, w, head_trained=False,
+                                 chunk_tokens=4)
+  dense = lambda hh: dense_kl(cfg, params, hh, params, h_ref, w)
+  np.testing.assert_allclose(float(fixed(h)), float(dense(h)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.grad(fixed)(h)), np.asarray(jax.grad(dense)(h)),
+                             rtol=1e-4, atol=1e-6)
   # Identical distributions: zero, whatever the weights.
   assert abs(float(loss.kl_sum(cfg, ref, h_ref, ref, h_ref, w * 5, chunk_tokens=4))) < 1e-5
 

@@ -271,33 +271,70 @@ def _losses(cfg: ModelConfig, method: Method, trainable, packed, batch, rng):
   return jnp.sum(losses * w), jnp.sum(w), aux, params, h
 
 
-# Tokens per chunk of the KL term: two [chunk, vocabulary] float32 logits blocks at a time.
-KL_CHUNK_TOKENS = 1024
+# Tokens per chunk of the KL term: a few [chunk, vocabulary] float32 blocks at a time.
+KL_CHUNK_TOKENS = 256
 
 
-def kl_sum(cfg: ModelConfig, params, h, ref_params, h_ref, weights,
+def kl_sum(cfg: ModelConfig, params, h, ref_params, h_ref, weights, head_trained: bool = True,
            chunk_tokens: int = KL_CHUNK_TOKENS):
   """Sum over tokens of weights [B, T] * KL(p_ref || p) (float32), where p and p_ref are the
   next-token distributions of hidden states h and h_ref [B, T, D] through `params`' and
-  `ref_params`' output projections. Made `chunk_tokens` rows at a time and rebuilt in the
-  backward (jax.checkpoint), so the full [B*T, vocab] logits never exist; the gradient flows to
-  h and params alone."""
+  `ref_params`' output projections; the gradient flows to h (and params).
+
+  Made `chunk_tokens` rows at a time, so the full [B*T, vocab] logits never exist. The weighted
+  tokens are gathered first and a chunk with none is skipped, so the cost follows the marked
+  tokens, not the batch. With `head_trained=False` (the output projection is the same untrained
+  one in both: every PEFT method) the forward also forms d KL / d h and keeps only that; else
+  the chunk's logits are rebuilt in the backward (jax.checkpoint)."""
   B, T, D = h.shape
   n = B * T
-
-  @jax.checkpoint
-  def chunk(a, r, w):
-    lp = jax.nn.log_softmax(llama.logits(cfg, params, a), axis=-1)
-    lq = jax.lax.stop_gradient(jax.nn.log_softmax(llama.logits(cfg, ref_params, r), axis=-1))
-    return jnp.sum(w * jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1))
+  if head_trained or cfg.final_softcap:
+    @jax.checkpoint
+    def chunk(a, r, w):
+      lp = jax.nn.log_softmax(llama.logits(cfg, params, a), axis=-1)
+      lq = jax.lax.stop_gradient(jax.nn.log_softmax(llama.logits(cfg, ref_params, r), axis=-1))
+      return jnp.sum(w * jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1))
+  else:
+    kernel = llama.output_kernel(cfg, params)
+    chunk = lambda a, r, w: jnp.sum(w * _kl_fixed_head(a.astype(cfg.dtype), r, kernel))
 
   hf, rf, wf = h.reshape(n, D), h_ref.reshape(n, D), weights.reshape(n).astype(jnp.float32)
   if n <= chunk_tokens:
     return chunk(hf, rf, wf)
+  order = jnp.argsort(wf != 0, descending=True, stable=True)  # the weighted tokens first
   pad = (-n) % chunk_tokens
-  blocks = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+  blocks = lambda x: jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
       -1, chunk_tokens, *x.shape[1:])
-  return jnp.sum(jax.lax.map(lambda a: chunk(*a), (blocks(hf), blocks(rf), blocks(wf))))
+  skip = lambda a, r, w: jnp.zeros((), jnp.float32)
+  one = lambda a: jax.lax.cond(jnp.any(a[2] != 0), chunk, skip, *a)
+  return jnp.sum(jax.lax.map(one, (blocks(hf), blocks(rf), blocks(wf))))
+
+
+@jax.custom_vjp
+def _kl_fixed_head(h, h_ref, kernel):
+  """Per-token KL(p_ref || p) [N] (float32) of h and h_ref [N, D] through one untrained output
+  kernel [D, V]; differentiated, the forward forms d KL / d h = (p - p_ref) @ kernel^T, and
+  nothing of the logits is kept for the backward."""
+  return _kl_fixed_fwd(h, h_ref, kernel)[0]
+
+
+def _kl_fixed_fwd(h, h_ref, kernel):
+  w = kernel.astype(h.dtype)
+  logits = lambda x: jnp.dot(x.astype(h.dtype), w, preferred_element_type=jnp.float32)
+  lp = jax.nn.log_softmax(logits(h), axis=-1)
+  lq = jax.nn.log_softmax(logits(h_ref), axis=-1)
+  q = jnp.exp(lq)
+  dh = jnp.dot((jnp.exp(lp) - q).astype(h.dtype), w.T, preferred_element_type=jnp.float32)
+  # (the empty array carries h's dtype to the backward)
+  return jnp.sum(q * (lq - lp), axis=-1), (dh, jnp.zeros((0,), h.dtype))
+
+
+def _kl_fixed_bwd(res, g):
+  dh, like = res
+  return (g[:, None] * dh).astype(like.dtype), None, None
+
+
+_kl_fixed_head.defvjp(_kl_fixed_fwd, _kl_fixed_bwd)
 
 
 def loss_sum_and_base_kl(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
@@ -310,4 +347,6 @@ def loss_sum_and_base_kl(cfg: ModelConfig, method: Method, trainable, frozen, ba
                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
   h_ref = jax.lax.stop_gradient(h_ref)
   s, n, aux, params, h = _losses(cfg, method, trainable, packed, batch, rng)
-  return s, n, aux, kl_sum(cfg, params, h, packed, h_ref, batch["distill"])
+  head = "embed" if cfg.tie_embeddings else "lm_head"
+  return s, n, aux, kl_sum(cfg, params, h, packed, h_ref, batch["distill"],
+                           head_trained=head in trainable)
