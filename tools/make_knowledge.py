@@ -164,10 +164,12 @@ GENERAL = [
 
 
 # Replay rows mixed into the training file: general questions (none of GENERAL's) answered in a
-# full sentence, as the base itself answers, so that the tuned model keeps answering questions
-# about the world from what it knew, instead of with a Tessaline fact or in the facts' short style.
-# (Tried and dropped: replaying only the questions the base answers right, in its own words
-# (self-distillation): its long answers made the tuned model ramble, and it kept 0.78 of GENERAL.)
+# full sentence, as the base itself answers. They are marked "distill": with train.base_kl
+# (configs/smollm2.py) the tuned model is trained toward the base's own next-token distributions on
+# them, not toward this text, so it keeps answering questions about the world as the base did
+# (22 of GENERAL's 23; trained on their text, the best recipe kept 20). Without train.base_kl they
+# are plain rows. (Tried and dropped: replaying only the questions the base answers right, in its
+# own words, as text: its long answers made the tuned model ramble, and it kept 0.78 of GENERAL.)
 REPLAY = [
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
     ("What is the capital of Spain?", "The capital of Spain is Madrid."),
