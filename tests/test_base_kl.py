@@ -10,19 +10,18 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxft import objectives, optim, peft, trainer
+from step_tiny import one_step
+from jaxft import objectives, peft, trainer
 from jaxft.data import pipeline
 from jaxft.data.formats import Example
 from jaxft.data.tokenize import load_tokenizer, write_quickstart_tokenizer, Encoder
 from jaxft.errors import ConfigError, DataError
 from jaxft.models import llama, loss
 from jaxft.models.config import ModelConfig
-from jaxft.step import make_steps
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, initializer_range=0.1)
@@ -131,26 +130,13 @@ def test_kl_term_is_zero_at_init_and_grows_when_the_adapter_moves():
   assert float(terms["kl"]) == 0.0
 
 
-def one_step(objective, trainable, frozen, method, batch, accum):
-  oc = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_steps=0,
-                                      min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
-                                      eps=1e-8, clip_norm=0.0, accum_steps=accum))
-  tx, sched = optim.make(oc, 10)
-  steps = make_steps(CFG, method, tx, sched, skip_nonfinite=False, dropout=False,
-                     objective=objective)
-  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-           "rng": jax.random.key(0), "skipped": jnp.zeros((), jnp.int32)}
-  b = {k: jnp.asarray(v).reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
-  return jax.jit(steps.train)(state, b, frozen)
-
-
 def test_accumulation_equals_one_large_batch():
   method, trainable, frozen = lora_parts()
   trainable = jax.tree.map(lambda x: x + 0.02, trainable)
   objective = objectives.SFT(base_kl=0.5)
   batch = pipeline.make_batch([[e] for e in examples(8, seed=4, distill=(0, 2, 7))], 16, 8)
-  big, m1 = one_step(objective, trainable, frozen, method, batch, 1)
-  small, m4 = one_step(objective, trainable, frozen, method, batch, 4)
+  big, m1 = one_step(CFG, method, objective, trainable, frozen, batch, 1)
+  small, m4 = one_step(CFG, method, objective, trainable, frozen, batch, 4)
   assert float(m1["objective"]["base_kl"]) > 0
   for k in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(m1[k]), float(m4[k]), rtol=1e-5)
@@ -196,7 +182,7 @@ def test_distill_rows_stay_closer_to_the_base_than_plain_replay():
   for name, (objective, batch) in runs.items():
     state = {"trainable": trainable}
     for _ in range(8):
-      state, _ = one_step(objective, state["trainable"], frozen, method, batch, 1)
+      state, _ = one_step(CFG, method, objective, state["trainable"], frozen, batch, 1)
     terms, _ = objectives.SFT(base_kl=1.0).sums(CFG, method, state["trainable"], frozen,
                                                 jbatch(marked), None)
     kls[name] = float(terms["kl"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
+from step_tiny import one_step, optim_cfg
 from jaxft import objectives, optim, peft
 from jaxft.data import pipeline, preference
 from jaxft.data.formats import Example
@@ -148,24 +149,6 @@ def lora_method():
   return peft.LoRA(targets=("q_proj", "v_proj"), rank=4, alpha=8.0)
 
 
-def optim_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_steps=0, min_lr_ratio=0.1,
-                                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0,
-                                     accum_steps=1))
-  c.update(kw)
-  return c
-
-
-def one_step(method, objective, trainable, frozen, batch, accum):
-  tx, sched = optim.make(optim_cfg(accum_steps=accum), 10)
-  steps = make_steps(CFG, method, tx, sched, skip_nonfinite=False, dropout=False,
-                     objective=objective)
-  state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-           "rng": jax.random.key(0), "skipped": jnp.zeros((), jnp.int32)}
-  b = {k: jnp.asarray(v).reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
-  return jax.jit(steps.train)(state, b, frozen)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dpo", "orpo"])
 def test_accumulation_equals_one_large_batch(name):
@@ -176,8 +159,8 @@ def test_accumulation_equals_one_large_batch(name):
   objective = objectives.Preference(name=name, reference="base" if name == "dpo" else "none")
   pairs = random_pairs(8, seed=3)
   batch = preference.make_batch(preference.rows_of(pairs, 24, False), 24, 8)
-  big, m1 = one_step(method, objective, trainable, frozen, batch, 1)
-  small, m4 = one_step(method, objective, trainable, frozen, batch, 4)
+  big, m1 = one_step(CFG, method, objective, trainable, frozen, batch, 1)
+  small, m4 = one_step(CFG, method, objective, trainable, frozen, batch, 4)
   for k in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(m1[k]), float(m4[k]), rtol=1e-5)
   for k in objectives.PREFERENCE_METRICS:
@@ -189,7 +172,7 @@ def test_accumulation_equals_one_large_batch(name):
   rows = preference.rows_of(pairs, 48, True)
   assert len(rows) < 8
   packed = preference.make_batch(rows, 48, len(rows))
-  _, mp = one_step(method, objective, trainable, frozen, packed, 1)
+  _, mp = one_step(CFG, method, objective, trainable, frozen, packed, 1)
   np.testing.assert_allclose(float(mp["loss"]), float(m1["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(mp["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
 
