@@ -83,8 +83,12 @@ def train_flops_per_token(cfg: ModelConfig, trains_base: bool, n_added: int,
   """Model FLOPs of one trained token (see the module doc); mean_keys = attended keys per token."""
   n = matmul_params(cfg)
   dense = 6.0 * n if trains_base else 4.0 * n + 6.0 * n_added
-  attention = 3.0 * 4.0 * cfg.num_layers * cfg.q_size * mean_keys
-  return dense + attention
+  return dense + attention_flops_per_token(cfg, mean_keys)
+
+
+def attention_flops_per_token(cfg: ModelConfig, mean_keys: float) -> float:
+  """The attention part of train_flops_per_token: QK^T and PV, forward and backward."""
+  return 3.0 * 4.0 * cfg.num_layers * cfg.q_size * mean_keys
 
 
 class FlopCounter:

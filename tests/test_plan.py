@@ -127,6 +127,26 @@ def test_compile_refusals_read_as_not_fitting_or_as_a_named_limit():
     memory.measure(refusing("INTERNAL: something else"), jax.devices()[0])
 
 
+def test_time_estimate_counts_the_attention_kernel_and_never_passes_the_peak():
+  # The v5p 128k row: XLA's cost model gives the splash kernel (a custom call) no time.
+  r = {"xla_step_seconds": 15.6, "peak_tflops": 459.0, "chips": 1, "batch": 1, "seq": 131072,
+       "attention": "splash", "flops_per_step": 1.80e16, "attention_flops_per_step": 1.39e16}
+  t = plan_lib.timing(r)
+  kernel = 1.39e16 / 459e12
+  assert t["step_seconds"] == pytest.approx(15.6 + kernel)
+  assert t["tokens_per_sec_per_chip"] == pytest.approx(131072 / (15.6 + kernel))
+  assert 0.5 < t["mfu"] < 1.0
+  # jaxft's einsum attention is inside XLA's program: its time is XLA's alone.
+  t = plan_lib.timing(dict(r, attention="einsum", flops_per_step=1.0e15))
+  assert t["step_seconds"] == 15.6 and t["mfu"] == pytest.approx(1.0e15 / 15.6 / 459e12)
+  # An estimate faster than the chip's peak is broken: unknown, not a figure above 100%.
+  t = plan_lib.timing(dict(r, attention="einsum"))
+  assert t["tokens_per_sec_per_chip"] is None and t["mfu"] is None
+  # No cost-model time, or a kernel with no known peak to cost it at: unknown.
+  assert plan_lib.timing(dict(r, xla_step_seconds=None))["tokens_per_sec_per_chip"] is None
+  assert plan_lib.timing(dict(r, peak_tflops=None))["step_seconds"] is None
+
+
 def test_the_knobs_table_names_batch_accum_remat_mesh_and_seq():
   r = {"batch": 8, "accum": 1, "remat": "full", "seq": 2048, "quant": "nf4", "method": "lora",
        "chips": 4, "mesh": {"data": 2, "fsdp": 2, "tensor": 1}}
