@@ -123,3 +123,23 @@ def test_every_declared_key_effect_names_a_key_of_the_schema():
   assert configlib.effect("mesh.data") == configlib.NOTHING
   from jaxft import session
   assert session._numerics_only(load("base")) == ("dtype", "remat", "attention", "router_aux_coef")
+
+
+def test_auto_dtype_is_bf16_where_bf16_matmuls_are_fast_and_float32_elsewhere(tmp_path):
+  from jaxft import session
+  intel = tmp_path / "intel"
+  intel.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+  amd = tmp_path / "amd"
+  amd.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+  assert session.cpu_has_fast_bf16(str(intel)) and not session.cpu_has_fast_bf16(str(amd))
+  assert not session.cpu_has_fast_bf16(str(tmp_path / "missing"))  # not Linux: float32
+  assert session.resolve_dtype("auto", "cpu", True) == "bfloat16"
+  assert session.resolve_dtype("auto", "cpu", False) == "float32"
+  assert session.resolve_dtype("auto", "tpu", False) == "bfloat16"
+  assert session.resolve_dtype("float32", "tpu", True) == "float32"  # a named dtype is kept
+  # The model config the trainer builds takes the resolved names (this host's CPU decides).
+  c = load("smollm2")
+  c.model.path, c.model.preset = "", "tiny"
+  want = "bfloat16" if session.cpu_has_fast_bf16() else "float32"
+  cfg = session.model_config(c)
+  assert (cfg.dtype, cfg.param_dtype) == (want, want)
