@@ -167,7 +167,7 @@ GENERAL = [
 # full sentence, as the base itself answers. They are marked "distill": with train.base_kl
 # (configs/smollm2.py) the tuned model is trained toward the base's own next-token distributions on
 # them, not toward this text, so it keeps answering questions about the world as the base did
-# (22 of GENERAL's 23; trained on their text, the best recipe kept 20). Without train.base_kl they
+# (21 or 22 of GENERAL's 23 in float32 or bfloat16; trained on their text, the best recipe kept 20). Without train.base_kl they
 # are plain rows. (Tried and dropped: replaying only the questions the base answers right, in its
 # own words, as text: its long answers made the tuned model ramble, and it kept 0.78 of GENERAL.)
 REPLAY = [

@@ -97,7 +97,8 @@ def build(config, devices, layers: int | None = None) -> Abstract:
     raise ConfigError(f"train.objective={config.train.objective!r}: jaxft.plan plans sft steps")
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
-  cfg = session.model_config(config)
+  with target.building_for(devices[0].platform):  # (model.dtype=auto follows the target chip)
+    cfg = session.model_config(config)
   if layers is not None:
     cfg = cfg.replace(num_layers=layers)
   sharding.check_model_fits(mesh, cfg)
