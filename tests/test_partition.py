@@ -13,6 +13,7 @@ from jaxft.models import llama
 from jaxft.models.config import ModelConfig
 from jaxft.models.loss import loss_sum
 from jaxft.step import make_steps
+from step_tiny import optim_cfg
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, initializer_range=0.1)
@@ -23,14 +24,6 @@ def lora_cfg(**kw):
                                  "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "rslora": False}})
   for k, v in kw.items():
     c[k] = v
-  return c
-
-
-def optim_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_steps=0, min_lr_ratio=0.1,
-                                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0,
-                                     accum_steps=1))
-  c.update(kw)
   return c
 
 
