@@ -28,6 +28,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
   """Whether this host's CPU has bfloat16 dot instructions (AMX or AVX512-BF16)."""
   try:

@@ -256,6 +256,11 @@ def loss_sum_and_aux(cfg: ModelConfig, method: Method, trainable, frozen, batch,
   return _losses(cfg, method, trainable, pack_frozen(frozen), batch, rng)[:3]
 
 
+def _head_trained(cfg: ModelConfig, trainable) -> bool:
+  """Whether the output projection (the embedding, when tied) is among the trained leaves."""
+  return ("embed" if cfg.tie_embeddings else "lm_head") in trainable
+
+
 def _losses(cfg: ModelConfig, method: Method, trainable, packed, batch, rng):
   """(sum of target-token losses, target tokens, load-balancing loss, the merged params, the
   final hidden states) of one micro-batch; `packed` is the frozen tree after pack_frozen."""
@@ -264,8 +269,8 @@ def _losses(cfg: ModelConfig, method: Method, trainable, packed, batch, rng):
   h, _, router = llama.hidden_states_and_router(
       cfg, params, batch["inputs"], adapter=method, positions=batch["positions"],
       segment_ids=batch["segment_ids"], rng=rng)
-  head = "embed" if cfg.tie_embeddings else "lm_head"
-  losses = token_losses(cfg, params, h, batch["targets"], head_trained=head in trainable)
+  losses = token_losses(cfg, params, h, batch["targets"],
+                        head_trained=_head_trained(cfg, trainable))
   w = batch["weights"]
   aux = jnp.float32(0.0) if router is None else moe.load_balancing_loss(cfg, router["stats"])
   return jnp.sum(losses * w), jnp.sum(w), aux, params, h
@@ -347,6 +352,5 @@ def loss_sum_and_base_kl(cfg: ModelConfig, method: Method, trainable, frozen, ba
                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
   h_ref = jax.lax.stop_gradient(h_ref)
   s, n, aux, params, h = _losses(cfg, method, trainable, packed, batch, rng)
-  head = "embed" if cfg.tie_embeddings else "lm_head"
   return s, n, aux, kl_sum(cfg, params, h, packed, h_ref, batch["distill"],
-                           head_trained=head in trainable)
+                           head_trained=_head_trained(cfg, trainable))

@@ -250,7 +250,6 @@ def _figures(config, ab: Abstract, parts: dict, total: float, buffers: list,
   with target.building_for(device.platform):  # what the compiled step chose
     attention, remat = llama.attention_impl(ab.cfg, length=T), llama.remat_policy(ab.cfg)
   return timing({
-
       "topology": config_topology(ab), "chips": chips, "device_kind": device.device_kind,
       "mesh": {a: int(ab.mesh.shape[a]) for a in sharding.AXES if a in ab.mesh.shape},
       "model": {"layers": ab.cfg.num_layers, "hidden": ab.cfg.hidden_size},
