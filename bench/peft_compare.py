@@ -92,7 +92,7 @@ def _random_ids(seed: int):
 
 
 def jaxft_config(dtype: str, overrides: list[str]):
-  """jaxft/configs/base.py with the benchmark's model, LoRA and optimizer settings (+ --set
+  """configs/base.py with the benchmark's model, LoRA and optimizer settings (+ --set
   overrides)."""
   from jaxft import configlib
   c = configlib.base_config()

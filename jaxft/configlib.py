@@ -1,5 +1,5 @@
-"""Helpers for config files: finding them (shipped in jaxft/configs/, or any path), variant
-arguments, and what each key means for a resumed run."""
+"""Helpers for config files: finding them (the shipped configs/, or any path), variant arguments,
+and what each key means for a resumed run."""
 
 from __future__ import annotations
 
@@ -12,11 +12,19 @@ import ml_collections
 from jaxft.errors import ConfigError
 
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+def _configs_dir() -> str:
+  """The shipped configs: the top-level configs/ of a checkout (and of an editable install), which
+  a wheel installs as the package jaxft.configs (setup.py)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(here, "configs")
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "configs")
+
+
+CONFIGS_DIR = _configs_dir()
 
 
 def packaged(name: str) -> str:
-  """The path of the config jaxft ships as jaxft/configs/NAME.py ('' when there is none)."""
+  """The path of the config jaxft ships as configs/NAME.py ('' when there is none)."""
   path = os.path.join(CONFIGS_DIR, f"{name}.py")
   return path if name and os.path.isfile(path) else ""
 
@@ -24,7 +32,7 @@ def packaged(name: str) -> str:
 def resolve(spec: str) -> str:
   """A --config value as ml_collections loads it ('PATH[:ARG]'). An existing file is itself;
   'NAME[:ARG]' and a missing 'configs/NAME.py[:ARG]' (the commands documented for a checkout)
-  are the shipped jaxft/configs/NAME.py; anything else is left for the loader to refuse."""
+  are the shipped configs/NAME.py; anything else is left for the loader to refuse."""
   path, sep, arg = spec.partition(":")
   if os.path.isfile(path):
     return spec
@@ -35,7 +43,7 @@ def resolve(spec: str) -> str:
 
 
 def sibling(config_file: str, name: str):
-  """Imports NAME.py next to `config_file`, or the shipped jaxft/configs/NAME.py when there is no
+  """Imports NAME.py next to `config_file`, or the shipped configs/NAME.py when there is no
   such file (configs are files, loaded by path)."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
   if not os.path.isfile(path) and packaged(name):
@@ -73,7 +81,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> None:
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """get_config(arg) of the shipped config jaxft/configs/NAME.py (quickstart, llama3, ...)."""
+  """get_config(arg) of the shipped config configs/NAME.py (quickstart, llama3, ...)."""
   if not packaged(name):
     raise ConfigError(f"no shipped config {name!r}: expected one of "
                       f"{', '.join(sorted(n[:-3] for n in os.listdir(CONFIGS_DIR) if n[0] != '_'))}")
@@ -81,7 +89,7 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """jaxft/configs/base.py's defaults: the schema (shipped with the package, so a workdir's saved
+  """configs/base.py's defaults: the schema (shipped with the package, so a workdir's saved
   config can be laid over it wherever jaxft is installed)."""
   return load("base")
 
