@@ -27,9 +27,10 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.models import llama
-from jaxft.models.loss import loss_sum, loss_sum_and_aux, loss_sum_and_base_kl, token_losses
+from jaxft.models.loss import token_losses
 from jaxft.models.ops import pack_frozen
 from jaxft.peft.base import Method, merge_trees
+from jaxft.peft.loss import loss_sum, loss_sum_and_aux, loss_sum_and_base_kl
 
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 DPO_LOSSES = ("sigmoid", "ipo")

@@ -17,7 +17,7 @@ from hf_tiny import check_written_back, jaxft_logits, load_tiny, make_tiny, rel_
 from jaxft import configlib, decode, export, peft, session
 from jaxft.errors import ConfigError
 from jaxft.models import hf, llama
-from jaxft.models.loss import loss_sum_and_aux
+from jaxft.peft.loss import loss_sum_and_aux
 from jaxft.peft.base import match_targets
 
 VARIANTS = [
@@ -263,7 +263,7 @@ sys.path.insert(0, {tests!r})
 from test_moe import _batch
 from jaxft import peft, sharding
 from jaxft.models import hf, llama
-from jaxft.models.loss import loss_sum_and_aux
+from jaxft.peft.loss import loss_sum_and_aux
 from jaxft.peft.base import match_targets
 assert jax.device_count() == 8
 mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=1, expert=2)))

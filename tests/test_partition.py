@@ -11,7 +11,7 @@ from jaxft.data import formats, pipeline
 from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.models.config import ModelConfig
-from jaxft.models.loss import loss_sum
+from jaxft.peft.loss import loss_sum
 from jaxft.step import make_steps
 from step_tiny import optim_cfg
 

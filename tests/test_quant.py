@@ -200,7 +200,7 @@ def tiny_config(kind: str, steps: int = 20):
 def test_lora_trains_on_a_quantized_base_that_never_changes(kind, tmp_path):
   from jaxft import session, trainer
   from jaxft.data import pipeline
-  from jaxft.models.loss import loss_sum
+  from jaxft.peft.loss import loss_sum
   config = tiny_config(kind)
   model = session.load_model(config)
   kernels = {n: model.base["layers"][n]["kernel"] for n in ("q_proj", "down_proj")}

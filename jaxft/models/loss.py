@@ -3,8 +3,9 @@
 `token_losses` makes the logits a block of tokens by a block of vocabulary at a time with an
 online log-sum-exp, so that the full float32 [tokens, vocabulary] logits never exist; its custom
 VJPs keep (or rebuild) one block of the softmax at a time, or, when the head is frozen, form the
-gradient for the hidden states in the forward. `loss_sum` runs the decoder and sums the target
-tokens' losses of one micro-batch.
+gradient for the hidden states in the forward. `kl_sum` is the same for KL(base || tuned). Both
+take hidden states; running the decoder under a fine-tuning method is jaxft/peft/loss.py's (so
+that models/ never imports peft/).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import families, llama, moe
+from jaxft.models import families, llama
 from jaxft.models.config import ModelConfig
-from jaxft.models.ops import pack_16bit, pack_frozen, unpack_16bit
-from jaxft.peft.base import Method, merge_trees
+from jaxft.models.ops import pack_16bit, unpack_16bit
 
 
 # Cross-entropy chunking: tokens per outer chunk, and the target width of a vocabulary chunk (the
@@ -245,37 +245,6 @@ def token_losses(cfg: ModelConfig, params, h, targets, chunk_tokens: int = LOSS_
   return losses.reshape(-1)[:n].reshape(B, T)
 
 
-def loss_sum(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
-  """(sum of target-token losses, number of target tokens) of one micro-batch."""
-  return loss_sum_and_aux(cfg, method, trainable, frozen, batch, rng)[:2]
-
-
-def loss_sum_and_aux(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
-  """`loss_sum` plus the micro-batch's load-balancing loss (moe.load_balancing_loss, unscaled)
-  of a mixture of experts; 0.0 for a dense model."""
-  return _losses(cfg, method, trainable, pack_frozen(frozen), batch, rng)[:3]
-
-
-def _head_trained(cfg: ModelConfig, trainable) -> bool:
-  """Whether the output projection (the embedding, when tied) is among the trained leaves."""
-  return ("embed" if cfg.tie_embeddings else "lm_head") in trainable
-
-
-def _losses(cfg: ModelConfig, method: Method, trainable, packed, batch, rng):
-  """(sum of target-token losses, target tokens, load-balancing loss, the merged params, the
-  final hidden states) of one micro-batch; `packed` is the frozen tree after pack_frozen."""
-  # (frozen kernels are never differentiated: they are scanned as integers, see pack_frozen)
-  params = merge_trees(packed, trainable)
-  h, _, router = llama.hidden_states_and_router(
-      cfg, params, batch["inputs"], adapter=method, positions=batch["positions"],
-      segment_ids=batch["segment_ids"], rng=rng)
-  losses = token_losses(cfg, params, h, batch["targets"],
-                        head_trained=_head_trained(cfg, trainable))
-  w = batch["weights"]
-  aux = jnp.float32(0.0) if router is None else moe.load_balancing_loss(cfg, router["stats"])
-  return jnp.sum(losses * w), jnp.sum(w), aux, params, h
-
-
 # Tokens per chunk of the KL term: a few [chunk, vocabulary] float32 blocks at a time.
 KL_CHUNK_TOKENS = 256
 
@@ -340,17 +309,3 @@ def _kl_fixed_bwd(res, g):
 
 
 _kl_fixed_head.defvjp(_kl_fixed_fwd, _kl_fixed_bwd)
-
-
-def loss_sum_and_base_kl(cfg: ModelConfig, method: Method, trainable, frozen, batch, rng):
-  """`loss_sum_and_aux` plus the sum over the tokens marked in batch["distill"] of KL(base ||
-  tuned): the base is the frozen tree run with the method switched off (no second copy of any
-  weight). Returns (loss sum, target tokens, load-balancing loss, KL sum)."""
-  packed = pack_frozen(frozen)
-  # The base first: its temporaries are gone before the tuned model's saved activations exist.
-  h_ref, _ = llama.hidden_states(cfg, packed, batch["inputs"], adapter=Method(),
-                                 positions=batch["positions"], segment_ids=batch["segment_ids"])
-  h_ref = jax.lax.stop_gradient(h_ref)
-  s, n, aux, params, h = _losses(cfg, method, trainable, packed, batch, rng)
-  return s, n, aux, kl_sum(cfg, params, h, packed, h_ref, batch["distill"],
-                           head_trained=_head_trained(cfg, trainable))
