@@ -32,7 +32,7 @@ def main():
   a = ap.parse_args()
   import jax.numpy as jnp
   import llama_cpp
-  from jaxft import evaluation, export, inference, session
+  from jaxft import eval as evaluation, export, inference, session
   from jaxft.models import llama
   os.makedirs(a.out, exist_ok=True)
   config = session.load_workdir_config(a.workdir)

@@ -36,7 +36,7 @@ def main():
   from jaxft import configlib, inference, peft, session
   from jaxft.data import pipeline
   from jaxft.step import make_steps
-  from jaxft.evaluation import evaluate_loss
+  from jaxft.eval import evaluate_loss
 
   config = configlib.sibling(os.path.join(ROOT, "configs", "base.py"), "smollm2").get_config()
   config.model.dtype = config.model.param_dtype = "float32"

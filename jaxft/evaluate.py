@@ -4,7 +4,7 @@
 Evaluates the latest checkpoint of DIR on `data.eval` (and the base model alone) and writes
 DIR/eval.json, DIR/samples.jsonl, DIR/eval_report.md and DIR/reliability.png (with --label=NAME:
 eval_NAME.json, samples_NAME.jsonl, eval_report_NAME.md, so a second eval set keeps its own
-files); see jaxft/evaluation.py (and the `eval.*` config keys for abstentions, the style rubric,
+files); see jaxft/eval/ (and the `eval.*` config keys for abstentions, the style rubric,
 calibration and the bootstrap).
 """
 
@@ -35,7 +35,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where eval.json, samples.js
 def _main(argv):
   del argv
   from jaxft import session
-  from jaxft.evaluation import evaluate, output_names
+  from jaxft.eval import evaluate, output_names
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   config = _CONFIG.value or session.load_workdir_config(workdir)

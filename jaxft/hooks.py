@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from jaxft import checkpoint, evaluation, flops, peft
+from jaxft import checkpoint, eval as evaluation, flops, peft
 from jaxft.errors import JaxftError
 from jaxft.metrics import MetricsWriter
 

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from jaxft import checkpoint, decode, eval_metrics, peft, session
+from jaxft import checkpoint, decode, peft, session
 from jaxft.data import formats
 from jaxft.errors import DataError
 
@@ -133,7 +133,7 @@ def answer(decoder: Decoder, encoder, prompts: list[Prompt], *, max_new_tokens: 
            batch_size: int = 16) -> list[dict]:
   """Decodes `prompts`; returns one dict per prompt: origin, prompt, answer, tokens, finish,
   logprobs (of the answer's tokens under the model, then of the end token when there is one) and
-  confidence (the mean probability of those tokens; jaxft/eval_metrics.py)."""
+  confidence (`confidence`: what jaxft/eval/ calibrates)."""
   ids = [prompt_ids(encoder, p) for p in prompts]
   detok = lambda t: encoder.tok.decode(list(map(int, t)), skip_special_tokens=True)
   gens = decode.generate(decoder.cfg, decoder.adapter, decoder.params, ids,
@@ -147,8 +147,18 @@ def answer(decoder: Decoder, encoder, prompts: list[Prompt], *, max_new_tokens: 
     out.append({"origin": p.origin, "prompt": p.display, "answer": text.strip(),
                 "tokens": int(len(g.tokens)), "finish": g.finish,
                 "logprobs": [float(x) for x in g.logprobs] + end,
-                "confidence": eval_metrics.confidence(g.logprobs, g.end_logprob)})
+                "confidence": confidence(g.logprobs, g.end_logprob)})
   return out
+
+
+def confidence(logprobs, end_logprob: float | None = None) -> float:
+  """The mean probability of an answer's tokens (and of its end token when it has one): the
+  confidence that evaluation's calibration (jaxft/eval/metrics.py) measures. Raises ValueError
+  for an answer with neither."""
+  lp = list(logprobs) + ([end_logprob] if end_logprob is not None else [])
+  if not lp:
+    raise ValueError("an answer with no tokens and no end token has no confidence")
+  return float(np.mean(np.exp(np.asarray(lp, np.float64))))
 
 
 def check_lengths(config, encoder, prompts: list[Prompt]) -> None:

@@ -15,6 +15,7 @@ from absl import flags, logging
 
 from jaxft import cli
 from jaxft.errors import ConfigError
+from jaxft.eval.votes import VOTES
 from jaxft.serving import compare
 from jaxft.serving.server import eval_prompts, load_models, make_app
 
@@ -57,7 +58,7 @@ def _main(argv):
   adapters = _parse_adapters(_ADAPTER.value)
   models = load_models(_WORKDIR.value, adapters, with_base=_BASE.value, slots=_SLOTS.value,
                        context=_CONTEXT.value)
-  ballots = compare.Ballots(_VOTES.value or os.path.join(_WORKDIR.value, compare.VOTES))
+  ballots = compare.Ballots(_VOTES.value or os.path.join(_WORKDIR.value, VOTES))
   print(f"serving {', '.join(models)} on http://{_HOST.value}:{_PORT.value}/v1 (blind "
         f"comparison: http://{_HOST.value}:{_PORT.value}/compare)", flush=True)
   uvicorn.run(make_app(models, _MAX_QUEUE.value, ballots, eval_prompts(_WORKDIR.value)),

@@ -177,6 +177,32 @@ def test_token_rows_of_booleans_and_bad_masks_are_refused(tmp_path, quickstart_t
       pipeline.load_examples(str(p), enc, "auto", 32, 32000)
 
 
+def test_a_starting_loss_far_above_a_uniform_guess_is_warned(tmp_path, caplog):
+  """Damage no reader can see (a GGUF's quantized codes changed within range) shows as a step-1
+  loss far above log(vocab): 22.3 against 10.8 for a corrupted SmolLM2 file. A warning names it;
+  an intact start (5.2) passes quietly."""
+  import math
+  from jaxft import hooks
+  from jaxft.metrics import MetricsWriter
+
+  class NoFlops:
+    def metrics(self, tokens_per_sec):
+      return {}
+
+  c = tiny_config(**{"train.steps": 5, "model.path": "damaged.gguf"})
+  writer = MetricsWriter(str(tmp_path), 5, 0, False)
+  loop = hooks.Loop(c, 1, {}, {}, None, writer)
+  step = lambda loss: {"finite": True, "loss": loss, "lr": 1e-4, "grad_norm": 1.0, "skipped": 0,
+                       "objective": {}, "tokens": 64}
+  with caplog.at_level(logging.WARNING):
+    hooks.MetricsRecorder(c, NoFlops(), math.log(49152))._record(loop, 1, step(5.2))
+    assert "far above a uniform guess" not in caplog.text
+    hooks.MetricsRecorder(c, NoFlops(), math.log(49152))._record(loop, 1, step(22.3))
+  writer.close()
+  assert "loss 22.30 is far above a uniform guess" in caplog.text
+  assert "log(vocab) = 10.80" in caplog.text and "damaged.gguf" in caplog.text
+
+
 @pytest.mark.slow
 def test_resume_with_a_changed_alpha_warns_and_records_it(tmp_path, caplog):
   wd = str(tmp_path / "wd")
@@ -251,7 +277,7 @@ def test_reading_commands_write_nothing_into_the_workdir(trained, tmp_path):
   r = run_cli("jaxft.generate", f"--workdir={trained}", "--prompt=Capital of France?",
               "--max_new_tokens=3")
   assert r.returncode == 0, r.stderr[-3000:]
-  from jaxft import evaluation
+  from jaxft import eval as evaluation
   res = evaluation.evaluate(session.load_workdir_config(trained), trained, max_examples=2,
                             compare_base=False, output_dir=str(tmp_path / "eval"))
   assert res["step"] == 4 and os.path.isfile(tmp_path / "eval" / "eval.json")
@@ -416,7 +442,7 @@ def test_generate_options_fail_fast(trained, flags_, needle):
 
 @pytest.mark.slow
 def test_evaluate_batch_zero_and_missing_config_fail_fast(trained, tmp_path):
-  from jaxft import evaluation
+  from jaxft import eval as evaluation
   with pytest.raises(ConfigError, match="--batch_size=0"):
     evaluation.evaluate(session.load_workdir_config(trained), trained, batch_size=0)
   r = run_cli("jaxft.train", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'w'}")

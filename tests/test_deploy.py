@@ -243,7 +243,7 @@ def test_llama_cpp_quantized_argmax_agrees(run, jaxft_ref, quant):
 def test_llama_cpp_chat_answers_equal_jaxft_generate(run):
   """The quickstart prompts through llama.cpp's tokenizer and the GGUF's chat template
   (create_chat_completion), greedy: the same answers as jaxft's own decoding."""
-  from jaxft import evaluation, inference
+  from jaxft import eval as evaluation, inference
   refs = evaluation.references(bundled.path("capitals_eval.jsonl"), "auto")[:6]
   t = run["trained"]
   enc = session.encoder(t.config, run["workdir"])

@@ -1,5 +1,5 @@
-"""Hallucination, style and calibration metrics with bootstrap intervals (jaxft/eval_metrics.py,
-jaxft/eval_quality.py): exact rates on hand-built answers, interval coverage in simulation, ECE,
+"""Hallucination, style and calibration metrics with bootstrap intervals (jaxft/eval/metrics.py,
+jaxft/eval/quality.py): exact rates on hand-built answers, interval coverage in simulation, ECE,
 the paired tests, and bad settings or rows refused before any weights load."""
 
 import json
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from jaxft import configlib, eval_metrics as em, eval_quality, evaluation
+from jaxft import configlib, eval as evaluation, inference
+from jaxft.eval import metrics as em, quality as eval_quality
 from jaxft.errors import ConfigError, DataError
 
 
@@ -143,8 +144,8 @@ def test_confident_hallucinations_and_calibration_of_abstentions():
   right = [1, 1, 0, 0, 0, 1, 0, 1]
   assert q["ece"]["tuned"]["value"] == pytest.approx(em.ece(conf, right))
   assert q["mean_confidence"]["tuned"]["value"] == pytest.approx(np.mean(conf))
-  assert em.confidence([np.log(0.5), np.log(0.9)], np.log(1.0)) == pytest.approx(0.8)
-  assert em.confidence([np.log(0.25)]) == pytest.approx(0.25)
+  assert inference.confidence([np.log(0.5), np.log(0.9)], np.log(1.0)) == pytest.approx(0.8)
+  assert inference.confidence([np.log(0.25)]) == pytest.approx(0.25)
 
 
 def test_bootstrap_intervals_cover_the_true_rate_in_simulation():

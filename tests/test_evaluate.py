@@ -9,9 +9,9 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from jaxft import (configlib, curves, eval_metrics, eval_quality, evaluation, flops, inference,
-                   session)
+from jaxft import configlib, curves, eval as evaluation, flops, inference, session
 from jaxft.errors import ConfigError
+from jaxft.eval import metrics as eval_metrics, quality as eval_quality
 from jaxft.models.config import preset
 
 

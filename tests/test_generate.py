@@ -207,7 +207,7 @@ def test_cli_bad_input_exits_2(tmp_path):
 
 
 def test_bad_workdir_and_prompt_errors_name_the_problem(tmp_path):
-  from jaxft import evaluation, inference
+  from jaxft import eval as evaluation, inference
   from jaxft.errors import CheckpointError
   c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
   c.model.preset = "tiny"

@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 from conftest import ROOT  # noqa: E402
 from jaxft import configlib, inference, session, trainer  # noqa: E402
 from jaxft.serving import server as serve  # noqa: E402
+from jaxft.eval import votes as human_votes  # noqa: E402
 from jaxft.serving import compare  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Name the capital of Peru.", "Capital of Japan?",
@@ -213,14 +214,14 @@ def test_compare_page_in_a_browser_records_votes(server, tmp_path):
       page.click(choice)
       page.wait_for_function("document.getElementById('status').textContent == 'vote recorded'")
     browser.close()
-  votes = compare.read_votes(server["votes"])
+  votes = human_votes.read_votes(server["votes"])
   assert len(votes) == 3 and votes[-1]["winner"] == "tie"
   assert all({v["a"], v["b"]} == {"tuned", "base"} for v in votes)
   # The first vote chose the left answer, the second the right one: the winners are the models
   # shown there, whichever order the page drew.
   assert votes[0]["winner"] == votes[0]["shown_first"]
   assert votes[1]["winner"] != votes[1]["shown_first"] and votes[1]["winner"] != "tie"
-  rates = compare.win_rates(votes)
+  rates = human_votes.win_rates(votes)
   assert len(rates) == 1 and rates[0]["votes"] == 3 and rates[0]["ties"] == 1
   assert rates[0]["a_wins"] + rates[0]["b_wins"] == 2
   assert os.path.getsize(tmp_path / "compare.png") > 5000
@@ -232,7 +233,7 @@ def test_compare_page_in_a_browser_records_votes(server, tmp_path):
 def test_win_rates_count_ties_half():
   votes = [{"a": "x", "b": "y", "winner": "x"}, {"a": "y", "b": "x", "winner": "x"},
            {"a": "x", "b": "y", "winner": "tie"}, {"a": "x", "b": "y", "winner": "y"}]
-  (r,) = compare.win_rates(votes)
+  (r,) = human_votes.win_rates(votes)
   assert (r["a"], r["b"], r["votes"], r["a_wins"], r["b_wins"], r["ties"]) == ("x", "y", 4, 2, 1, 1)
   assert r["a_win_rate"] == pytest.approx(2.5 / 4)
   assert r["ci95"][0] <= 2.5 / 4 <= r["ci95"][1]
@@ -333,10 +334,10 @@ def compare_served(name, engine):
 
 @pytest.mark.slow
 def test_evaluate_reports_the_win_rate_of_votes(server, tmp_path):
-  from jaxft import evaluation
+  from jaxft import eval as evaluation
   wd = str(tmp_path / "wd")
   shutil.copytree(server["workdir"], wd)
-  with open(os.path.join(wd, compare.VOTES), "w") as f:
+  with open(os.path.join(wd, human_votes.VOTES), "w") as f:
     for winner in ("tuned", "tuned", "base", "tie"):
       f.write(json.dumps({"a": "base", "b": "tuned", "winner": winner}) + "\n")
   res = evaluation.evaluate(session.load_workdir_config(wd), wd, max_examples=2,

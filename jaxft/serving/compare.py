@@ -4,7 +4,7 @@ The page asks for a prompt (typed, or drawn from data.eval), shows two models' g
 random order without their names, and records the reader's vote (first, second or tie) as one
 JSON line in the votes file (default WORKDIR/votes.jsonl): {"time", "prompt", "a", "b",
 "answer_a", "answer_b", "winner"} with winner a model name or "tie". `jaxft.evaluate` reports the
-win rate from it (`win_rates`).
+win rate from it (jaxft/eval/votes.py reads and scores the votes).
 """
 
 from __future__ import annotations
@@ -15,12 +15,6 @@ import random
 import secrets
 import threading
 import time
-
-import numpy as np
-
-from jaxft.errors import DataError
-
-VOTES = "votes.jsonl"
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>jaxft: compare</title>
@@ -121,46 +115,3 @@ class Ballots:
       with open(self.path, "a", encoding="utf-8") as f:  # one line per vote, appended
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return row
-
-
-def read_votes(path: str) -> list[dict]:
-  """The votes of a votes file (torn last line dropped); DataError naming file:line for a row
-  that is not a vote."""
-  rows = []
-  if not os.path.isfile(path):
-    return rows
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().splitlines()
-  for i, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except ValueError:
-      if i == len(lines):
-        continue  # a vote being written when the server died
-      raise DataError(f"{path}:{i}: malformed JSON") from None
-    if not isinstance(row, dict) or not {"a", "b", "winner"} <= row.keys():
-      raise DataError(f"{path}:{i}: expected a vote with a, b and winner")
-    rows.append(row)
-  return rows
-
-
-def win_rates(votes: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
-  """Per model pair: votes, wins of each side, ties, and the win rate of `a` over `b` (ties count
-  half) with a 95% bootstrap interval over votes."""
-  pairs: dict[tuple[str, str], list[float]] = {}
-  for v in votes:
-    a, b = sorted((v["a"], v["b"]))
-    score = 0.5 if v["winner"] == "tie" else float(v["winner"] == a)
-    pairs.setdefault((a, b), []).append(score)
-  rng = np.random.default_rng(seed)
-  out = []
-  for (a, b), scores in sorted(pairs.items()):
-    x = np.asarray(scores)
-    boot = x[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    out.append({"a": a, "b": b, "votes": len(x), "a_wins": int((x == 1).sum()),
-                "b_wins": int((x == 0).sum()), "ties": int((x == 0.5).sum()),
-                "a_win_rate": float(x.mean()), "ci95": [float(lo), float(hi)]})
-  return out

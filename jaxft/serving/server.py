@@ -7,7 +7,7 @@ import json
 import os
 import random
 
-from jaxft import evaluation, inference, peft, session
+from jaxft import eval as evaluation, inference, peft, session
 from jaxft.errors import ConfigError
 from jaxft.peft.lora import LoRA
 from jaxft.serving import api, compare, multi_lora

@@ -1,15 +1,16 @@
 """What an answer is worth beyond exact match: abstentions and hallucinations, a style rubric,
 calibration, and bootstrap intervals. Pure functions of per-row arrays (numpy); jaxft.evaluate
-feeds them the greedy answers of the base and the tuned model (jaxft/eval_quality.py).
+feeds them the greedy answers of the base and the tuned model (quality.py).
 
 - Outcome of an answer to a row with a reference: `correct` (an answerable row, and the answer
   matches the reference after normalisation), `abstained` (it matches one of eval.abstain_patterns)
   or `hallucinated` (neither). On a row marked `"answerable": false` every answer but an
   abstention is a hallucination.
 - Style: each active rule of eval.style passes or fails per answer.
-- Calibration: an answer's confidence is the mean probability of its tokens (and of the end
-  token); it is `right` when correct, or an abstention on an unanswerable row. The expected
-  calibration error (ECE) over equal-width bins is sum_b n_b/n |accuracy_b - confidence_b|.
+- Calibration: an answer's confidence is the mean probability of its tokens and of the end token
+  (jaxft.inference.confidence, computed as it decodes); it is `right` when correct, or an
+  abstention on an unanswerable row. The expected calibration error (ECE) over equal-width bins
+  is sum_b n_b/n |accuracy_b - confidence_b|.
 - Intervals: percentile bootstrap over rows (95%, seeded). Base against tuned: both are
   evaluated on the same resamples (paired bootstrap) for the interval of the difference; the
   p-value is McNemar's exact test for per-row yes/no rates, the paired bootstrap otherwise.
@@ -136,14 +137,6 @@ def outcome(matches_reference: bool, abstained: bool, answerable: bool) -> str:
   if answerable and matches_reference:
     return CORRECT
   return ABSTAINED if abstained else HALLUCINATED
-
-
-def confidence(logprobs: Sequence[float], end_logprob: float | None = None) -> float:
-  """The mean probability of an answer's tokens (and of its end token when it has one)."""
-  lp = list(logprobs) + ([end_logprob] if end_logprob is not None else [])
-  if not lp:
-    raise ValueError("an answer with no tokens and no end token has no confidence")
-  return float(np.mean(np.exp(np.asarray(lp, np.float64))))
 
 
 # -- statistics over rows, for one weighting of the rows -----------------------------------------

@@ -1,6 +1,6 @@
 """The quality part of jaxft.evaluate: scores each greedy answer (outcome, style, confidence), turns
 the per-row scores of the base and the tuned model into rates with 95% bootstrap intervals and
-paired tests (jaxft/eval_metrics.py), and renders them as a Markdown table and a reliability plot.
+paired tests (metrics.py), and renders them as a Markdown table and a reliability plot.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxft import eval_metrics as em
 from jaxft import files
+from jaxft.eval import metrics as em
 
 RELIABILITY_PLOT = "reliability.png"
 

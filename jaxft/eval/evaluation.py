@@ -6,7 +6,7 @@
                          contains-match accuracy of the greedy answer; for the tuned model and for
                          the base model alone; under "quality": hallucination, abstention, style
                          and calibration rates with 95% bootstrap intervals and base-vs-tuned
-                         tests (jaxft/eval_quality.py);
+                         tests (quality.py);
   WORKDIR/samples.jsonl  one row per example with a reference: prompt, reference, base and tuned
                          answers, whether each matched, its outcome, style checks and confidence;
   WORKDIR/eval_report.md the same side by side, for a person to read;
@@ -14,86 +14,32 @@
 With a `label` (a second eval set, say) the files are eval_LABEL.json, samples_LABEL.jsonl,
 eval_report_LABEL.md and reliability_LABEL.png, beside the default ones.
 
-A reference answer is the last assistant message of a chat row, the output of an alpaca row or the
-completion of a completion row; text and tokens rows count towards the loss only. A row may say
-`"answerable": false` (a question with no true answer): it counts for hallucination and abstention,
-not for exact match. The loss is `evaluate_loss`, the function behind the eval_loss logged in training (same batches,
-same target mask).
+Reference answers and their matches are answers.py's; text and tokens rows count towards the
+loss only. The loss is `evaluate_loss`, the function behind the eval_loss logged in training (same
+batches, same target mask). The report is report.py's, the human votes' win rates votes.py's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import string
 
 import jax
 import numpy as np
 import optax
 from absl import logging
 
-from jaxft import (eval_metrics, eval_quality, files, inference, objectives, peft, session,
-                   sharding)
-from jaxft.data import formats, pipeline, preference, sources
-from jaxft.serving import compare
-from jaxft.errors import ConfigError, DataError
-from jaxft.inference import Prompt
+from jaxft import files, inference, objectives, peft, session, sharding
+from jaxft.data import pipeline, preference
+from jaxft.errors import ConfigError
+from jaxft.eval import metrics as eval_metrics, quality as eval_quality, votes as human_votes
+from jaxft.eval.answers import (Reference, accuracy, contains_match, exact_match, normalized_match,
+                                references)
+from jaxft.eval.report import report
 from jaxft.step import make_steps
 
 REPORT = "eval_report.md"
-
-
-@dataclasses.dataclass
-class Reference:
-  prompt: Prompt
-  answer: str
-  answerable: bool = True  # False: no true answer exists; only an abstention is right
-
-
-def references(spec: str, fmt: str) -> list[Reference]:
-  """The rows of `spec` that have a reference answer, as (prompt, answer, answerable).
-  Raises DataError (file:line) when a row's `answerable` is not true or false."""
-  out = []
-  for origin, row in sources.read_rows(spec):
-    r = formats.parse(origin, row, fmt)
-    answerable = row.get("answerable", True)
-    if not isinstance(answerable, bool):
-      raise DataError(f"{origin}: field 'answerable' must be true or false, got "
-                      f"{answerable!r}")
-    if r.messages is not None:
-      msgs = r.messages
-      last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-      prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:last]]
-      if prompt:
-        out.append(Reference(Prompt(origin, prompt), msgs[last]["content"], answerable))
-    elif r.kind == "completion":
-      out.append(Reference(Prompt(origin, text=r.prompt), r.completion, answerable))
-  return out
-
-
-def normalize(text: str) -> str:
-  """Lower case, no punctuation, no articles (a, an, the), single spaces (SQuAD's normalisation)."""
-  text = text.lower()
-  text = "".join(ch for ch in text if ch not in string.punctuation)
-  text = re.sub(r"\b(a|an|the)\b", " ", text)
-  return " ".join(text.split())
-
-
-def exact_match(answer: str, reference: str) -> bool:
-  return answer.strip() == reference.strip()
-
-
-def normalized_match(answer: str, reference: str) -> bool:
-  return normalize(answer) == normalize(reference)
-
-
-def contains_match(answer: str, reference: str) -> bool:
-  """The normalised reference appears, as whole words, in the normalised answer: a chatty but
-  right answer ("The capital of France is Paris.") counts for "Paris."."""
-  ref = normalize(reference)
-  return bool(ref) and f" {ref} " in f" {normalize(answer)} "
 
 
 def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0,
@@ -125,30 +71,6 @@ def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
   steps = make_steps(cfg, method, optax.identity(), lambda step: 0.0, False, dropout=False)
   m = evaluate_loss(jax.jit(steps.eval), trainable, frozen, examples, config, mesh)
   return {"loss": m["eval_loss"], "perplexity": m["eval_ppl"], "target_tokens": int(m["eval_tokens"])}
-
-
-def _accuracy(answers: list[str], refs: list[Reference]) -> dict:
-  """Exact, normalised and contains match over the answerable rows (None when there are none)."""
-  pairs = [(a, r.answer) for a, r in zip(answers, refs) if r.answerable]
-  if not pairs:
-    return {"exact_match": None, "normalized_match": None, "contains_match": None}
-  return {"exact_match": sum(exact_match(a, ref) for a, ref in pairs) / len(pairs),
-          "normalized_match": sum(normalized_match(a, ref) for a, ref in pairs) / len(pairs),
-          "contains_match": sum(contains_match(a, ref) for a, ref in pairs) / len(pairs)}
-
-
-def answer_accuracy(cfg, method, params, encoder, refs: list[Reference], *, prefix: str = "",
-                    batch_size: int = 32) -> dict:
-  """Greedy exact-match and normalised-match accuracy of a model held in memory (what training
-  logs at its eval points with train.eval_accuracy=True), on the answerable rows."""
-  refs = [r for r in refs if r.answerable]
-  if not refs:
-    return {}
-  longest = max(len(encoder.tok(r.answer, add_special_tokens=False)["input_ids"]) for r in refs)
-  dec = inference.Decoder(cfg, method, params, None)
-  out = inference.answer(dec, encoder, [r.prompt for r in refs], max_new_tokens=longest + 16,
-                         batch_size=batch_size)
-  return {prefix + k: v for k, v in _accuracy([o["answer"] for o in out], refs).items()}
 
 
 def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
@@ -212,7 +134,7 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
            if refs else [])
     answers[name] = [o["answer"] for o in out]
     confidences[name] = [o["confidence"] for o in out]
-    metrics.update(_accuracy(answers[name], refs))
+    metrics.update(accuracy(answers[name], refs))
     result[name] = metrics
     logging.info("%s: loss %.4f, exact match %s", name, metrics["loss"], metrics["exact_match"])
   scored = {}
@@ -222,9 +144,9 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
     for name in answers:
       result[name].update({k: result["quality"]["metrics"][k][name]["value"] for k in
                            ("correct", "abstained", "hallucinated", "ece")})
-  votes = compare.read_votes(os.path.join(workdir, compare.VOTES))
+  votes = human_votes.read_votes(os.path.join(workdir, human_votes.VOTES))
   if votes:  # blind side-by-side votes from jaxft.serve's /compare page
-    result["human_eval"] = compare.win_rates(votes)
+    result["human_eval"] = human_votes.win_rates(votes)
   if jax.process_index() == 0:
     _write(output_dir, result, refs, answers, scored, label)
   return result
@@ -282,50 +204,3 @@ def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict,
   files.write_json(os.path.join(out_dir, out_json), result)
 
 
-def _cell(text: str) -> str:
-  """Text safe inside a Markdown table cell."""
-  text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-  return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
-
-
-def report(result: dict, rows: list[dict], models: list[str], plot: str | None = None) -> str:
-  """The Markdown report: a summary table, the quality table (eval_quality.section), then prompt,
-  reference and answers side by side."""
-  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "n/a" if v is None else str(v)
-  lines = [f"# Evaluation of {result['workdir']} (step {result['step']})", "",
-           f"Data: `{result['data']}`: {result['examples']} examples, "
-           f"{result['examples_with_reference']} with a reference answer"
-           + (f" and {result['unanswerable_examples']} unanswerable"
-              if result.get("unanswerable_examples") else "")
-           + "; greedy answers of at most "
-           f"{result['generation']['max_new_tokens']} tokens.", "",
-           "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-  for key in ("loss", "perplexity", "target_tokens", "exact_match", "normalized_match",
-              "contains_match"):
-    lines.append(f"| {key} | " + " | ".join(fmt(result[m][key]) for m in models) + " |")
-  if "quality" in result:
-    lines += [""] + eval_quality.section(result["quality"], models, plot)
-  if result.get("human_eval"):
-    lines += ["", "Human evaluation (blind side-by-side votes of jaxft.serve's /compare; ties "
-              "count half):", "", "| A | B | votes | A wins | B wins | ties | A's win rate "
-              "[95% CI] |", "|---|---|---|---|---|---|---|"]
-    for h in result["human_eval"]:
-      lines.append(f"| {h['a']} | {h['b']} | {h['votes']} | {h['a_wins']} | {h['b_wins']} | "
-                   f"{h['ties']} | {h['a_win_rate']:.3f} [{h['ci95'][0]:.3f}, "
-                   f"{h['ci95'][1]:.3f}] |")
-  lines += ["", "Marks: = exact match, ~ normalised match only, + reference contained only, "
-            "x none; then the outcome (C correct, A abstained, H hallucinated) and the "
-            "confidence.", "",
-            "| # | prompt | reference | " + " | ".join(models) + " |",
-            "|---" * (len(models) + 3) + "|"]
-  for r in rows:
-    cells = []
-    for m in models:
-      mark = ("=" if r[f"{m}_exact_match"] else "~" if r[f"{m}_normalized_match"]
-              else "+" if r[f"{m}_contains_match"] else "x")
-      outcome = f" ({r[f'{m}_outcome'][0].upper()} {r[f'{m}_confidence']:.2f})"
-      cells.append(f"{mark} {_cell(r[m])}{outcome}")
-    reference = _cell(r["reference"]) + ("" if r["answerable"] else " (unanswerable)")
-    lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {reference} | "
-                 + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
