@@ -11,6 +11,7 @@ order; before any hook runs, every hook's `flush` finishes the host work still p
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -105,9 +106,10 @@ class MetricsRecorder:
   non-finite loss unless train.skip_nonfinite. Metrics are read one step late, so the host
   prepares batch k+1 while step k runs."""
 
-  def __init__(self, config, flop_counter: flops.FlopCounter):
+  def __init__(self, config, flop_counter: flops.FlopCounter, uniform_loss: float | None = None):
     self.config = config
     self.flop_counter = flop_counter
+    self.uniform_loss = uniform_loss  # log(vocab): cross-entropy of a uniform guess (None: no check)
     self.pending = None  # (loop, step, device metrics)
     self.t_last, self.tokens_since = time.time(), 0
 
@@ -142,6 +144,8 @@ class MetricsRecorder:
                              "stopped; the last good checkpoint is kept "
                              "(train.skip_nonfinite=True skips such updates instead)")
       logging.warning("step %d: non-finite loss or gradients; update skipped", step)
+    if step == 1 and self.uniform_loss is not None:
+      check_start_loss(float(m["loss"]), self.uniform_loss, self.config.model.path)
     if step % train.log_every and step != train.steps:
       return False
     dt = time.time() - self.t_last
@@ -150,10 +154,29 @@ class MetricsRecorder:
     row.update({k: float(v) for k, v in m["objective"].items()})  # (TRL's names: rewards/...)
     row.update(self.flop_counter.metrics(row["tokens_per_sec"]))
     loop.writer.write(step, row)
-    loop.writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"))
+    loop.writer.progress(step, row["loss"], row["tokens_per_sec"], row.get("mfu"), row["lr"])
     loop.last.update(row)
     self.t_last = time.time()
     return True
+
+
+# A starting model whose loss is this many times a uniform guess's predicts worse than knowing
+# nothing: a corrupted or mismatched base (a GGUF with changed bytes gave 22.3 against 10.8).
+START_LOSS_FACTOR = 1.5
+
+
+def check_start_loss(loss: float, uniform: float, model_path: str) -> bool:
+  """Logs a warning when the loss of the starting weights (step 1's train loss, computed before
+  its update) is far above `uniform` = log(vocab size), the loss of guessing every token equally;
+  returns whether it warned. Corruption that no reader can see (quantized codes changed within
+  range) shows here first."""
+  if not loss > START_LOSS_FACTOR * uniform:  # (NaN is the non-finite check's)
+    return False
+  logging.warning(
+      "step 1: the starting model's loss %.2f is far above a uniform guess over its vocabulary "
+      "(log(vocab) = %.2f): its weights may be corrupted or not match the tokenizer (model.path=%r). "
+      "Training goes on, but check the model file.", loss, uniform, model_path or "a preset")
+  return True
 
 
 def due(hooks: list[Hook], step: int, boundary: bool) -> list[Hook]:
@@ -183,5 +206,7 @@ def default(config, model, eval_step, eval_ds, encoder, saver, objective, traina
   flop_counter = flops.FlopCounter(  # tokens/s -> TFLOP/s and MFU; the count is in jaxft/flops.py
       model.cfg, method.trains_base, 0 if method.trains_base else peft.count_params(trainable),
       config.train.peak_tflops)
-  hooks.append(MetricsRecorder(config, flop_counter).hook())
+  # (cross-entropy objectives only: a preference loss starts near log 2 whatever the vocabulary)
+  uniform = math.log(model.cfg.vocab_size) if objective.name == "sft" else None
+  hooks.append(MetricsRecorder(config, flop_counter, uniform).hook())
   return hooks

@@ -146,6 +146,30 @@ def test_refusals_name_the_file_and_key(files, tmp_path):
 
 
 @pytest.mark.slow
+def test_corrupted_tensor_data_is_refused_by_name(files, tmp_path):
+  """Bytes overwritten in the tensor data (the header intact): 0xFFFF over an F16 tensor (NaN) and
+  a Q8_0 block scale set to 60000 (weights near 7e6) are refused naming the file and tensor,
+  instead of training from garbage."""
+  import gguf as gg
+  r = gg.GGUFReader(files["tiny"])
+  offset = {t.name: int(t.data_offset) for t in r.tensors}
+  with open(files["tiny"], "rb") as f:
+    whole = bytearray(f.read())
+  nan = bytearray(whole)
+  q = offset["blk.0.attn_q.weight"]  # F16
+  nan[q:q + 256] = b"\xff" * 256
+  with pytest.raises(CheckpointError, match=r"nan\.gguf: tensor blk\.0\.attn_q\.weight \(F16\) "
+                     r"holds 128 non-finite values"):
+    _load(_write_bytes(tmp_path / "nan.gguf", bytes(nan)))
+  big = bytearray(whole)
+  e = offset["token_embd.weight"]  # Q8_0: each 34-byte block starts with its float16 scale
+  big[e:e + 2] = np.array([60000.0], np.float16).tobytes()
+  with pytest.raises(CheckpointError, match=r"big\.gguf: tensor token_embd\.weight \(Q8_0\) holds "
+                     r"a value of magnitude .* a scale is out of range"):
+    _load(_write_bytes(tmp_path / "big.gguf", bytes(big)))
+
+
+@pytest.mark.slow
 def test_unexpected_and_missing_tensors(files, tmp_path):
   import gguf as gg
   from gguf_tiny import _copy_fields, _finish

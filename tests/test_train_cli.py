@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import sys
 
 import pytest
 
@@ -35,6 +37,45 @@ def test_three_steps_write_the_workdir(tmp_path):
   # The command re-executed itself with huge-page malloc where this machine offers it.
   wanted = cli.huge_pages_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
   assert ("host malloc: huge pages" in r.stderr) == (wanted is not None), r.stderr[:2000]
+
+
+def test_without_a_terminal_each_logged_step_is_a_line(tmp_path, monkeypatch, caplog):
+  """nohup, SLURM, CI: no bar, but a line per train.log_every with loss, lr, tokens/s and ETA."""
+  import io
+  import logging
+  from jaxft.metrics import MetricsWriter
+  monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+  writer = MetricsWriter(str(tmp_path), 10, 0, True)
+  with caplog.at_level(logging.INFO):
+    writer.progress(2, 2.5, 1234.0, None, 1e-4)
+    writer.progress(4, 2.25, 1500.0, 0.5, 2e-4)
+  writer.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert lines[0].startswith("step 2/10, loss 2.5000, lr 0.0001, 1,234 tokens/s, ETA"), lines
+  assert re.fullmatch(r"step 4/10, loss 2\.2500, lr 0\.0002, 1,500 tokens/s, MFU 50\.0%, "
+                      r"ETA \d+s", lines[1]), lines
+
+
+def test_under_a_terminal_log_lines_stay_off_the_bar(tmp_path, monkeypatch):
+  import io
+  from jaxft.metrics import MetricsWriter
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  term = Terminal()
+  monkeypatch.setattr(sys, "stderr", term)
+  writer = MetricsWriter(str(tmp_path), 10, 0, True)
+  writer.progress(1, 2.5, 100.0)
+  sys.stderr.write("I0101 a log line\n")  # what absl and warnings write while the bar is shown
+  writer.progress(2, 2.4, 100.0)
+  writer.close()
+  assert sys.stderr is term  # restored
+  out = term.getvalue()
+  assert "loss=2.4000" in out  # the bar was drawn
+  before = out[:out.index("I0101 a log line\n")]
+  assert before.endswith("\r"), repr(out)  # the bar's line was cleared first, then redrawn below
 
 
 def test_huge_pages_env_respects_the_user():

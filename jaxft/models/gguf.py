@@ -183,14 +183,41 @@ def _dequantize(path: str, t, shape: tuple[int, ...]) -> np.ndarray:
   except Exception as e:  # a data section cut short, a shape that disagrees with the blocks
     raise CheckpointError(f"{path}: tensor {t.name} ({kind}, shape {stored}) cannot be read "
                           f"({type(e).__name__}: {e})") from None
-  return np.asarray(x, np.float32)
+  x = np.asarray(x, np.float32)
+  _check_values(path, t.name, kind, x)
+  return x
+
+
+# No trained llama weight comes near this magnitude (they sit within a few units, norm gains within
+# tens); a float16 block scale of a corrupted file reaches 65504 * 127.
+_MAX_ABS = 1e4
+
+
+def _check_values(path: str, name: str, kind: str, x: np.ndarray) -> None:
+  """Corruption that can be seen in one tensor: NaN or infinite values (an F16/F32 value or a
+  block's float16 scale overwritten, e.g. with 0xFFFF) or values out of any trained model's range
+  (a scale overwritten with a large one). Raises CheckpointError naming the file and tensor;
+  changed quantized codes within range cannot be told apart from weights (the trainer's warning
+  about a step-0 loss far above a uniform guess is the net for those)."""
+  finite = np.isfinite(x)
+  if not finite.all():
+    bad = int(x.size - np.count_nonzero(finite))
+    raise CheckpointError(f"{path}: tensor {name} ({kind}) holds {bad} non-finite value"
+                          f"{'s' if bad > 1 else ''} (NaN or infinity) after dequantization; "
+                          "the file is corrupted")
+  peak = float(np.abs(x).max()) if x.size else 0.0
+  if peak > _MAX_ABS:
+    raise CheckpointError(f"{path}: tensor {name} ({kind}) holds a value of magnitude {peak:.3g} "
+                          f"after dequantization (trained weights stay far below {_MAX_ABS:g}): a "
+                          "scale is out of range; the file is corrupted")
 
 
 def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none") -> dict:
   """Reads a llama GGUF file into the param tree of `cfg` (from `read_config(path)`), each leaf on
   its NamedSharding, cast to cfg.param_dtype and, with quant_kind int8/nf4, the layer kernels
   quantized again. Raises CheckpointError naming the file and tensor for a missing, unexpected,
-  misshapen or unsupported (type) tensor."""
+  misshapen or unsupported (type) tensor, and for one whose values show corruption (non-finite,
+  or out of range: `_check_values`)."""
   r = _reader(path)
   _architecture(path, r)
   tensors = _hf_names(path, r, cfg)
