@@ -79,6 +79,8 @@ def _check_options() -> None:
     raise ConfigError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
   if _BATCH.value < 1:
     raise ConfigError(f"--batch_size={_BATCH.value}: must be >= 1")
+  if not 0 <= _SEED.value < 2**63:  # jax.random.key takes a 64-bit seed; say so before loading
+    raise ConfigError(f"--seed={_SEED.value}: must be in [0, 2**63)")
   if any(not s for s in _STOP.value):
     raise ConfigError("--stop: an empty stop string would end every answer at once; drop it")
   if _OUTPUT.value:

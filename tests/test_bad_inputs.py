@@ -431,6 +431,7 @@ def test_safetensors_index_may_not_leave_the_model_directory(tmp_path):
     (["--temperature=nan"], "temperature=nan"),
     (["--stop="], "--stop: an empty stop string"),
     (["--max_new_tokens=0"], "--max_new_tokens=0: must be >= 1"),
+    (["--seed=99999999999999999999"], "--seed=99999999999999999999: must be in [0, 2**63)"),
     (["--output=/nonexistent-dir/answers.jsonl"], "does not exist"),
 ])
 def test_generate_options_fail_fast(trained, flags_, needle):
