@@ -21,6 +21,7 @@ log-probabilities stored with the data (`batch["ref_logps"]`, train.precompute_r
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +224,10 @@ class Preference:
     return out
 
 
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def from_config(config, trains_base: bool):
   """The objective named by train.objective with its pref.* settings. Raises ConfigError on bad
   values or combinations (DPO with full fine-tuning needs train.precompute_reference)."""
@@ -233,8 +238,8 @@ def from_config(config, trains_base: bool):
   if name != "sft" and t.eval_accuracy:
     raise ConfigError(f"train.eval_accuracy=True: answer accuracy reads single answers, not the "
                       f"pairs of train.objective={name}")
-  if t.base_kl < 0:
-    raise ConfigError(f"train.base_kl={t.base_kl}: must be >= 0")
+  if not (_finite(t.base_kl) and t.base_kl >= 0):
+    raise ConfigError(f"train.base_kl={t.base_kl}: must be a finite number >= 0")
   if name == "sft":
     if t.precompute_reference:
       raise ConfigError("train.precompute_reference=True needs train.objective=dpo")
@@ -245,14 +250,19 @@ def from_config(config, trains_base: bool):
   if t.base_kl:
     raise ConfigError(f"train.base_kl={t.base_kl}: the KL-to-base term is part of "
                       f"train.objective=sft, not {name}")
-  if p.beta <= 0:
-    raise ConfigError(f"pref.beta={p.beta}: must be > 0")
+  # Every pref.* number is checked whichever objective reads it: a NaN that reaches the step
+  # surfaces only as "loss or gradients are not finite", blaming training.
+  for key, ok, want in (
+      ("beta", _finite(p.beta) and p.beta > 0, "must be a finite number > 0"),
+      ("label_smoothing", _finite(p.label_smoothing) and 0.0 <= p.label_smoothing < 0.5,
+       "must be in [0, 0.5)"),
+      ("simpo_gamma", _finite(p.simpo_gamma) and p.simpo_gamma >= 0,
+       "must be a finite number >= 0 (the target reward margin)"),
+      ("orpo_lambda", _finite(p.orpo_lambda) and p.orpo_lambda > 0, "must be a finite number > 0")):
+    if not ok:
+      raise ConfigError(f"pref.{key}={p[key]}: {want}")
   if p.loss_type not in DPO_LOSSES:
     raise ConfigError(f"pref.loss_type={p.loss_type!r}: expected one of {', '.join(DPO_LOSSES)}")
-  if not 0.0 <= p.label_smoothing < 0.5:
-    raise ConfigError(f"pref.label_smoothing={p.label_smoothing}: must be in [0, 0.5)")
-  if p.orpo_lambda <= 0:
-    raise ConfigError(f"pref.orpo_lambda={p.orpo_lambda}: must be > 0")
   if name == "dpo":
     if trains_base and not t.precompute_reference:
       raise ConfigError("train.objective=dpo with peft.method=full needs "
