@@ -114,6 +114,23 @@ def test_objective_settings_are_checked():
       objectives.from_config(bad, trains_base=False)
 
 
+@pytest.mark.parametrize("objective,key,value", [
+    ("dpo", "pref.beta", float("nan")), ("simpo", "pref.simpo_gamma", float("nan")),
+    ("simpo", "pref.simpo_gamma", -1.0), ("orpo", "pref.orpo_lambda", float("inf")),
+    ("dpo", "pref.label_smoothing", float("nan")), ("sft", "train.base_kl", float("nan")),
+])
+def test_non_finite_settings_are_refused_naming_the_key(tmp_path, objective, key, value):
+  """NaN reached step 1 and was blamed on training ("loss or gradients are not finite"); now the
+  key is named before any data is read or the workdir is made."""
+  from conftest import tiny_config
+  from jaxft import trainer
+  c = tiny_config(**{"train.objective": objective, key: value,
+                     "data.train": str(tmp_path / "absent.jsonl")})
+  with pytest.raises(ConfigError, match=rf"^{key}={value}: must be"):
+    trainer.train(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 # -- batches and steps --------------------------------------------------------------------------
 
 def random_pairs(n, seed=0):
