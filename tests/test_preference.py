@@ -78,6 +78,11 @@ def test_row_formats_and_implicit_prompts(tmp_path, quickstart_tokenizer):
       "rejected": [{"role": "assistant", "content": "B"}]}, "'chosen' has no assistant message"),
     ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]},
      "a chat row in a preference run"),
+    ({"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}],
+      "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]},
+     "'chosen' and 'rejected' are the same"),
+    ({"chosen": "Q? A.", "rejected": "Q? A."}, "'chosen' and 'rejected' are the same"),
+    ({"prompt": None, "chosen": " A.", "rejected": " B."}, "field 'prompt' is null"),
 ])
 def test_bad_preference_rows_name_the_line(tmp_path, quickstart_tokenizer, row, needle):
   good = {"prompt": "Q?", "chosen": " A.", "rejected": " B."}

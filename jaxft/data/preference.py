@@ -84,6 +84,11 @@ def split_row(origin: str, row: dict):
       raise DataError(f"{origin}: missing required field {key!r} of a preference row "
                       "(prompt, chosen, rejected)")
   chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+  if "prompt" in row and prompt is None:  # a null is a mistake, not a request for an implicit one
+    raise DataError(f"{origin}: field 'prompt' is null; give the prompt, or leave the field out "
+                    "to take the shared beginning of 'chosen' and 'rejected' as the prompt")
+  if chosen == rejected:  # before the implicit prompt takes all of both
+    raise DataError(f"{origin}: 'chosen' and 'rejected' are the same: the pair says nothing")
   conversational = isinstance(chosen, list)
   kind = list if conversational else str
   for key, v in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
