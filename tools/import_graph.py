@@ -7,8 +7,13 @@ Prints (1) every import cycle between jaxft modules, counting imports made insid
 (2) every `jaxft` import made inside a function rather than at the top of its module, except in
 the `_main` of an entry point (a module with `if __name__ == "__main__"`), which imports the
 library only after the command has re-executed itself (jaxft.cli.run: huge-page malloc) and so
-does not import jax twice; (3) every function longer than `--max_lines` lines. Exits 1 if it
-found any, 0 otherwise.
+does not import jax twice; (3) every function longer than `--max_lines` lines; (4) every
+folder-level loop: folder A imports something in folder B and B something in A, directly or
+through other folders. A folder is a package directory (its `__init__` and modules, e.g.
+jaxft/models/); a module that sits flat in jaxft/ (errors.py, session.py, evaluate.py) counts as a
+folder of its own, not as part of one `jaxft` root folder, since the flat leaves that every folder
+imports (errors, files) would otherwise tie all folders into one loop. Exits 1 if it found any,
+0 otherwise.
 """
 
 from __future__ import annotations
@@ -125,26 +130,65 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
   return sorted(out)
 
 
+def folder(module: str, modules: dict[str, str], package: str = "jaxft") -> str:
+  """The folder `module` belongs to: its package (itself for an `__init__`), or the module itself
+  when it sits flat in the top package."""
+  if os.path.basename(modules[module]) == "__init__.py":
+    return module
+  parent = module.rpartition(".")[0]
+  return module if parent == package else parent
+
+
+def folder_loops(graph: dict[str, dict[str, int]], modules: dict[str, str]):
+  """Loops between folders: [(sorted folders, {(folder, imported folder): [(module, imported
+  module, line), ...]})], listing the imports that cross between two folders of the loop (the
+  direction with fewer of them is usually the one to undo)."""
+  fgraph: dict[str, dict[str, int]] = {}
+  crossing: dict[tuple[str, str], list] = {}
+  for a, targets in graph.items():
+    fa = folder(a, modules)
+    fgraph.setdefault(fa, {})
+    for b, line in targets.items():
+      fb = folder(b, modules)
+      if fa != fb:
+        fgraph[fa].setdefault(fb, line)
+        crossing.setdefault((fa, fb), []).append((a, b, line))
+  out = []
+  for comp in cycles(fgraph):
+    out.append((comp, {(fa, fb): sorted(crossing[(fa, fb)]) for fa in comp for fb in comp
+                       if (fa, fb) in crossing}))
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   ap.add_argument("--max_lines", type=int, default=80)
   args = ap.parse_args(argv)
   graph, inner, fns = read(args.root)
+  modules = module_names(args.root)
   found = cycles(graph)
+  loops = folder_loops(graph, modules)
   long_fns = [f for f in fns if f[3] > args.max_lines]
   rel = lambda p: os.path.relpath(p, args.root)
   for comp in found:
     edges = [f"{a} -> {b} (line {graph[a][b]})" for a in comp for b in graph[a] if b in comp]
     print(f"cycle: {' <-> '.join(comp)}\n  " + "\n  ".join(edges))
+  for comp, pairs in loops:
+    print(f"folder loop: {' <-> '.join(comp)}")
+    for (fa, fb), edges in pairs.items():
+      shown = ", ".join(f"{rel(modules[a])}:{line} imports {b}" for a, b, line in edges[:3])
+      more = f" and {len(edges) - 3} more" if len(edges) > 3 else ""
+      print(f"  {fa} -> {fb}: {len(edges)} imports: {shown}{more}")
   for path, line, fn, targets in inner:
     print(f"import inside a function: {rel(path)}:{line} in {fn}(): {targets}")
   for path, line, fn, n in sorted(long_fns, key=lambda f: -f[3]):
     print(f"long function: {rel(path)}:{line} {fn}() is {n} lines (limit {args.max_lines})")
-  print(f"{len(graph)} modules, {sum(map(len, graph.values()))} imports: {len(found)} cycles, "
-        f"{len(inner)} imports inside functions, {len(long_fns)} functions over "
-        f"{args.max_lines} lines")
-  return 1 if found or inner or long_fns else 0
+  folders = {folder(m, modules) for m in graph}
+  print(f"{len(graph)} modules in {len(folders)} folders, {sum(map(len, graph.values()))} imports: "
+        f"{len(found)} cycles, {len(loops)} folder loops, {len(inner)} imports inside functions, "
+        f"{len(long_fns)} functions over {args.max_lines} lines")
+  return 1 if found or loops or inner or long_fns else 0
 
 
 if __name__ == "__main__":
