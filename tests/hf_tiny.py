@@ -111,9 +111,10 @@ def check_written_back(cfg, params, model, ids: np.ndarray, ref: np.ndarray, out
   gives the logits `ref` (within 1e-6) without a load report."""
   import os
   import transformers
+  from jaxft.export import write_checkpoint
   from jaxft.models import hf
   os.makedirs(out)
-  hf.write_checkpoint(out, cfg, params, "float32")
+  write_checkpoint(out, cfg, params, "float32")
   assert hf.read_config(out) == cfg
   capfd.readouterr()
   back, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="float32",

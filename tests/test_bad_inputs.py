@@ -89,7 +89,7 @@ def test_export_never_replaces_a_workdir_or_the_model(trained, tmp_path):
   c = tiny_config()
   c.model.tokenizer = str(other)
   with pytest.raises(ConfigError, match="model.tokenizer"):
-    export._check_out(str(other / "sub"), True, trained, c)
+    export.check_out(str(other / "sub"), True, trained, c)
   assert snapshot(trained) == before
 
 

@@ -124,7 +124,7 @@ def _reader_tensors(path):
 
 @pytest.mark.slow
 def test_gguf_holds_the_merged_weights_in_llama_cpp_layout(run):
-  from jaxft.export_gguf import permute_qk
+  from jaxft.export.gguf import permute_qk
   from jaxft.models import hf
   trained = run["trained"]
   cfg = trained.model.cfg

@@ -21,8 +21,6 @@ Only safetensors and JSON are read: pickle checkpoints (.bin, .pt) are refused, 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 from typing import Any, Callable, Iterator
 
@@ -40,7 +38,7 @@ from jaxft.models.safetensors_io import (INDEX, read_tensor, refuse_pickle, shar
                                         tensor_files, write_safetensors)
 
 __all__ = ["ARCHITECTURES", "INDEX", "read_config", "checkpoint_dtype", "hf_config", "load_params",
-           "write_checkpoint", "tensor_files", "refuse_pickle", "write_safetensors",
+           "tensor_files", "refuse_pickle", "write_safetensors", "shard_entries",
            "expected_names", "export_names", "stream_params", "hf_name", "host_tensor"]
 
 # Buffers that old checkpoints saved beside the weights; they are recomputed, not loaded.
@@ -286,35 +284,3 @@ def _slicer(levels: int, transpose: bool, dtype: str):
     x = ops.weight(x, dtype)  # a quantized base kernel (QLoRA) is written dequantized
     return x.T if transpose else x
   return jax.jit(fn)
-
-
-def write_checkpoint(directory: str | None, cfg: ModelConfig, params, dtype: str,
-                     max_shard_mb: float = 5000) -> int:
-  """Writes params (the decoder's tree, quantized kernels allowed) as an HF checkpoint into
-  `directory`: config.json and safetensors in `dtype`, sharded with model.safetensors.index.json
-  above max_shard_mb. Tensors go to the host one at a time (one layer's slice of a stacked leaf).
-  With several processes every one must call this (tensors are gathered); only the one whose
-  `directory` is not None writes. Returns the number of safetensors files."""
-  hf_cfg = hf_config(cfg, dtype)
-  np_dtype = np.dtype(jnp.dtype(dtype))
-  entries = [(name, shape, np_dtype, lambda p=path, i=layer: host_tensor(params, p, i, dtype))
-             for name, path, layer, shape in export_names(cfg)]
-  shards = shard_entries(entries, int(max_shard_mb * 2**20))
-  weight_map, total = {}, 0
-  for k, shard in enumerate(shards):
-    fname = ("model.safetensors" if len(shards) == 1
-             else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
-    if directory is not None:
-      total += write_safetensors(os.path.join(directory, fname), shard)
-    else:  # take part in gathering each tensor
-      for e in shard:
-        e[3]()
-    weight_map.update({e[0]: fname for e in shard})
-  if directory is None:
-    return len(shards)
-  if len(shards) > 1:
-    with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_cfg, f, indent=2)
-  return len(shards)

@@ -1,4 +1,4 @@
-"""GGUF export: the merged model, its tokenizer and chat template in one file llama.cpp loads.
+"""--format=gguf: the merged model, its tokenizer and chat template in one file llama.cpp loads.
 
 Written with the `gguf` package (no llama.cpp build). Weights are in llama.cpp's layout for the
 `llama` architecture: HF tensor names mapped to GGUF's (`blk.N.attn_q.weight`, ...), and the
@@ -11,20 +11,21 @@ output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (t
 eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
 K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms stay float32.
 
-Tokenizers: SentencePiece (tokenizer.model) as llama.cpp's `llama` model (pieces, scores, types,
-add_space_prefix); byte-level BPE (tokenizer.json, e.g. SmolLM2's rebuilt from its GGUF) as `gpt2`
-(tokens, merges, types, and the pre-tokenizer's llama.cpp name: gpt2 or smollm).
+The tokenizer and chat template are gguf_tokenizer.py's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
+import jax
 import numpy as np
 from absl import logging
 
+from jaxft import session
 from jaxft.errors import ConfigError
+from jaxft.export.gguf_tokenizer import add_tokenizer
+from jaxft.export.output import check_out, merged_params
 from jaxft.models import hf
 from jaxft.quant import gguf_quants
 
@@ -116,150 +117,36 @@ def _nbytes(shape, qtype) -> int:
   return int(np.prod(shape)) // block * size
 
 
-# -- tokenizer -----------------------------------------------------------------------------------
-
-def _sentencepiece_vocab(tok_dir: str, tok, vocab_size: int):
-  """(pieces, scores, token types) of the SentencePiece model in tok_dir, with the HF tokenizer's
-  added tokens, padded to the model's vocab_size."""
-  import sentencepiece as spm
-  from gguf import TokenType
-  sp = spm.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model"))
-  pieces, scores, types = [], [], []
-  for i in range(sp.vocab_size()):
-    pieces.append(sp.id_to_piece(i))
-    scores.append(sp.get_score(i))
-    types.append(TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
-                 else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i)
-                 else TokenType.NORMAL)
-  for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1]):
-    if i < len(pieces):
-      continue
-    if i != len(pieces):
-      raise ConfigError(f"{tok_dir}: added token {t!r} has id {i}, leaving a gap after "
-                        f"{len(pieces)}; GGUF vocabularies are dense")
-    pieces.append(t)
-    scores.append(-1000.0)
-    types.append(TokenType.CONTROL if t in tok.all_special_tokens else TokenType.USER_DEFINED)
-  if len(pieces) > vocab_size:
-    raise ConfigError(f"{tok_dir}: the tokenizer has {len(pieces)} tokens, more than the model's "
-                      f"vocab_size {vocab_size}")
-  for i in range(len(pieces), vocab_size):
-    pieces.append(f"[PAD{i}]")
-    scores.append(-1000.0)
-    types.append(TokenType.UNUSED)
-  return pieces, scores, types, sp
-
-
-def _add_tokenizer(w, tok_dir: str, enc, cfg) -> None:
-  """The tokenizer metadata llama.cpp reads: SentencePiece (tokenizer.model) as `llama`, a
-  byte-level BPE tokenizer.json as `gpt2` with its merges and pre-tokenizer name; then the special
-  ids, whether BOS/EOS are added, and the chat template."""
-  tok = enc.tok
-  if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
-    _add_sentencepiece(w, tok_dir, tok, cfg)
-  elif os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-    _add_byte_level(w, tok_dir, tok, cfg)
-  else:
-    raise ConfigError(f"--format=gguf: {tok_dir} has neither tokenizer.model (SentencePiece) nor "
-                      "tokenizer.json (byte-level BPE)")
-  for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
-                     ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
-    if value is not None:
-      getattr(w, f"add_{key}_token_id")(int(value))
-  # What the tokenizer itself adds around plain text (llama.cpp adds the same when asked to).
-  ids = tok("a")["input_ids"]
-  w.add_add_bos_token(bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id)
-  w.add_add_eos_token(len(ids) > 1 and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id)
-  w.add_chat_template(enc.template)
-
-
-def _add_sentencepiece(w, tok_dir: str, tok, cfg) -> None:
-  pieces, scores, types, sp = _sentencepiece_vocab(tok_dir, tok, cfg.vocab_size)
-  w.add_tokenizer_model("llama")
-  w.add_tokenizer_pre("default")
-  w.add_token_list(pieces)
-  w.add_token_scores(scores)
-  w.add_token_types(types)
-  add_prefix = _dummy_prefix(sp)
-  w.add_add_space_prefix(add_prefix)
-  pre = tok.backend_tokenizer.pre_tokenizer
-  if add_prefix and pre is not None and "prepend_scheme=first" in str(pre):
-    logging.warning("the tokenizer prefixes only the first piece of text with '▁' (legacy=False), "
-                    "llama.cpp prefixes every piece after a special token: the ids of text after "
-                    "special tokens will differ between jaxft and llama.cpp")
-
-
-def _add_byte_level(w, tok_dir: str, tok, cfg) -> None:
-  path = os.path.join(tok_dir, "tokenizer.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      spec = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path}: not readable JSON ({e})") from None
-  model = spec.get("model") or {}
-  if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-    raise ConfigError(f"{path}: model.type={model.get('type')!r}; GGUF export writes SentencePiece "
-                      "(tokenizer.model) or byte-level BPE tokenizers (export --format=hf and "
-                      "convert it with llama.cpp's convert_hf_to_gguf.py)")
-  pre = bpe_pre_name(path, spec.get("pre_tokenizer"))
-  tokens, types = _bpe_vocab(path, model["vocab"], spec.get("added_tokens") or [], cfg.vocab_size)
-  merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-  if not merges:
-    raise ConfigError(f"{path}: model.merges is empty; a byte-level BPE tokenizer needs its merges")
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre(pre)
-  w.add_token_list(tokens)
-  w.add_token_types(types)
-  w.add_token_merges(merges)
-
-
-def _step_kinds(pre: dict | None) -> list[dict]:
-  if not pre:
-    return []
-  return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
-
-
-def bpe_pre_name(path: str, pre: dict | None) -> str:
-  """llama.cpp's name (tokenizer.ggml.pre) for a byte-level tokenizer.json's pre-tokenizer: `gpt2`
-  (ByteLevel with GPT-2's regex) or `smollm` (every digit alone, then the same). Raises
-  ConfigError naming the file for any other, whose split rules llama.cpp would not apply alike."""
-  steps = [(s.get("type"), s.get("individual_digits"), s.get("use_regex"))
-           for s in _step_kinds(pre)]
-  if steps == [("ByteLevel", None, True)]:
-    return "gpt2"
-  if steps == [("Digits", True, None), ("ByteLevel", None, True)]:
-    return "smollm"
-  raise ConfigError(f"{path}: pre_tokenizer {[s[0] for s in steps]} is not one GGUF export "
-                    "names (ByteLevel: gpt2; Digits(individual) + ByteLevel: smollm); export "
-                    "--format=hf and convert it with llama.cpp's convert_hf_to_gguf.py")
-
-
-def _bpe_vocab(path: str, vocab: dict, added: list, vocab_size: int):
-  """(tokens, token types) dense by id: the BPE vocabulary, the added tokens (special ones
-  CONTROL, others USER_DEFINED), padded to the model's vocab_size with UNUSED [PADi]."""
-  from gguf import TokenType
-  by_id = {int(i): (t, TokenType.NORMAL) for t, i in vocab.items()}
-  for a in added:
-    kind = TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED
-    by_id[int(a["id"])] = (a["content"], kind)
-  n = max(by_id) + 1 if by_id else 0
-  if n > vocab_size:
-    raise ConfigError(f"{path}: the tokenizer has ids up to {n - 1}, beyond the model's vocab_size "
-                      f"{vocab_size}")
-  missing = [i for i in range(n) if i not in by_id]
-  if missing:
-    raise ConfigError(f"{path}: no token has id {missing[0]} ({len(missing)} ids missing); GGUF "
-                      "vocabularies are dense")
-  tokens = [by_id[i][0] for i in range(n)] + [f"[PAD{i}]" for i in range(n, vocab_size)]
-  types = [by_id[i][1] for i in range(n)] + [TokenType.UNUSED] * (vocab_size - n)
-  return tokens, types
-
-
-def _dummy_prefix(sp) -> bool:
-  from sentencepiece import sentencepiece_model_pb2 as pb
-  m = pb.ModelProto()
-  m.ParseFromString(sp.serialized_model_proto())
-  return bool(m.normalizer_spec.add_dummy_prefix)
+def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None = None,
+                overwrite: bool = False) -> str:
+  """Merges WORKDIR's trained method into its base and writes it, with the tokenizer and the chat
+  template training used, as the GGUF file OUT (quant: QUANTS). Returns OUT.
+  Raises ConfigError (OUT not *.gguf or exists, a bad quant, what GGUF's llama architecture cannot
+  hold, an unmergeable method) or CheckpointError (no checkpoint)."""
+  if not out.endswith(".gguf"):
+    raise ConfigError(f"--out={out}: a GGUF export is one file; name it FILE.gguf")
+  if quant not in QUANTS:
+    raise ConfigError(f"--quant={quant}: expected one of {', '.join(QUANTS)}")
+  if os.path.isdir(out):
+    raise ConfigError(f"--out={out}: is a directory; a GGUF export is one file")
+  config = session.load_workdir_config(workdir)
+  check_out(out, overwrite, workdir, config)
+  trained = session.restore_trained(workdir, config, step=step)
+  cfg = trained.model.cfg
+  check_model(cfg)
+  merged = merged_params(trained)
+  del trained
+  enc = session.encoder(config, workdir)
+  tok_dir = session.tokenizer_dir(config, workdir)
+  main = jax.process_index() == 0
+  if main and os.path.dirname(os.path.abspath(out)):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  counts = write_gguf(os.path.abspath(out) if main else None, cfg, merged, quant=quant,
+                         tok_dir=tok_dir, enc=enc, name=os.path.basename(out)[:-5])
+  if main:
+    logging.info("exported %s merged as GGUF (%s: tensor types %s) to %s", config.peft.method,
+                 quant, counts, out)
+  return out
 
 
 # -- the file ------------------------------------------------------------------------------------
@@ -300,7 +187,7 @@ def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
   w = gguf.GGUFWriter(tmp, "llama")
   try:
     _add_metadata(w, cfg, quant, name)
-    _add_tokenizer(w, tok_dir, enc, cfg)
+    add_tokenizer(w, tok_dir, enc, cfg)
     for gname, _, _, shape, qtype in entries:
       w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
     w.write_header_to_file()
