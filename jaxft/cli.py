@@ -111,15 +111,49 @@ def _reexec_with_huge_pages() -> None:
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
 
 
+def quiet_tpu_env(environ, has_libtpu: bool, tpu_chips: int, has_gpu: bool) -> dict:
+  """The variables a jaxft command sets so that a host without a TPU stays quiet although libtpu
+  is installed (`pip install ".[tpu]"`, for plans): {} where that does not apply (no libtpu, a
+  TPU present) or the user chose. Why: JAX initializes every installed plugin, and libtpu, not
+  finding a TPU, prints errors ("unexpected worker hostname") and takes a second per process.
+  JAX_PLATFORMS=cpu (only without a GPU, which it would hide) keeps JAX from opening libtpu; the
+  TPU_* values answer what libtpu asks a TPU VM's metadata server for, when the planner loads it
+  to compile for a TPU topology (one host, no metadata query)."""
+  if not has_libtpu or tpu_chips:
+    return {}
+  out = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
+  if not has_gpu:
+    out["JAX_PLATFORMS"] = "cpu"
+  return {k: v for k, v in out.items() if k not in environ}
+
+
+def quiet_without_tpu() -> None:
+  """Applies `quiet_tpu_env` to this process (before JAX opens a backend)."""
+  import importlib.util
+  try:
+    from jax._src import hardware_utils  # what JAX itself asks (PCI ids), no backend opened
+    chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+    gpu = hardware_utils.has_visible_nvidia_gpu()
+  except Exception:  # another JAX: leave everything as it is
+    return
+  env = quiet_tpu_env(os.environ, importlib.util.find_spec("libtpu") is not None, chips, gpu)
+  os.environ.update(env)
+  if "JAX_PLATFORMS" in env:  # JAX read the variable when it was imported
+    import jax
+    jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
+
+
 def run(main_fn):
   """app.run(main_fn) where a JaxftError becomes 'jaxft: error: ...' on stderr and exit status 2.
   A command first re-executes itself once with huge-page malloc where that applies (see
-  `huge_pages_env`)."""
+  `huge_pages_env`), and keeps a host without a TPU quiet though libtpu is installed
+  (`quiet_tpu_env`)."""
   _reexec_with_huge_pages()
 
   def wrapped(argv):
     for h in logging.getLogger().handlers + logging.getLogger("absl").handlers:
       h.addFilter(_QuietLibraries())
+    quiet_without_tpu()
     try:
       main_fn(argv)
     except JaxftError as e:

@@ -90,8 +90,38 @@ def test_a_plan_that_does_not_fit_exits_1_with_the_knobs():
   r = _plan(["--config=configs/quickstart.py", "--config.model.preset=tiny", "--time=false",
              "--memory_gib=0.0001", "--config.data.batch_size=4", "--config.data.max_len=64"])
   assert r.returncode == 1, r.stderr[-3000:]
+  assert "compiling the train step of the tiny preset" in r.stderr  # before minutes of silence
   assert "DOES NOT FIT" in r.stdout
   assert "--config.model.remat=full" in r.stdout and "--config.data.max_len=32" in r.stdout
+
+
+@pytest.mark.parametrize("value", [-5.0, float("nan"), float("inf")])
+def test_a_negative_or_nan_memory_gib_is_refused(value):
+  """--memory_gib=-5 (or nan) was ignored: the plan then judged against the chip's own memory."""
+  with pytest.raises(ConfigError, match=rf"--memory_gib={value}: must be a finite number"):
+    plan_lib.plan(tiny_config(), memory_gib=value)
+
+
+def test_a_host_without_a_tpu_stays_quiet_with_libtpu_installed():
+  """libtpu installed for plans (pip install ".[tpu]") made every jaxft command on a CPU host
+  print libtpu's errors ("unexpected worker hostname"); the commands' start-up now keeps it
+  quiet, and the deviceless TPU topology still builds."""
+  from jaxft import cli
+  assert cli.quiet_tpu_env({}, has_libtpu=False, tpu_chips=0, has_gpu=False) == {}
+  assert cli.quiet_tpu_env({}, has_libtpu=True, tpu_chips=4, has_gpu=False) == {}
+  assert cli.quiet_tpu_env({}, True, 0, True).get("JAX_PLATFORMS") is None  # a GPU stays seen
+  assert "JAX_PLATFORMS" not in cli.quiet_tpu_env({"JAX_PLATFORMS": "tpu"}, True, 0, False)
+  libtpu = _libtpu_dir()
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "TPU_"))}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [libtpu, env.get("PYTHONPATH")]))
+  code = ("from jaxft import cli; cli.quiet_without_tpu(); import jax; print(jax.devices()[0].platform);"
+          "from jax.experimental import topologies;"
+          "print(len(topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices))")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split() == ["cpu", "4"]
+  assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr[-3000:]
 
 
 # XLA's TPU compiler refusing Llama-3-70B QLoRA at batch 8 x 2048 on v5e:2x2 (libtpu 0.0.42)

@@ -377,11 +377,34 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
+def check_memory_gib(memory_gib: float) -> None:
+  """--memory_gib: a finite number >= 0 (0: the chip's own); ConfigError naming the flag."""
+  if not (math.isfinite(memory_gib) and memory_gib >= 0):
+    raise ConfigError(f"--memory_gib={memory_gib}: must be a finite number of GiB > 0, or 0 for "
+                      "the chip's own memory")
+
+
+def announce(config, topology: str = "local", chips: int = 0, time: bool = True) -> str:
+  """What `plan` is about to compile, for the console: the compiles take minutes for a real
+  model on a CPU host, and a silent terminal reads as a hang."""
+  model = config.model.path or f"the {config.model.preset} preset"
+  where = "the local devices" if topology == "local" else f"TPU {topology} (deviceless, via libtpu)"
+  if chips:
+    where += f", its first {chips} chips"
+  extra = (" and twice more at 0 and 1 layers for the time estimate (--notime skips them)" if time
+           else "")
+  return (f"jaxft.plan: compiling the train step of {model} ({config.peft.method}, batch "
+          f"{config.data.batch_size} x {config.data.max_len} tokens) for {where}, once{extra}; "
+          "a real model takes minutes")
+
+
 def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
          memory_gib: float = 0.0) -> dict:
   """Builds, compiles and reports the train step of `config` on `topology`; see the module doc.
   time=False skips the two extra compiles of the time estimate (then reported unknown);
-  memory_gib > 0 replaces the chip's memory (a chip the table does not know, or a share of one)."""
+  memory_gib > 0 replaces the chip's memory (a chip the table does not know, or a share of one).
+  Raises ConfigError for a bad topology, chip count or memory_gib."""
+  check_memory_gib(memory_gib)  # (before libtpu loads)
   devices = topology_devices(topology, chips)
   ab = build(config, devices)
   built = {None: (config, ab)}

@@ -35,6 +35,9 @@ def _main(argv):
     # which locks a file in the temporary directory: let a second planner, or a test beside it,
     # load it too. No TPU is opened.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  plan.check_memory_gib(_MEMORY.value)  # before the notice below
+  print(plan.announce(_CONFIG.value, _TOPOLOGY.value, _CHIPS.value, _TIME.value), file=sys.stderr,
+        flush=True)
   r = plan.plan(_CONFIG.value, _TOPOLOGY.value, _CHIPS.value, _TIME.value,
                 _MEMORY.value)
   print(json.dumps(r, indent=1) if _JSON.value else plan.format_report(r), flush=True)
