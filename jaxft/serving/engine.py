@@ -34,7 +34,8 @@ class Request:
   """One generation: prompt ids, limits and sampling; the engine fills in the rest.
 
   on_token(token_id, text_so_far) is called from the engine thread for every new token;
-  on_done(finish) once, with finish one of eos | length | stop | cancelled."""
+  on_done(finish) once, with finish one of eos | length | stop | cancelled | error (then `error`
+  says why: the engine failed on this request, and goes on serving the others)."""
   prompt: np.ndarray
   max_new_tokens: int
   temperature: float = 0.0
@@ -49,6 +50,7 @@ class Request:
   text: str = ""
   finish: str | None = None
   cancelled: bool = False
+  error: str = ""
 
 
 def _round_up(n: int, m: int) -> int:
@@ -165,6 +167,9 @@ class Engine:
     self._thread: threading.Thread | None = None
     self.error = ""
     self.finished: collections.Counter = collections.Counter()  # requests ended, by finish
+    # The same by row: the base and each LoRA of a shared engine are separate models to a client.
+    self.finished_by_row: dict[int, collections.Counter] = collections.defaultdict(
+        collections.Counter)
 
   # -- requests ---------------------------------------------------------------------------------
 
@@ -185,9 +190,20 @@ class Engine:
     with self._cv:
       self._cv.notify()
 
-  def busy(self) -> int:
+  def busy(self, row: int | None = None) -> int:
+    """Requests queued or decoding: all of them, or those of one row (one model)."""
     with self._cv:
-      return len(self.queue) + sum(r is not None for r in self.held)
+      return sum(r is not None and (row is None or r.row == row)
+                 for r in self.queue + self.held)
+
+  def failure(self) -> str:
+    """Why the engine no longer decodes ("" while it does): its loop stopped on an error, or its
+    thread is gone."""
+    if self.error:
+      return self.error
+    if self._thread is not None and not self._thread.is_alive() and not self._stop:
+      return "the decoding thread has exited"
+    return ""
 
   # -- loop -------------------------------------------------------------------------------------
 
@@ -220,6 +236,7 @@ class Engine:
       with self._cv:
         self.error = f"{type(e).__name__}: {e}"
         for r in self.queue + [r for r in self.held if r is not None]:
+          r.error = f"the decoding engine stopped: {self.error}"
           self._finish_req(r, "error")
         self.queue.clear()
         self.held = [None] * self.slots
@@ -243,20 +260,57 @@ class Engine:
         if req.cancelled:
           self._finish_req(req, "cancelled")
           continue
-        if not self._admit(slot, req):  # no room in the cache until others finish
+        try:
+          admitted = self._admit(slot, req)
+        except Exception as e:  # pylint: disable=broad-except
+          self._fail_one(req, e)
+          continue
+        if not admitted:  # no room in the cache until others finish
           with self._cv:
             self.queue.insert(0, req)
           break
       self._release_cancelled()
       if any(self.held):
-        self._decode_once()
+        try:
+          self._decode_once()
+        except Exception as e:  # pylint: disable=broad-except
+          # The batched step cannot say which row failed: the requests decoding now fail, the
+          # queued ones and later ones are served from a fresh cache.
+          logging.exception("a decode step failed; failing the requests in it")
+          self._fail_held(f"{type(e).__name__}: {e}")
 
   def _finish_req(self, req: Request, finish: str) -> None:
     if req.finish is None:
       req.finish = finish
       self.finished[finish] += 1
+      self.finished_by_row[req.row][finish] += 1
       if req.on_done:
-        req.on_done(finish)
+        try:
+          req.on_done(finish)
+        except Exception:  # pylint: disable=broad-except
+          # A caller gone (its event loop closed) must not stop the engine for everyone else.
+          logging.exception("a request's on_done callback failed")
+
+  def _fail_one(self, req: Request, e: Exception) -> None:
+    """Ends one request that could not be admitted; the others go on (a cache the failed
+    admission had already donated is rebuilt, failing the requests that were in it)."""
+    logging.exception("request failed in the engine")
+    req.error = f"{type(e).__name__}: {e}"
+    self._finish_req(req, "error")
+    if any(a.is_deleted() for a in jax.tree.leaves(self.cache)):
+      self._fail_held("the decoding cache was lost when another request failed")
+
+  def _fail_held(self, error: str) -> None:
+    """Ends every decoding request with `error` and starts over from an empty cache (one that a
+    failed computation had donated is gone)."""
+    for slot, r in enumerate(self.held):
+      if r is not None:
+        r.error = error
+        self._finish_req(r, "error")
+        self.held[slot] = None
+    self.cache = llama.init_cache(self.cfg, self.slots, self.cache_len)
+    self.logits = jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32)
+    self.index = 0
 
   def _release_cancelled(self) -> None:
     for slot, req in enumerate(self.held):
@@ -268,6 +322,11 @@ class Engine:
     n = len(req.prompt)
     P = _round_up(n, _BUCKET)
     need = req.max_new_tokens + 1
+    # A setting the per-slot arrays cannot hold (a seed past int64, a top_k past int32) fails
+    # here, before the cache is touched.
+    key = np.array(jax.random.key_data(jax.random.key(req.seed)))
+    temperature, top_k, top_p = (np.float32(req.temperature), np.int32(req.top_k),
+                                 np.float32(req.top_p))
     active = [s for s, r in enumerate(self.held) if r is not None]
     if not active:
       self.index = 0
@@ -293,9 +352,8 @@ class Engine:
                          jnp.asarray(start, jnp.int32))
     self.logits = self.logits.at[slot].set(logits)
     self.first[slot], self.pos[slot], self.n[slot], self.rows[slot] = start, n, 0, req.row
-    self.temperature[slot], self.top_k[slot], self.top_p[slot] = (req.temperature, req.top_k,
-                                                                  req.top_p)
-    self.keys[slot] = np.array(jax.random.key_data(jax.random.key(req.seed)))
+    self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
+    self.keys[slot] = key
     self.held[slot] = req
     return True
 
@@ -315,23 +373,33 @@ class Engine:
     for slot, req in enumerate(self.held):
       if req is None:
         continue
-      t = int(tok[slot])
-      if t in self.eos_ids:
-        self._end(slot, "eos")
-        continue
-      req.tokens.append(t)
-      text = self.detokenize(req.tokens)
-      hit = [text.find(s) for s in req.stop if s in text]
-      if hit:
-        text = text[:min(hit)]
-      req.text = text
-      if req.on_token:
-        req.on_token(t, text)
-      if hit:
-        self._end(slot, "stop")
-      elif len(req.tokens) >= req.max_new_tokens or self.pos[slot] >= self.context:
-        self._end(slot, "length")
+      try:
+        self._advance(slot, req, int(tok[slot]))
+      except Exception as e:  # pylint: disable=broad-except
+        # One request's text or callback failing ends that request, not the step's others.
+        logging.exception("request failed after a decode step")
+        req.error = f"{type(e).__name__}: {e}"
+        self._end(slot, "error")
     del logp
+
+  def _advance(self, slot: int, req: Request, t: int) -> None:
+    """Adds token t to the request in `slot`; ends it at an end token, a stop string or its
+    length."""
+    if t in self.eos_ids:
+      self._end(slot, "eos")
+      return
+    req.tokens.append(t)
+    text = self.detokenize(req.tokens)
+    hit = [text.find(s) for s in req.stop if s in text]
+    if hit:
+      text = text[:min(hit)]
+    req.text = text
+    if req.on_token:
+      req.on_token(t, text)
+    if hit:
+      self._end(slot, "stop")
+    elif len(req.tokens) >= req.max_new_tokens or self.pos[slot] >= self.context:
+      self._end(slot, "length")
 
   def _end(self, slot: int, finish: str) -> None:
     req = self.held[slot]
