@@ -9,6 +9,7 @@ win rate from it (jaxft/eval/votes.py reads and scores the votes).
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import random
@@ -74,9 +75,11 @@ $("tie").onclick = () => vote("tie");
 
 
 def page(models: list[str], default_a: str, default_b: str) -> str:
+  """The page's HTML with the model names as options (escaped: an adapter's name is the
+  operator's free text, and the page must not run it as markup)."""
   def options(selected):
-    return "".join(f'<option value="{m}"{" selected" if m == selected else ""}>{m}</option>'
-                   for m in models)
+    return "".join(f'<option value="{html.escape(m)}"{" selected" if m == selected else ""}>'
+                   f'{html.escape(m)}</option>' for m in models)
   return PAGE.replace("__OPTIONS_A__", options(default_a)).replace("__OPTIONS_B__",
                                                                     options(default_b))
 
