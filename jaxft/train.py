@@ -23,11 +23,9 @@ def _main(argv):
   logging.info("host malloc: %s", "huge pages" if cli.HUGE_PAGES_TUNABLE in os.environ.get(
       "GLIBC_TUNABLES", "") else "4 KiB pages (JAXFT_HUGE_PAGES=0, or not available here)")
   distributed.initialize_from_flags()  # before anything touches a device
-  from jaxft.trainer import train
+  from jaxft.trainer import summary, train
   result = train(_CONFIG.value, _WORKDIR.value)
-  keys = ("step", "loss", "eval_loss")
-  print("done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else
-                             f"{k}={result[k]}" for k in keys if k in result), flush=True)
+  print(summary(result, _CONFIG.value, _WORKDIR.value), flush=True)
 
 
 def main():

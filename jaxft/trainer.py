@@ -15,7 +15,7 @@ from absl import logging
 
 from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
                    objectives, optim, peft, session, sharding, target, workdir as workdir_lib)
-from jaxft.data import pipeline, preference
+from jaxft.data import pipeline, preference, sources
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
 from jaxft.metrics import MetricsWriter
@@ -250,18 +250,23 @@ def train(config, workdir: str, hooks: tuple = ()) -> dict:
   model_cfg = session.model_config(config)
   mesh, _ = sharding.checked_mesh(config, model_cfg, mesh, batch=True)  # before any data
   objective = objectives.from_config(config, config.peft.method == "full")
+  # A missing or unreadable data file is named before the workdir is made or filled.
+  sources.check(config.data.train)
+  if config.data.eval:
+    sources.check(config.data.eval)
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    cache = compile_cache.use(config.train.compile_cache, workdir)  # before anything compiles
-    if cache:
-      logging.info("compilation cache: %s", cache)
     return _train(config, workdir, mesh, model_cfg, objective, hooks)
 
 
 def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dict:
   enc = session.encoder(config, workdir)
   train_ds, eval_ds = _datasets(config, enc, model_cfg, objective)
+  # (after the data, so that a bad row leaves no cache behind; before anything compiles)
+  cache = compile_cache.use(config.train.compile_cache, workdir)
+  if cache:
+    logging.info("compilation cache: %s", cache)
   model = session.load_model(config, mesh)
   run = prepare(config, model)
   if objective.reference == "data":  # from the starting weights, so before any resume
@@ -272,6 +277,9 @@ def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dic
   if saver.latest_step() is not None:
     start, state, meta = resume(saver, state, config, model, workdir, notes)
     pos = pipeline.Position(**meta["data_position"])
+    if start >= config.train.steps:
+      logging.info("%s: already trained to step %d of train.steps=%d; nothing to do", workdir,
+                   start, config.train.steps)
   elif jax.process_index() == 0:  # a fresh start: rows of a run killed before its first save go
     workdir_lib.trim_metrics(workdir, None)
   if jax.process_index() == 0:
@@ -295,7 +303,33 @@ def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dic
     except Exception as e:  # a picture must never fail a finished run
       logging.warning("could not write the loss curve: %s", e)
   loop.last["step"] = loop.step
+  loop.last["already_complete"] = start >= config.train.steps
   return loop.last
+
+
+def summary(result: dict, config, workdir: str) -> str:
+  """What `python -m jaxft.train` prints last: the final metrics of `result` (train's), or that
+  the run was already complete and how to train further; then where the run's files are and the
+  commands to run next (a run stopped early by a signal has said how to resume instead)."""
+  keys = ("step", "loss", "eval_loss")
+  done = "done: " + ", ".join(f"{k}={result[k]:.4g}" if isinstance(result[k], float) else
+                              f"{k}={result[k]}" for k in keys if k in result)
+  step, steps = result.get("step", 0), config.train.steps
+  if step < steps:
+    return done
+  lines = [done]
+  if result.get("already_complete"):
+    lines = [f"{workdir}: already complete at step {step} (train.steps={steps}); nothing was "
+             f"trained. To train further, run the same command with a larger train.steps, "
+             f"e.g. --config.train.steps={2 * steps}"]
+  fmt = "adapter" if config.peft.method == "adapter" else "hf"
+  out = f"{workdir.rstrip(os.sep)}-{fmt}"
+  lines += [f"the run's files: {workdir} (checkpoints/, metrics.jsonl, {curves.LOSS_CURVE}, "
+            "config.json); next:",
+            f"  python -m jaxft.evaluate --workdir={workdir}",
+            f"  python -m jaxft.export --workdir={workdir} --format={fmt} --out={out}",
+            f"  python -m jaxft.serve --workdir={workdir}"]
+  return "\n".join(lines)
 
 
 def _datasets(config, enc, model_cfg, objective):

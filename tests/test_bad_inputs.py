@@ -204,6 +204,20 @@ def test_a_starting_loss_far_above_a_uniform_guess_is_warned(tmp_path, caplog):
 
 
 @pytest.mark.slow
+def test_rerunning_a_finished_run_says_it_was_complete_and_how_to_go_on(trained, tmp_path):
+  """It printed "resuming from step 4", then "done", with no word that nothing was trained."""
+  wd = copy_of(trained, tmp_path)
+  before = metric_rows(wd)
+  config = tiny_config(**{"train.steps": 4, "checkpoint.every": 2})
+  result = trainer.train(config, wd)
+  assert result["step"] == 4 and result["already_complete"]
+  assert metric_rows(wd) == before
+  text = trainer.summary(result, config, wd)
+  assert text.startswith(f"{wd}: already complete at step 4 (train.steps=4); nothing was trained")
+  assert "--config.train.steps=8" in text and f"python -m jaxft.evaluate --workdir={wd}" in text
+
+
+@pytest.mark.slow
 def test_resume_with_a_changed_alpha_warns_and_records_it(tmp_path, caplog):
   wd = str(tmp_path / "wd")
   trainer.train(tiny_config(**{"train.steps": 2}), wd)
@@ -355,6 +369,29 @@ def test_bad_files_are_one_error(tmp_path, name, content, needle):
   with pytest.raises(DataError, match=None) as e:
     sources.read_rows(str(p))
   assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "absent.jsonl: no such file"), ("directory", "dir.jsonl: is a directory"),
+    ("empty", "empty.jsonl: the dataset is empty"),
+    ("garbage", "garbage.jsonl:1: malformed JSON"), ("eval", "absent_eval.jsonl: no such file"),
+])
+def test_a_missing_or_invalid_data_file_is_named_before_the_workdir_is_made(tmp_path, case,
+                                                                            needle):
+  """The workdir used to be created and filled (jaxft.lock, compile_cache/, tokenizer/) before
+  the data file was found missing."""
+  good = tmp_path / "good.jsonl"
+  good.write_text('{"text": "a"}\n')
+  (tmp_path / "dir.jsonl").mkdir()
+  (tmp_path / "empty.jsonl").write_text("\n")
+  (tmp_path / "garbage.jsonl").write_bytes(b"PK\x03\x04 zip bytes\n")
+  train = {"missing": "absent.jsonl", "directory": "dir.jsonl", "empty": "empty.jsonl",
+           "garbage": "garbage.jsonl"}.get(case, "good.jsonl")
+  c = tiny_config(**{"data.train": str(tmp_path / train), "data.eval": str(
+      tmp_path / ("absent_eval.jsonl" if case == "eval" else "good.jsonl"))})
+  with pytest.raises(DataError, match=needle):
+    trainer.train(c, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
 
 
 def test_a_json_array_file_is_read_as_rows(tmp_path):

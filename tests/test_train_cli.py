@@ -34,6 +34,13 @@ def test_three_steps_write_the_workdir(tmp_path):
   cfg = json.load(open(os.path.join(wd, "config.json")))
   assert cfg["train"]["steps"] == 3 and cfg["model"]["preset"] == "tiny"
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
+  # Without a terminal, a line per logged step; last, where the files are and what to run next.
+  assert "step 2/3, loss " in r.stderr and "step 3/3, loss " in r.stderr, r.stderr[-3000:]
+  out = r.stdout.strip().splitlines()
+  assert out[-5].startswith("done: step=3, loss=") and f"the run's files: {wd}" in out[-4]
+  assert out[-3:] == [f"  python -m jaxft.evaluate --workdir={wd}",
+                      f"  python -m jaxft.export --workdir={wd} --format=hf --out={wd}-hf",
+                      f"  python -m jaxft.serve --workdir={wd}"]
   # The command re-executed itself with huge-page malloc where this machine offers it.
   wanted = cli.huge_pages_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
   assert ("host malloc: huge pages" in r.stderr) == (wanted is not None), r.stderr[:2000]

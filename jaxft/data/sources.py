@@ -99,28 +99,51 @@ def _read_tfds(spec: str) -> Iterator[Row]:
     yield f"{spec}:{i + 1}", row
 
 
-def read_rows(spec: str) -> list[Row]:
-  """Reads every row of a data spec; raises DataError naming the file/line, or when it is empty."""
+def _rows(spec: str) -> Iterator[Row]:
+  """The rows of a data spec, lazily; the checks that need no reading come first."""
   if not spec:
     raise DataError("no data given: set data.train (a JSONL/Parquet file, HF dataset or tfds:NAME:SPLIT)")
   if spec.startswith("tfds:"):
-    rows = list(_read_tfds(spec))
-  elif os.path.isdir(spec):
+    return _read_tfds(spec)
+  if os.path.isdir(spec):
     raise DataError(f"{spec}: is a directory; expected a JSONL or Parquet file")
-  elif spec.endswith((".jsonl", ".json")) or (os.path.isfile(spec) and not spec.endswith(".parquet")):
+  if spec.endswith((".jsonl", ".json")) or (os.path.isfile(spec) and not spec.endswith(".parquet")):
     if not os.path.isfile(spec):
       raise DataError(f"{spec}: no such file")
     if spec.endswith(".json") and _starts_with_bracket(spec):
-      rows = list(_read_json_array(spec))
-    else:
-      rows = list(_read_jsonl(spec))
-  elif spec.endswith(".parquet"):
+      return _read_json_array(spec)
+    return _read_jsonl(spec)
+  if spec.endswith(".parquet"):
     if not os.path.isfile(spec):
       raise DataError(f"{spec}: no such file")
-    rows = list(_read_datasets(spec, None))
-  else:
-    name, _, split = spec.partition(":")
-    rows = list(_read_datasets(name, split or None))
+    return _read_datasets(spec, None)
+  name, _, split = spec.partition(":")
+  return _read_datasets(name, split or None)
+
+
+def read_rows(spec: str) -> list[Row]:
+  """Reads every row of a data spec; raises DataError naming the file/line, or when it is empty."""
+  rows = list(_rows(spec))
   if not rows:
     raise DataError(f"{spec}: the dataset is empty")
   return rows
+
+
+def check(spec: str) -> None:
+  """What can be told of a data spec cheaply, before a run creates its workdir: a local file
+  exists, is readable, and (JSONL) its first row is a JSON object; other specs (HF datasets,
+  tfds) are read only when loaded. Raises DataError as read_rows would."""
+  local = spec.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(spec)
+  if spec and not local and not spec.startswith("tfds:"):
+    return
+  if spec.startswith("tfds:") or spec.endswith(".parquet"):
+    _rows(spec)  # (the library opens them: only the name checks)
+    return
+  rows = _rows(spec)  # raises for an empty spec, a directory, a missing file
+  if not os.access(spec, os.R_OK):
+    raise DataError(f"{spec}: not readable (permission denied)")
+  try:
+    if next(rows, None) is None:
+      raise DataError(f"{spec}: the dataset is empty")
+  finally:
+    rows.close()  # (the file)
