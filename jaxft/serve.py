@@ -24,8 +24,10 @@ _ADAPTER = flags.DEFINE_multi_string("adapter", [], "NAME=WORKDIR: another run o
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _SLOTS = flags.DEFINE_integer("slots", 8, "Requests decoded together per model (KV-cache rows).")
-_MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Requests waiting beyond the slots before "
-                                  "new ones get 429.")
+_MAX_QUEUE = flags.DEFINE_integer("max_queue", 256, "Choices (prompts x n) waiting beyond the "
+                                  "slots before new requests get 429.")
+_MAX_REQUEST_MB = flags.DEFINE_float("max_request_mb", 4.0, "Largest request body, in MiB; a "
+                                     "larger one gets 413 before it is read.")
 _CONTEXT = flags.DEFINE_integer("context", 0, "Tokens per request, prompt and answer (0 = the "
                                 "model's, at most 4096).")
 _BASE = flags.DEFINE_bool("base", True, "Also serve the base model alone as `base`.")
@@ -50,6 +52,8 @@ def _main(argv):
   logging.set_verbosity(logging.WARNING)
   if _SLOTS.value < 1 or _MAX_QUEUE.value < 0 or _CONTEXT.value < 0:
     raise ConfigError("--slots must be >= 1, --max_queue and --context >= 0")
+  if not 0 < _MAX_REQUEST_MB.value < float("inf"):
+    raise ConfigError(f"--max_request_mb={_MAX_REQUEST_MB.value}: expected a size in MiB > 0")
   try:
     import fastapi  # noqa: F401
     import uvicorn
@@ -61,7 +65,8 @@ def _main(argv):
   ballots = compare.Ballots(_VOTES.value or os.path.join(_WORKDIR.value, VOTES))
   print(f"serving {', '.join(models)} on http://{_HOST.value}:{_PORT.value}/v1 (blind "
         f"comparison: http://{_HOST.value}:{_PORT.value}/compare)", flush=True)
-  uvicorn.run(make_app(models, _MAX_QUEUE.value, ballots, eval_prompts(_WORKDIR.value)),
+  uvicorn.run(make_app(models, _MAX_QUEUE.value, ballots, eval_prompts(_WORKDIR.value),
+                       max_body=int(_MAX_REQUEST_MB.value * 2**20)),
               host=_HOST.value, port=_PORT.value, log_level="warning",
               timeout_graceful_shutdown=60)
 

@@ -57,7 +57,8 @@ def server(tmp_path_factory):
   while not srv.started and time.time() < deadline:
     time.sleep(0.05)
   client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-  yield {"client": client, "port": port, "workdir": wd, "other": other, "votes": votes}
+  yield {"client": client, "port": port, "workdir": wd, "other": other, "votes": votes,
+         "models": models}
   srv.should_exit = True
   thread.join(30)
 
@@ -307,29 +308,244 @@ def test_sigterm_lets_in_flight_requests_finish(server, tmp_path):
 
 def test_a_full_queue_is_429_in_openai_shape():
   from fastapi.testclient import TestClient
-
-  class Busy:
-    slots, context, finished = 2, 64, {}
-
-    def busy(self):
-      return 10
-
-    def room(self, n):
-      return self.context - n
-
-    def stop(self, finish_running):
-      del finish_running
-
-  served = {"m": compare_served("m", Busy())}
+  served = {"m": compare_served("m", FakeEngine(queued=10))}
   with TestClient(serve.make_app(served, max_queue=4)) as client:
     r = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
   assert r.status_code == 429
   assert r.json()["error"]["type"] == "rate_limit_exceeded"
 
 
-def compare_served(name, engine):
+def compare_served(name, engine, prompt_ids=None):
   from jaxft.serving import api
-  return api.Served(name, engine, None, lambda messages=None, text=None: [1, 2, 3])
+  return api.Served(name, engine, None,
+                    prompt_ids or (lambda messages=None, text=None: [1, 2, 3]))
+
+
+class FakeEngine:
+  """An engine with no model that answers "ok" at once (or fails each request, `fail`): the HTTP
+  layer's tests need no compile."""
+  slots, context, error = 2, 64, ""
+
+  def __init__(self, queued=0, failure="", fail=False):
+    self.queued, self._failure, self.fail = queued, failure, fail
+    self.submitted, self.finished_by_row = [], {}
+
+  def busy(self, row=None):
+    del row
+    return self.queued
+
+  def failure(self):
+    return self._failure
+
+  def room(self, n):
+    return self.context - n
+
+  def submit(self, req):
+    self.submitted.append(req)
+    req.tokens, req.text = [1], "ok"
+    req.finish = "error" if self.fail else "length"
+    req.error = "RuntimeError: the device fell over" if self.fail else ""
+    req.on_done(req.finish)
+
+  def cancel(self, req):
+    req.cancelled = True
+
+  def stop(self, finish_running):
+    del finish_running
+
+
+def _fake_client(engine=None, name="m", **kw):
+  from fastapi.testclient import TestClient
+  served = {name: compare_served(name, engine or FakeEngine(), kw.pop("prompt_ids", None)),
+            "base": compare_served("base", FakeEngine())}
+  return TestClient(serve.make_app(served, **kw))
+
+
+def _chat(**over):
+  return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **over}
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    # Issue 29: choice 1 of n=2 would have seed 2**63, past what jax.random.key takes.
+    (_chat(seed=2**63 - 1, n=2, temperature=1), "seed", "for 2 choices"),
+    (_chat(top_k=2**40), "top_k", "<= 2147483647"),
+    (_chat(max_tokens=10**400), "max_tokens", "does not fit"),
+    (_chat(n=9), "n", "'n' must be <= 8"),
+    (_chat(top_p=0), "top_p", "'top_p' must be > 0"),
+    (_chat(logprobs=True), "logprobs", "not supported"),
+    (_chat(presence_penalty=1.5), "presence_penalty", "not supported"),
+], ids=["seed+n-1", "top_k", "max_tokens", "n", "top_p", "logprobs", "presence_penalty"])
+def test_numbers_out_of_range_are_400_before_the_engine(body, param, needle):
+  engine = FakeEngine()
+  with _fake_client(engine) as client:
+    r = client.post("/v1/chat/completions", json=body)
+    ok = client.post("/v1/chat/completions", json=_chat(seed=2**63 - 2, n=2, top_k=50,
+                                                        logprobs=False, presence_penalty=0))
+  assert r.status_code == 400, r.text
+  err = r.json()["error"]
+  assert err["param"] == param and needle in err["message"], err
+  assert ok.status_code == 200 and len(engine.submitted) == 2  # only the good request's choices
+
+
+def test_a_request_the_engine_fails_on_is_500_for_it_alone():
+  with _fake_client(FakeEngine(fail=True)) as client:
+    r = client.post("/v1/chat/completions", json=_chat())
+    s = client.post("/v1/chat/completions", json=_chat(stream=True))
+    other = client.post("/v1/chat/completions", json=_chat(model="base"))
+  assert r.status_code == 500 and "the device fell over" in r.json()["error"]["message"]
+  assert '"type": "server_error"' in s.text and "[DONE]" not in s.text
+  assert other.status_code == 200 and other.json()["choices"][0]["message"]["content"] == "ok"
+
+
+def test_health_reports_a_stopped_engine():
+  with _fake_client(FakeEngine(failure="XlaRuntimeError: out of memory")) as client:
+    r = client.get("/health")
+  assert r.status_code == 503
+  assert r.json()["status"] == "error"
+  assert r.json()["stopped"] == {"m": "XlaRuntimeError: out of memory"}
+
+
+def test_a_body_over_the_limit_is_413_unread():
+  big = json.dumps(_chat(stop="x" * 5000)).encode()
+  with _fake_client(max_body=4000) as client:
+    declared = client.post("/v1/chat/completions", content=big,
+                           headers={"Content-Type": "application/json"})
+    # Without a Content-Length (chunked), the read stops at the limit.
+    chunked = client.post("/v1/chat/completions", content=iter([big[:3000], big[3000:]]),
+                          headers={"Content-Type": "application/json"})
+    small = client.post("/v1/chat/completions", json=_chat())
+  for r in (declared, chunked):
+    assert r.status_code == 413 and "--max_request_mb" in r.json()["error"]["message"]
+  assert small.status_code == 200
+
+
+def test_tokenizing_runs_off_the_event_loop():
+  """A slow tokenization (an 18 MB prompt took 27 s) must not hold up /health."""
+  started, release, tokenized = threading.Event(), threading.Event(), threading.Event()
+
+  def slow_prompt_ids(messages=None, text=None):
+    del messages, text
+    started.set()
+    release.wait(30)
+    tokenized.set()
+    return [1, 2, 3]
+
+  with _fake_client(prompt_ids=slow_prompt_ids) as client:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      slow = pool.submit(client.post, "/v1/chat/completions", json=_chat())
+      assert started.wait(30)
+      health = client.get("/health")
+      answered_while_tokenizing = not tokenized.is_set()
+      release.set()
+      assert slow.result().status_code == 200
+  assert health.status_code == 200 and answered_while_tokenizing
+
+
+def test_the_queue_limit_counts_choices():
+  """--max_queue 4 + 2 slots hold 6 choices: prompts x n past them is refused, not queued."""
+  prompts = lambda k: {"model": "m", "prompt": ["a"] * k, "max_tokens": 2}
+  with _fake_client(FakeEngine(queued=3), max_queue=4) as client:
+    never = client.post("/v1/completions", json={**prompts(4), "n": 2})  # 8 > 6, ever
+    later = client.post("/v1/completions", json={**prompts(2), "n": 2})  # 3 queued + 4 > 6
+    fits = client.post("/v1/completions", json={**prompts(1), "n": 3})  # 3 + 3 = 6
+  assert never.status_code == 400 and "8 choices" in never.json()["error"]["message"]
+  assert later.status_code == 429 and later.json()["error"]["type"] == "rate_limit_exceeded"
+  assert fits.status_code == 200 and len(fits.json()["choices"]) == 3
+
+
+def test_stream_must_be_true_or_false():
+  engine = FakeEngine()
+  with _fake_client(engine) as client:
+    r = client.post("/v1/chat/completions", json=_chat(stream="no"))
+    null = client.post("/v1/chat/completions", json=_chat(stream=None))
+  assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+  assert null.status_code == 200 and null.json()["object"] == "chat.completion"
+
+
+def test_the_compare_page_escapes_model_names(tmp_path):
+  name = "<script>alert(1)</script>"
+  with _fake_client(name=name, ballots=compare.Ballots(str(tmp_path / "v.jsonl"))) as client:
+    page = client.get("/compare").text
+  assert name not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", b"[" * 100_000),
+    ("/compare/answers", b'["a", "b"]'),
+    ("/compare/answers", json.dumps({"prompt": "hi", "models": [["a"], ["b"]]}).encode()),
+    ("/compare/vote", json.dumps({"token": ["x"], "choice": "tie"}).encode()),
+], ids=["nested", "answers-list", "models-lists", "vote-token-list"])
+def test_malformed_bodies_are_400_not_500(tmp_path, path, body):
+  with _fake_client(ballots=compare.Ballots(str(tmp_path / "v.jsonl"))) as client:
+    r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+  assert r.status_code == 400, r.text
+  assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_docs_examples_decode_greedily():
+  """docs/serve.md's requests (streaming ones included) set temperature 0: the quickstart model
+  sampled at OpenAI's default 1.0 answers noise."""
+  import re
+  text = open(os.path.join(ROOT, "docs", "serve.md"), encoding="utf-8").read()
+  bodies = [json.loads(b) for b in re.findall(r"-d '(\{.*?\})'", text, re.S)]
+  calls = re.findall(r"\.create\(([^)]*)\)", text)
+  assert any(b.get("stream") for b in bodies) and any("stream=True" in c for c in calls)
+  assert all(b.get("temperature") == 0 for b in bodies), bodies
+  assert all("temperature=0" in c for c in calls), calls
+
+
+@pytest.mark.slow
+def test_a_request_the_engine_fails_on_fails_alone(server, reference):
+  """The real engine: a request whose seed jax.random.key cannot take (past the door's check)
+  ends with an error; the engine thread lives on and answers the next request as before."""
+  import numpy as np
+  from jaxft.serving.engine import Request
+  engine = server["models"]["tuned"].engine
+  done = threading.Event()
+  bad = Request(prompt=np.asarray([1, 2, 3], np.int32), max_new_tokens=4, temperature=1.0,
+                seed=2**64, on_done=lambda finish: done.set())
+  engine.submit(bad)
+  assert done.wait(60) and bad.finish == "error" and "OverflowError" in bad.error
+  r = server["client"].chat.completions.create(
+      model="tuned", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8,
+      temperature=0)
+  assert r.choices[0].message.content.strip() == reference[2]
+  assert json.loads(urllib_get(f"http://127.0.0.1:{server['port']}/health"))["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_health_counts_finished_requests_per_model(server):
+  """The base and both LoRAs share one engine; /health's counts are still each model's own."""
+  health = lambda: json.loads(urllib_get(f"http://127.0.0.1:{server['port']}/health"))
+  before = health()["finished"]
+  server["client"].chat.completions.create(
+      model="other", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=4,
+      temperature=0)
+  after = health()["finished"]
+  assert sum(after["other"].values()) == sum(before["other"].values()) + 1
+  assert after["tuned"] == before["tuned"] and after["base"] == before["base"]
+
+
+@pytest.mark.slow
+def test_a_non_streaming_client_that_disconnects_cancels_its_request(server):
+  """The base (random weights) answers at full length: without the cancel it would decode on."""
+  import http.client
+  health = lambda: json.loads(urllib_get(f"http://127.0.0.1:{server['port']}/health"))
+  before = health()["finished"]["base"]
+  conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+  conn.request("POST", "/v1/completions", json.dumps(
+      {"model": "base", "prompt": "Once", "max_tokens": 200, "temperature": 0,
+       "stop": ["never-appears-0"]}), {"Content-Type": "application/json"})
+  deadline = time.time() + 60
+  while time.time() < deadline and health()["busy"]["base"] == 0:
+    time.sleep(0.05)
+  conn.sock.shutdown(socket.SHUT_RDWR)
+  conn.close()
+  while time.time() < deadline and health()["busy"]["base"]:
+    time.sleep(0.05)
+  after = health()["finished"]["base"]
+  assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+  assert after.get("length", 0) == before.get("length", 0)
 
 
 @pytest.mark.slow

@@ -70,11 +70,17 @@ def load_models(workdir: str, adapters: dict[str, str], *, with_base: bool = Tru
   return {first: out[first], **{k: v for k, v in out.items() if k != first}}
 
 
+MAX_BODY = 4 << 20  # bytes: 64 prompts filling a 4096-token context, with room to spare
+
+
 def make_app(models: dict[str, api.Served], max_queue: int = 256,
-             ballots: compare.Ballots | None = None, eval_prompts=()):
-  """The FastAPI application over loaded models (engines started). With `ballots`, /compare
-  serves the blind side-by-side page (prompts drawn from `eval_prompts`)."""
+             ballots: compare.Ballots | None = None, eval_prompts=(), max_body: int = MAX_BODY):
+  """The FastAPI application over loaded models (engines started). `max_queue` choices (prompts x
+  n) may wait beyond the slots; a request body over `max_body` bytes is refused unread (413).
+  With `ballots`, /compare serves the blind side-by-side page (prompts drawn from
+  `eval_prompts`)."""
   from fastapi import FastAPI, Request as HttpRequest
+  from fastapi.responses import JSONResponse
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -87,9 +93,17 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256,
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "models": list(models),
-            "busy": {n: s.engine.busy() for n, s in models.items()},
-            "finished": {n: dict(s.engine.finished) for n, s in models.items()}}
+    # A model's numbers are its own row's: the base and the LoRAs of a shared engine are separate
+    # models to a client. A stopped engine makes the server unhealthy (503), naming the models.
+    stopped = {n: why for n, s in models.items() if (why := s.engine.failure())}
+    body = {"status": "error" if stopped else "ok", "models": list(models),
+            "busy": {n: s.engine.busy(s.row) for n, s in models.items()},
+            "finished": {n: dict(s.engine.finished_by_row.get(s.row, {}))
+                         for n, s in models.items()}}
+    if stopped:
+      body["stopped"] = stopped
+      return JSONResponse(body, status_code=503)
+    return body
 
   @app.get("/v1/models")
   async def list_models():
@@ -97,15 +111,15 @@ def make_app(models: dict[str, api.Served], max_queue: int = 256,
                                         "owned_by": "jaxft"} for n in models]}
 
   if ballots is not None:
-    _compare_routes(app, models, ballots, eval_prompts)
+    _compare_routes(app, models, ballots, eval_prompts, max_body)
 
   @app.post("/v1/completions")
   async def completions(http: HttpRequest):
-    return await _complete(http, False, models, max_queue)
+    return await _complete(http, False, models, max_queue, max_body)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
-    return await _complete(http, True, models, max_queue)
+    return await _complete(http, True, models, max_queue, max_body)
 
   return app
 
@@ -115,17 +129,49 @@ def _fail(e: api.BadRequest):
   return JSONResponse(api.error_body(str(e), e.param, e.kind), status_code=e.status)
 
 
-async def _complete(http, chat: bool, models: dict, max_queue: int):
+async def _read_json(http, limit: int):
+  """The request's JSON body. BadRequest: 413 for a body over `limit` bytes (refused from its
+  Content-Length before reading it, or as soon as a body without one passes the limit), 400 for
+  malformed JSON (nesting too deep included)."""
+  too_big = api.BadRequest(f"the request body is over {limit} bytes, this server's limit "
+                           "(jaxft.serve --max_request_mb)", status=413)
+  declared = http.headers.get("content-length", "")
+  if declared.isdigit() and int(declared) > limit:
+    raise too_big
+  chunks, size = [], 0
+  async for part in http.stream():
+    size += len(part)
+    if size > limit:
+      raise too_big
+    chunks.append(part)
+  try:
+    return json.loads(b"".join(chunks))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise api.BadRequest(f"malformed JSON body ({e})") from None
+  except RecursionError:
+    raise api.BadRequest("malformed JSON body (nested too deeply)") from None
+
+
+async def _disconnected(http) -> None:
+  """Returns when the client has gone (its body already read: the next message is the end)."""
+  while (await http.receive())["type"] != "http.disconnect":
+    pass
+
+
+async def _complete(http, chat: bool, models: dict, max_queue: int, max_body: int):
   """One /v1/completions or /v1/chat/completions request: parsed, queued, answered (or streamed)."""
   from fastapi.responses import JSONResponse, StreamingResponse
   try:
-    try:
-      body = json.loads(await http.body())
-    except (ValueError, UnicodeDecodeError) as e:
-      raise api.BadRequest(f"malformed JSON body ({e})") from None
-    served, prompts, settings = api.parse(body, chat, models)
-    if served.engine.busy() >= max_queue + served.engine.slots:
-      raise api.BadRequest("the server is busy; retry later", status=429,
+    body = await _read_json(http, max_body)
+    # Tokenizing a large prompt takes seconds: off the event loop, so that /health and the other
+    # clients are answered meanwhile.
+    served, prompts, settings = await asyncio.to_thread(api.parse, body, chat, models, max_queue)
+    # The engine queues choices, so the limit counts them (prompts x n), not requests. No await
+    # from here to the submits below: no other request can slip in between.
+    choices, limit = len(prompts) * settings["n"], max_queue + served.engine.slots
+    if served.engine.busy() + choices > limit:
+      raise api.BadRequest(f"the server is busy ({served.engine.busy()} of {limit} choices "
+                           "queued or decoding); retry later", status=429,
                            kind="rate_limit_exceeded")
   except api.BadRequest as e:
     return _fail(e)
@@ -141,21 +187,22 @@ async def _complete(http, chat: bool, models: dict, max_queue: int):
   if settings["stream"]:
     return StreamingResponse(_stream(http, chat, served, calls, prompt_tokens),
                              media_type="text/event-stream")
+  ended = asyncio.ensure_future(asyncio.gather(*(c.ended.wait() for c in calls)))
+  gone = asyncio.ensure_future(_disconnected(http))
   try:
-    for c in calls:
-      while True:
-        try:
-          kind, _ = await asyncio.wait_for(c.queue.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-          if await http.is_disconnected():
-            raise asyncio.CancelledError() from None
-          continue
-        if kind == "done":
-          break
-  except (asyncio.CancelledError, ConnectionError):
-    for c in calls:
-      served.engine.cancel(c.req)
-    raise
+    await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+  finally:  # a client gone (or a server shutting down) stops decoding what it asked for
+    gone.cancel()
+    if not ended.done():
+      ended.cancel()
+      for c in calls:
+        served.engine.cancel(c.req)
+  if not ended.done():
+    return JSONResponse(api.error_body("the client disconnected"), status_code=499)
+  failed = [c.req.error for c in calls if c.req.finish == "error"]
+  if failed:
+    return JSONResponse(api.error_body(f"the engine failed on this request: {failed[0]}",
+                                       kind="server_error"), status_code=500)
   return api.full_response(chat, served.name, calls, prompt_tokens)
 
 
@@ -173,6 +220,9 @@ async def _stream(http, chat, served, calls, prompt_tokens):
             yield api.chunk(chat, rid, served.name, c.index, value[len(sent):])
             sent = value
           continue
+        if value == "error":  # OpenAI's clients raise on an error event
+          yield f"data: {json.dumps(api.error_body(c.req.error, kind='server_error'))}\n\n"
+          return
         tail = c.req.text[len(sent):] if c.req.text.startswith(sent) else ""
         if tail:
           yield api.chunk(chat, rid, served.name, c.index, tail)
@@ -191,12 +241,15 @@ async def _answer_one(served, prompt_ids, max_tokens) -> str:
                   {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                    "seed": 0, "stop": ()}, 0, served.row)
   served.engine.submit(call.req)
-  while (await call.queue.get())[0] != "done":
-    pass
+  await call.ended.wait()
+  if call.req.finish == "error":
+    raise api.BadRequest(f"the engine failed on this request: {call.req.error}", status=500,
+                         kind="server_error")
   return call.req.text.strip()
 
 
-def _compare_routes(app, models: dict, ballots: compare.Ballots, eval_prompts) -> None:
+def _compare_routes(app, models: dict, ballots: compare.Ballots, eval_prompts,
+                    max_body: int) -> None:
   """/compare: the blind side-by-side page, a prompt drawn from `eval_prompts`, two answers, a vote."""
   from fastapi import Request as HttpRequest
   from fastapi.responses import HTMLResponse, JSONResponse
@@ -217,34 +270,38 @@ def _compare_routes(app, models: dict, ballots: compare.Ballots, eval_prompts) -
   @app.post("/compare/answers")
   async def compare_answers(http: HttpRequest):
     try:
-      body = json.loads(await http.body())
+      body = await _read_json(http, max_body)
+      if not isinstance(body, dict):
+        raise api.BadRequest("the request body must be a JSON object")
       prompt, pair = body.get("prompt"), body.get("models")
       if not isinstance(prompt, str) or not prompt.strip():
         raise api.BadRequest("'prompt' must be a non-empty string", "prompt")
-      if (not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]
-          or not all(m in models for m in pair)):
+      if (not isinstance(pair, list) or len(pair) != 2
+          or not all(isinstance(m, str) and m in models for m in pair) or pair[0] == pair[1]):
         raise api.BadRequest(f"'models' must name two different models of: {', '.join(models)}",
                              "models")
       messages = [{"role": "user", "content": prompt}]
-      ids = models[pair[0]].prompt_ids(messages=messages)
+      ids = await asyncio.to_thread(models[pair[0]].prompt_ids, messages=messages)
       room = models[pair[0]].engine.room(len(ids))
       if room < 1:
         raise api.BadRequest("the prompt does not fit the context", "prompt")
-    except ValueError as e:
-      return _fail(api.BadRequest(f"malformed JSON body ({e})"))
+      texts = await asyncio.gather(*(_answer_one(models[m], ids, min(128, room)) for m in pair))
     except api.BadRequest as e:
       return _fail(e)
-    texts = await asyncio.gather(*(_answer_one(models[m], ids, min(128, room)) for m in pair))
     token, shown = ballots.shown(prompt, pair[0], pair[1], dict(zip(pair, texts)))
     return {"token": token, "answers": shown}
 
   @app.post("/compare/vote")
   async def compare_vote(http: HttpRequest):
     try:
-      body = json.loads(await http.body())
-      row = ballots.vote(body.get("token"), body.get("choice"))
-    except (ValueError, AttributeError) as e:
-      return _fail(api.BadRequest(f"bad vote ({e})"))
+      body = await _read_json(http, max_body)
+      if not isinstance(body, dict) or not isinstance(body.get("token"), str):
+        raise api.BadRequest("a vote must be a JSON object with a string 'token'", "token")
+      row = ballots.vote(body["token"], body.get("choice"))
+    except api.BadRequest as e:
+      return _fail(e)
+    except ValueError as e:
+      return _fail(api.BadRequest(f"bad vote ({e})", "choice"))
     except KeyError:
       return _fail(api.BadRequest("unknown or already used token", "token"))
     return {"recorded": True, "winner_is_first_shown": row["winner"] == row["shown_first"]}
