@@ -36,36 +36,21 @@ def _main(argv):
   del argv
   from jaxft import session
   from jaxft.eval import evaluate, output_names
+  from jaxft.eval.evaluation import plot_path
+  from jaxft.eval.report import console
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   config = _CONFIG.value or session.load_workdir_config(workdir)
   res = evaluate(config, workdir, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value,
                  max_examples=_MAX_EXAMPLES.value, compare_base=_BASE.value,
                  output_dir=_OUTPUT_DIR.value, label=_LABEL.value)
-  for name in ("tuned", "base"):
-    if name in res:
-      m = res[name]
-      acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
-      line = (f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
-              f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}, "
-              f"contains match {acc(m['contains_match'])}")
-      if "quality" in res:
-        q = res["quality"]["metrics"]
-        line += "".join(f", {label} {_with_ci(q[key][name])}" for key, label in _SHOWN if key in q)
-      print(line, flush=True)
   out_json, samples, report = output_names(_LABEL.value)
   out = _OUTPUT_DIR.value or workdir
-  print(f"wrote {os.path.join(out, out_json)}, {samples} and {report}", flush=True)
-
-
-_SHOWN = (("hallucinated", "hallucinated"), ("abstained", "abstained"),
-          ("style_all", "style pass"), ("ece", "ECE"))
-
-
-def _with_ci(d: dict) -> str:
-  if d["value"] is None:
-    return "n/a"
-  return f"{d['value']:.3f}" + (f" [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if d["ci"] else "")
+  written = [os.path.join(out, out_json), samples, report]
+  if "quality" in res:
+    written.append(f"{os.path.basename(plot_path(out, _LABEL.value))} (accuracy against "
+                   "confidence)")
+  print("\n".join(console(res, written)), flush=True)
 
 
 def main():

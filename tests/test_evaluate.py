@@ -67,7 +67,10 @@ def test_quickstart_tuned_beats_base(quickstart):
 
 @pytest.mark.slow
 def test_quickstart_writes_samples_report_and_curve(quickstart):
-  wd, _ = quickstart
+  wd, stdout = quickstart
+  wrote = stdout.strip().splitlines()[-1]
+  assert wrote.startswith(f"wrote {os.path.join(wd, 'eval.json')}, samples.jsonl, "
+                          "eval_report.md and reliability.png"), wrote
   with open(os.path.join(wd, "samples.jsonl"), encoding="utf-8") as f:
     samples = [json.loads(line) for line in f]
   assert len(samples) == 90 and sum(s["answerable"] for s in samples) == 80
@@ -237,3 +240,24 @@ def test_contains_match_and_labelled_outputs():
                       "normalized_match": 0.0, "contains_match": 1.0}}
   report = evaluation.report(result, rows, ["tuned"])
   assert "| contains_match | 1.0000 |" in report and "| + It is Paris. (C 0.90) |" in report
+
+
+def test_console_summary_names_the_plot_and_the_tuned_models_win_rate():
+  """jaxft.evaluate's console left out reliability.png and the human votes, and the win-rate table
+  led with the base model's win rate (pairs in name order: base < tuned)."""
+  from jaxft.eval.report import console
+  votes = [{"a": "base", "b": "run1", "winner": w} for w in ("run1", "run1", "base", "tie")]
+  (h,) = evaluation.win_rates(votes, tuned="run1")
+  assert (h["a"], h["b"], h["a_wins"], h["b_wins"], h["ties"]) == ("run1", "base", 2, 1, 1)
+  assert h["a_win_rate"] == pytest.approx(0.625)
+  (h2,) = evaluation.win_rates(votes)  # a copied workdir's other name: still not the base first
+  assert h2["a"] == "run1"
+  m = {"loss": 1.0, "perplexity": 2.718, "exact_match": 0.5, "normalized_match": 0.5,
+       "contains_match": 0.5}
+  lines = console({"tuned": m, "base": m, "human_eval": [h]},
+                              ["w/eval.json", "samples.jsonl", "eval_report.md",
+                               "reliability.png (accuracy against confidence)"])
+  assert lines[2].startswith("human evaluation, run1 against base: run1's win rate 0.625 [")
+  assert "over 4 votes (2 won, 1 lost, 1 ties, counted half)" in lines[2]
+  assert lines[-1] == ("wrote w/eval.json, samples.jsonl, eval_report.md and reliability.png "
+                       "(accuracy against confidence)")

@@ -558,8 +558,8 @@ def test_evaluate_reports_the_win_rate_of_votes(server, tmp_path):
       f.write(json.dumps({"a": "base", "b": "tuned", "winner": winner}) + "\n")
   res = evaluation.evaluate(session.load_workdir_config(wd), wd, max_examples=2,
                             compare_base=False)
-  (h,) = res["human_eval"]
+  (h,) = res["human_eval"]  # the tuned model first: the headline is its win rate
   assert (h["a"], h["b"], h["votes"], h["a_wins"], h["b_wins"], h["ties"]) == (
-      "base", "tuned", 4, 1, 2, 1)
+      "tuned", "base", 4, 2, 1, 1)
   report = open(os.path.join(wd, "eval_report.md")).read()
-  assert "Human evaluation" in report and "| base | tuned | 4 | 1 | 2 | 1 | 0.375" in report
+  assert "Human evaluation" in report and "| tuned | base | 4 | 2 | 1 | 1 | 0.625" in report

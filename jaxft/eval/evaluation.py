@@ -146,7 +146,9 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
                            ("correct", "abstained", "hallucinated", "ece")})
   votes = human_votes.read_votes(os.path.join(workdir, human_votes.VOTES))
   if votes:  # blind side-by-side votes from jaxft.serve's /compare page
-    result["human_eval"] = human_votes.win_rates(votes)
+    # (the server names the tuned model after its workdir's directory)
+    result["human_eval"] = human_votes.win_rates(
+        votes, tuned=os.path.basename(os.path.normpath(workdir)))
   if jax.process_index() == 0:
     _write(output_dir, result, refs, answers, scored, label)
   return result
@@ -158,6 +160,13 @@ def output_names(label: str = "") -> tuple[str, str, str]:
     raise ConfigError(f"evaluation label {label!r}: expected letters, digits, '-' or '_'")
   suffix = f"_{label}" if label else ""
   return f"eval{suffix}.json", f"samples{suffix}.jsonl", f"eval_report{suffix}.md"
+
+
+def plot_path(out_dir: str, label: str = "") -> str:
+  """Where the reliability plot of an evaluation labelled `label` goes (written when the data
+  has reference answers)."""
+  path = eval_quality.plot_path(out_dir)
+  return path[:-len(".png")] + f"_{label}.png" if label else path
 
 
 def score_answers(answers: list[str], confidences: list[float], refs: list[Reference],

@@ -1,5 +1,6 @@
 """The Markdown report of an evaluation (eval_report.md): a summary table, the quality table,
-the human votes, then prompt, reference and answers side by side."""
+the human votes, then prompt, reference and answers side by side; and the console summary that
+`python -m jaxft.evaluate` prints."""
 
 from __future__ import annotations
 
@@ -53,3 +54,41 @@ def report(result: dict, rows: list[dict], models: list[str], plot: str | None =
     lines.append(f"| {r['index']} | {_cell(r['prompt'])} | {reference} | "
                  + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+_SHOWN = (("hallucinated", "hallucinated"), ("abstained", "abstained"),
+          ("style_all", "style pass"), ("ece", "ECE"))
+
+
+def _with_ci(d: dict) -> str:
+  if d["value"] is None:
+    return "n/a"
+  return f"{d['value']:.3f}" + (f" [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if d["ci"] else "")
+
+
+def console(result: dict, written: list[str]) -> list[str]:
+  """The lines `python -m jaxft.evaluate` prints: per model the loss, perplexity, matches and
+  quality rates (with their 95% intervals); each human-evaluation pair with the tuned model's win
+  rate (votes.win_rates puts it first); then every file `written` (the JSON, the samples, the
+  report and, when there were reference answers, the reliability plot)."""
+  lines = []
+  acc = lambda v: "n/a (no reference answers)" if v is None else f"{v:.3f}"
+  for name in ("tuned", "base"):
+    if name not in result:
+      continue
+    m = result[name]
+    line = (f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f}, exact match "
+            f"{acc(m['exact_match'])}, normalised match {acc(m['normalized_match'])}, "
+            f"contains match {acc(m['contains_match'])}")
+    if "quality" in result:
+      q = result["quality"]["metrics"]
+      line += "".join(f", {label} {_with_ci(q[key][name])}" for key, label in _SHOWN if key in q)
+    lines.append(line)
+  for h in result.get("human_eval", []):
+    lines.append(f"human evaluation, {h['a']} against {h['b']}: {h['a']}'s win rate "
+                 f"{h['a_win_rate']:.3f} [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}] over "
+                 f"{h['votes']} votes ({h['a_wins']} won, {h['b_wins']} lost, {h['ties']} ties, "
+                 "counted half)")
+  lines.append("wrote " + ", ".join(written[:-1]) + (" and " if len(written) > 1 else "")
+               + written[-1])
+  return lines

@@ -40,12 +40,25 @@ def read_votes(path: str) -> list[dict]:
   return rows
 
 
-def win_rates(votes: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+def _oriented(x: str, y: str, tuned: str) -> tuple[str, str]:
+  """The pair as (a, b) with `a` the model whose win rate is the headline: the tuned one (named
+  `tuned`), else whichever is not the base, else in name order."""
+  if y == tuned or x == "base" and y != tuned:
+    return y, x
+  if x == tuned or y == "base":
+    return x, y
+  return tuple(sorted((x, y)))
+
+
+def win_rates(votes: list[dict], resamples: int = 2000, seed: int = 0,
+              tuned: str = "") -> list[dict]:
   """Per model pair: votes, wins of each side, ties, and the win rate of `a` over `b` (ties count
-  half) with a 95% bootstrap interval over votes."""
+  half) with a 95% bootstrap interval over votes. `a` is the tuned model (`tuned`, the name the
+  server gave it) or, in a pair with `base`, the other one: the headline is the fine-tuned
+  model's win rate, not the base's."""
   pairs: dict[tuple[str, str], list[float]] = {}
   for v in votes:
-    a, b = sorted((v["a"], v["b"]))
+    a, b = _oriented(v["a"], v["b"], tuned)
     score = 0.5 if v["winner"] == "tie" else float(v["winner"] == a)
     pairs.setdefault((a, b), []).append(score)
   rng = np.random.default_rng(seed)
