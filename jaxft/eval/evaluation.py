@@ -202,10 +202,7 @@ def _write(out_dir: str, result: dict, refs: list[Reference], answers: dict,
   out_json, samples, report_md = output_names(label)
   plot = None
   if "quality" in result:
-    path = eval_quality.plot_path(out_dir)
-    if label:
-      path = path[:-len(".png")] + f"_{label}.png"
-    plot = eval_quality.write_reliability_plot(path, result["quality"])
+    plot = eval_quality.write_reliability_plot(plot_path(out_dir, label), result["quality"])
   files.write_text(os.path.join(out_dir, samples),
                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   files.write_text(os.path.join(out_dir, report_md),
