@@ -84,6 +84,12 @@ class SFT:
       nll = nll + self.base_kl * terms["kl"] / jnp.maximum(counts["distill_tokens"], 1.0)
     return nll
 
+  def eval_loss(self, terms, counts):
+    """The loss evaluation reports (eval_loss, and the perplexity made of it): the training loss
+    without a mixture of experts' load-balancing term, which is logged beside it (router_aux),
+    so that it is the cross-entropy a dense model or transformers would report."""
+    return self.loss({k: v for k, v in terms.items() if k != "aux"}, counts)
+
   def metrics(self, terms, stats, counts):
     out = {}
     if "router_aux" in stats:
@@ -215,6 +221,10 @@ class Preference:
     if self.name == "orpo":
       out = out + terms["chosen_nll"] / jnp.maximum(counts["chosen_tokens"], 1.0)
     return out
+
+  def eval_loss(self, terms, counts):
+    """The loss evaluation reports: the training loss (a preference loss has no auxiliary term)."""
+    return self.loss(terms, counts)
 
   def metrics(self, terms, stats, counts):
     pairs = jnp.maximum(counts["pairs"], 1.0)

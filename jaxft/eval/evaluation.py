@@ -46,7 +46,8 @@ def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches:
                   objective=objectives.SFT()) -> dict:
   """The objective's loss over the eval examples (one pass, file order): eval_loss, eval_tokens
   and eval_ppl (supervised) or eval_ plus the preference metrics (pairs). `steps` is the jitted
-  StepFns.eval of `objective`."""
+  StepFns.eval of `objective`. For a mixture of experts eval_loss and eval_ppl are the
+  cross-entropy alone; the router's load-balancing loss is eval_router_aux."""
   sft = objective.name == "sft"
   batches = (pipeline.eval_batches if sft else preference.eval_batches)(
       examples, config.data.max_len, config.data.batch_size, config.data.packing)
@@ -58,7 +59,7 @@ def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches:
     out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(steps(trainable, frozen, b)))
     total = out if total is None else jax.tree.map(np.add, total, out)
   terms, stats, counts = total
-  loss = float(objective.loss(terms, counts))
+  loss = float(objective.eval_loss(terms, counts))
   m = {"eval_loss": loss, "eval_tokens": float(counts["tokens"])}
   if sft:
     m["eval_ppl"] = float(np.exp(min(loss, 50.0)))
@@ -70,7 +71,10 @@ def _loss(cfg, method, trainable, frozen, examples, config, mesh) -> dict:
   # Only the eval step is used: the optimizer and schedule are placeholders.
   steps = make_steps(cfg, method, optax.identity(), lambda step: 0.0, False, dropout=False)
   m = evaluate_loss(jax.jit(steps.eval), trainable, frozen, examples, config, mesh)
-  return {"loss": m["eval_loss"], "perplexity": m["eval_ppl"], "target_tokens": int(m["eval_tokens"])}
+  out = {"loss": m["eval_loss"], "perplexity": m["eval_ppl"], "target_tokens": int(m["eval_tokens"])}
+  if "eval_router_aux" in m:  # a mixture of experts: beside the cross-entropy, not in it
+    out["router_aux"] = m["eval_router_aux"]
+  return out
 
 
 def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int = 32,
