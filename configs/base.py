@@ -77,7 +77,8 @@ def _optim_and_train(c):
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
-  c.train.compile_cache = ""      # persistent compilation cache: "" = WORKDIR/compile_cache, none = off, or a dir
+  c.train.compile_cache = ""      # persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR if
+                                  # set, else WORKDIR/compile_cache; none = off; or a dir
   c.train.objective = "sft"       # sft | dpo | orpo | simpo (the last three read preference pairs)
   c.train.base_kl = 0.0           # sft: weight of KL(base || tuned) on the tokens of rows marked
                                   # "distill": true (a PEFT method; those rows are trained toward
@@ -102,7 +103,7 @@ def _mesh_eval_checkpoint(c):
   c.mesh.expert = 1               # splits the experts of a mixture of experts (expert parallelism)
   c.mesh.rules = ""               # logical->mesh axis overrides: "embed=fsdp,mlp=tensor,vocab=none"
 
-  # What jaxft.evaluate measures beyond loss and exact match (jaxft/eval_metrics.py).
+  # What jaxft.evaluate measures beyond loss and exact match (jaxft/eval/metrics.py).
   c.eval = ml_collections.ConfigDict()
   # Regexes (case-insensitive, searched anywhere in the answer) that make an answer an abstention.
   c.eval.abstain_patterns = (

@@ -1,9 +1,9 @@
 """The persistent compilation cache: a resumed or repeated run loads its compiled steps instead of
 compiling them again (minutes for a large model on a TPU host).
 
-`train.compile_cache`: empty = WORKDIR/compile_cache, `none` = off, else a directory (one cache may
-serve several workdirs of the same model). Only directories one trusts: JAX loads executables from
-it."""
+`train.compile_cache`: empty = JAX's own JAX_COMPILATION_CACHE_DIR when the environment sets it,
+else WORKDIR/compile_cache; `none` = off; else a directory (one cache may serve several workdirs of
+the same model). Only directories one trusts: JAX loads executables from it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def cache_dir(setting: str, workdir: str) -> str | None:
   """The cache directory `train.compile_cache` names for `workdir` (None: off)."""
   if setting.strip().lower() == "none":
     return None
-  return os.path.abspath(setting or os.path.join(workdir, "compile_cache"))
+  default = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, "compile_cache")
+  return os.path.abspath(setting or default)
 
 
 def use(setting: str, workdir: str) -> str | None:

@@ -1,8 +1,14 @@
 """Shared fixtures. Tests run on one CPU device; multi-device tests start subprocesses with
-XLA_FLAGS=--xla_force_host_platform_device_count=8."""
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
+
+What is expensive is shared: one persistent JAX compilation cache for the whole session (every test,
+every pytest worker and every `python -m jaxft...` subprocess a test starts: a tiny step compiled
+once is loaded by the next run that builds the same program), and session- or module-scoped tiny
+models and trained workdirs (the fixtures below)."""
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +16,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Set before jax is imported (by pytest's first process; its workers and subprocesses inherit it).
+# A fresh directory per session, so a run's time does not depend on an earlier one's cache.
+_OWN_CACHE = "JAXFT_TEST_SESSION" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAXFT_TEST_SESSION"] = "1"
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxft-test-jit-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    import shutil
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +51,8 @@ def run_cli(module, *args, env=None, timeout=600, cwd=ROOT):
                         text=True, timeout=timeout)
 
 
-def tiny_config(**over):
-  """configs/quickstart.py on the tiny preset, quiet, logging every step; keyword arguments set
-  dotted keys: tiny_config(**{"train.steps": 3, "peft.lora.rank": 4})."""
-  from jaxft import configlib
-  c = configlib.load("quickstart")
-  c.model.preset = "tiny"
-  c.train.progress = False
-  c.train.log_every = 1
+def set_keys(c, over: dict):
+  """Sets dotted keys of ConfigDict `c` in place ({"peft.lora.rank": 4}); returns `c`."""
   for key, value in over.items():
     node = c
     *parents, leaf = key.split(".")
@@ -47,3 +60,18 @@ def tiny_config(**over):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def make_config(name: str = "quickstart", arg: str | None = None, **over):
+  """The one way tests make a config: the shipped configs/NAME.py (get_config(arg)), with dotted
+  keys set from keyword arguments: make_config("base", **{"peft.lora.rank": 4})."""
+  from jaxft import configlib
+  return set_keys(configlib.load(name, arg), over)
+
+
+def tiny_config(**over):
+  """configs/quickstart.py on the tiny preset, quiet, logging every step; keyword arguments set
+  dotted keys: tiny_config(**{"train.steps": 3, "peft.lora.rank": 4})."""
+  c = make_config("quickstart", **{"model.preset": "tiny", "train.progress": False,
+                                   "train.log_every": 1})
+  return set_keys(c, over)

@@ -162,3 +162,38 @@ def check_sharded_load(directory: str, model, ids: np.ndarray, tmp_path, kernel_
   r = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(tests), env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+# A chat template of the tests' own (the quickstart tokenizer ships none): every role in brackets,
+# the assistant's turn ended by the eos token.
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == "
+            "'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_base(directory: str, kind: str, **overrides):
+  """make_tiny(kind) with the quickstart's 32000-token Mistral tokenizer and TEMPLATE saved beside
+  it in `directory` (a checkpoint a chat run can start from); returns the torch model."""
+  from jaxft.data.tokenize import load_tokenizer, write_quickstart_tokenizer
+  model = make_tiny(kind, directory, vocab_size=32000, **overrides)
+  tok = load_tokenizer(write_quickstart_tokenizer(directory + "-tok"))
+  tok.chat_template = TEMPLATE
+  tok.save_pretrained(directory)
+  return model
+
+
+def chat_config(root, base: str, **over):
+  """configs/base.py training the checkpoint `base` on 8 toy chat rows (root/train.jsonl, sums):
+  LoRA, 32-token rows, batch 2, lr 1e-2 without warmup, 3 steps logged each, quiet; keyword
+  arguments set dotted keys ({"model.quant": "nf4"})."""
+  import json
+  from conftest import make_config
+  data = root / "train.jsonl"
+  with open(data, "w") as f:
+    for i in range(8):
+      f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                       {"role": "assistant", "content": f"{2 * i}"}]}) + "\n")
+  return make_config("base", **{
+      "model.path": base, "data.train": str(data), "data.max_len": 32, "data.batch_size": 2,
+      "optim.lr": 1e-2, "optim.warmup_steps": 0, "train.steps": 3, "train.log_every": 1,
+      "train.progress": False, **over})

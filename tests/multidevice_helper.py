@@ -22,6 +22,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
+from conftest import make_config  # noqa: E402
 
 from jaxft import session, sharding, trainer  # noqa: E402
 from jaxft.data import bundled, pipeline  # noqa: E402
@@ -46,8 +47,7 @@ mc.PRESETS["tiny-v512"] = mc.PRESETS["tiny"].replace(vocab_size=512)
 
 
 def base_config(method: str, mesh=(1, 1, 1), quant: str = "none", preset: str = "tiny-v512"):
-  from jaxft import configlib
-  c = configlib.sibling(os.path.join(ROOT, "configs", "x.py"), "base").get_config()
+  c = make_config("base")
   c.model.preset = preset
   c.model.quant = quant
   c.peft.method = method
@@ -189,8 +189,7 @@ def bad_meshes(workdir):
 
 def multihost_reference(workdir):
   """The run of the 2-process test, on 1 process x 8 devices, through trainer.train."""
-  from jaxft import configlib
-  c = configlib.sibling(os.path.join(ROOT, "configs", "x.py"), "quickstart").get_config()
+  c = make_config("quickstart")
   for key, value in MULTIHOST.items():
     section, name = key.split(".")
     c[section][name] = value

@@ -3,18 +3,17 @@ tests)."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from conftest import make_config
 from jaxft import optim
 from jaxft.step import make_steps
 
 
 def optim_cfg(**kw):
-  """Plain AdamW at a constant lr 1e-2, no clipping, no decay; `kw` overrides."""
-  c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_steps=0, min_lr_ratio=0.1,
-                                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0,
-                                     accum_steps=1))
-  c.update(kw)
+  """configs/base.py's optimizer as plain AdamW at a constant lr 1e-2, no clipping, no decay;
+  `kw` overrides."""
+  c = make_config("base").optim
+  c.update(dict(lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0), **kw)
   return c
 
 

@@ -5,14 +5,12 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, make_config, run_cli
 from jaxft import configlib
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "jaxft", "configs", "[a-z]*.py")))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "[a-z]*.py")))
 
-
-def load(name, arg=None):
-  return configlib.load(name, arg)
+load = make_config
 
 
 def test_base_is_the_schema_for_every_config():
@@ -84,7 +82,7 @@ def test_bad_variant_argument_exits_2(tmp_path):
 
 
 def test_config_names_and_checkout_paths_load_the_shipped_configs(tmp_path, monkeypatch):
-  shipped = os.path.join(ROOT, "jaxft", "configs", "quickstart.py")
+  shipped = os.path.join(ROOT, "configs", "quickstart.py")
   monkeypatch.chdir(tmp_path)  # anywhere: an installed jaxft has no configs/ beside it
   assert configlib.resolve("quickstart") == shipped
   assert configlib.resolve("quickstart:method=dora") == shipped + ":method=dora"

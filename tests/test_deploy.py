@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import make_config
 from clients import sentencepiece_ids, tokenizers_ids, transformers_chat_ids
 from hf_tiny import jaxft_logits, rel_err, torch_logits
-from jaxft import configlib, export, session
+from jaxft import export, session
 from jaxft.data import bundled
 from jaxft.errors import ConfigError
 
@@ -57,7 +57,7 @@ def run(tmp_path_factory):
   """The quickstart task on the tiny preset (a few LoRA steps), exported to GGUF in every type."""
   from jaxft.trainer import train
   root = tmp_path_factory.mktemp("gguf")
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c = make_config("quickstart")
   c.model.preset = "tiny"
   c.data.eval = ""
   c.data.max_len = 32
@@ -272,7 +272,7 @@ def smollm2_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("smollm2")
   (root / "base").mkdir()  # (an export beside model.path is refused: it would overlap its directory)
   trunc = truncated_copy(smollm2_path(), str(root / "base" / "smollm2-2layers.gguf"), layers=2)
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "smollm2").get_config()
+  c = make_config("smollm2")
   c.model.path = trunc
   c.model.dtype = c.model.param_dtype = "float32"
   c.data.eval = ""

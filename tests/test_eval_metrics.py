@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from jaxft import configlib, eval as evaluation, inference
+from conftest import ROOT, make_config
+from jaxft import eval as evaluation, inference
 from jaxft.eval import metrics as em, quality as eval_quality
 from jaxft.errors import ConfigError, DataError
 
 
 def _config(**style):
-  c = configlib.sibling(os.path.join(ROOT, "configs", "base.py"), "base").get_config()
+  c = make_config("base")
   for k, v in style.items():
     c.eval.style[k] = v
   return c

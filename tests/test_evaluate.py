@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_cli
-from jaxft import configlib, curves, eval as evaluation, flops, inference, session
+from conftest import make_config, run_cli
+from jaxft import curves, eval as evaluation, flops, inference, session
 from jaxft.errors import ConfigError
 from jaxft.eval import metrics as eval_metrics, quality as eval_quality
 from jaxft.models.config import preset
@@ -19,7 +19,7 @@ _PEAK_TFLOPS = 0.01  # a made-up device peak, so that the CPU run logs an MFU to
 
 
 def _quickstart_config():
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c = make_config("quickstart")
   c.train.progress = False
   c.train.peak_tflops = _PEAK_TFLOPS
   c.train.steps = 80  # the shipped 150 steps learn more; 80 keep the suite short and still learn

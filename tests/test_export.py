@@ -10,15 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
-from hf_tiny import jaxft_logits, make_tiny, rel_err, torch_logits
-from jaxft import configlib, export, session
+from conftest import run_cli
+from hf_tiny import TEMPLATE, chat_base, chat_config, jaxft_logits, rel_err, torch_logits
+from jaxft import export, session
 from jaxft.errors import CheckpointError, ConfigError
 from jaxft.peft import peft_io
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == "
-            "'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
@@ -33,14 +30,10 @@ def run(tmp_path_factory):
   PEFT (r=4 on q/v/down, random B), and a 3-step jaxft LoRA run started from that adapter."""
   import torch
   from peft import LoraConfig, get_peft_model
-  from jaxft.data.tokenize import load_tokenizer, write_quickstart_tokenizer
   from jaxft.trainer import train
   root = tmp_path_factory.mktemp("export")
   base = str(root / "base")
-  model = make_tiny("llama", base, vocab_size=32000)
-  tok = load_tokenizer(write_quickstart_tokenizer(str(root / "tok")))
-  tok.chat_template = TEMPLATE
-  tok.save_pretrained(base)
+  model = chat_base(base, "llama")
 
   peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                 lora_dropout=0.0))
@@ -53,22 +46,8 @@ def run(tmp_path_factory):
   ids = np.random.RandomState(0).randint(0, 32000, (2, 10))
   peft_ref = torch_logits(peft_model.eval(), ids)
 
-  data = root / "train.jsonl"
-  with open(data, "w") as f:
-    for i in range(8):
-      f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                       {"role": "assistant", "content": f"{2 * i}"}]}) + "\n")
-  config = configlib.sibling(os.path.join(ROOT, "configs", "base.py"), "base").get_config()
-  config.model.path = base
-  config.peft.init_from = adapter  # r=4 and the targets come from the adapter (config: 8, q,v)
-  config.data.train = str(data)
-  config.data.max_len = 32
-  config.data.batch_size = 2
-  config.optim.lr = 1e-2
-  config.optim.warmup_steps = 0
-  config.train.steps = 3
-  config.train.log_every = 1
-  config.train.progress = False
+  # r=4 and the targets come from the adapter (config: 8, q,v)
+  config = chat_config(root, base, **{"peft.init_from": adapter})
   workdir = str(root / "work")
   train(config, workdir)
   # the run rendered its chats with the checkpoint directory's own chat template

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name
 
+from conftest import make_config
 from jaxft import optim, peft, quant
 from jaxft.models import llama, ops
 from jaxft.models.loss import token_losses
@@ -189,7 +190,6 @@ def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
   # trainer.prepare bit-casts the frozen 16-bit kernels and tables to integers once, in place, so
   # the step neither copies them per step nor holds a second copy; the step computes the same.
   from jaxft import session, sharding, trainer
-  from jaxft.configlib import base_config
   from jaxft.models.ops import pack_frozen
   cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16", intermediate_size=40,
                     tie_embeddings=tied)
@@ -206,7 +206,7 @@ def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
   assert float(ma["loss"]) == float(mb["loss"])
   _close(a["trainable"], b["trainable"], rtol=1e-6)
 
-  config = base_config()
+  config = make_config("base")
   config.model.dtype = config.model.param_dtype = "bfloat16"
   config.peft.method, config.peft.targets = "lora", "q_proj,v_proj"
   method = peft.from_config(config.peft, cfg)

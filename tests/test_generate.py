@@ -7,17 +7,16 @@ for the plain model and every PEFT method and quantized base that exists.
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, make_config, run_cli
 import ml_collections
 
-from jaxft import configlib, decode, peft, quant, session, sharding
+from jaxft import decode, peft, quant, session, sharding
 from jaxft.errors import ConfigError, DataError
 from jaxft.models import llama, quantized
 from jaxft.models.config import preset
@@ -88,7 +87,7 @@ def test_cache_matches_recompute_plain(window):
 
 
 def _peft_config(name):
-  c = configlib.sibling(os.path.join(ROOT, "configs", "base.py"), "base").get_config()
+  c = make_config("base")
   c.peft.method = name
   c.peft.targets = "all-linear"
   return c
@@ -209,7 +208,7 @@ def test_cli_bad_input_exits_2(tmp_path):
 def test_bad_workdir_and_prompt_errors_name_the_problem(tmp_path):
   from jaxft import eval as evaluation, inference
   from jaxft.errors import CheckpointError
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c = make_config("quickstart")
   c.model.preset = "tiny"
   enc = session.encoder(c, str(tmp_path))
   long = inference.Prompt("prompts.txt:3", text="word " * 2100)

@@ -12,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import make_config, run_cli
 from hf_tiny import jaxft_logits, make_tiny, rel_err, torch_logits
-from jaxft import configlib, export, peft, quant, session, sharding
+from jaxft import export, peft, quant, session, sharding
 from jaxft.errors import ConfigError
 from jaxft.models import llama, quantized
 from jaxft.models.config import preset
@@ -25,7 +25,7 @@ CFG = preset("tiny").replace(vocab_size=256)
 
 def _config(method, arg=None, **peft_kw):
   """configs/base.py with peft.method=method and peft.SECTION.KEY overrides ('lora.rank': 4)."""
-  c = configlib.sibling(os.path.join(ROOT, "configs", "base.py"), "base").get_config(arg)
+  c = make_config("base", arg)
   c.peft.method = method
   c.peft.targets = "q_proj,v_proj,down_proj"
   for key, value in peft_kw.items():
@@ -416,8 +416,7 @@ def test_quickstart_trains(method, tmp_path):
   """configs/quickstart.py:method=NAME (the settings bench/methods.py compares) with 20 of its 150
   steps: the eval loss falls by at least 40% (measured: dora 54%, adapter 51%, prefix 50%)."""
   from jaxft.trainer import train
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"),
-                        "quickstart").get_config(f"method={method}")
+  c = make_config("quickstart", f"method={method}")
   assert c.peft.method == method
   c.train.steps = 20
   c.train.eval_every = 0  # step 0 and the end

@@ -107,8 +107,8 @@ def test_a_host_without_a_tpu_stays_quiet_with_libtpu_installed():
   print libtpu's errors ("unexpected worker hostname"); the commands' start-up now keeps it
   quiet, and the deviceless TPU topology still builds."""
   from jaxft import cli
-  assert cli.quiet_tpu_env({}, has_libtpu=False, tpu_chips=0, has_gpu=False) == {}
-  assert cli.quiet_tpu_env({}, has_libtpu=True, tpu_chips=4, has_gpu=False) == {}
+  assert cli.quiet_tpu_env({}, has_libtpu=False, tpu_chips=0, other_accelerator=False) == {}
+  assert cli.quiet_tpu_env({}, has_libtpu=True, tpu_chips=4, other_accelerator=False) == {}
   assert cli.quiet_tpu_env({}, True, 0, True).get("JAX_PLATFORMS") is None  # a GPU stays seen
   assert "JAX_PLATFORMS" not in cli.quiet_tpu_env({"JAX_PLATFORMS": "tpu"}, True, 0, False)
   libtpu = _libtpu_dir()
@@ -305,8 +305,14 @@ def restore_cache_settings():
 
 
 @pytest.mark.slow
-def test_a_resumed_run_loads_its_compiled_step_from_the_cache(tmp_path, restore_cache_settings):
-  from jaxft import trainer
+def test_a_resumed_run_loads_its_compiled_step_from_the_cache(tmp_path, restore_cache_settings,
+                                                               monkeypatch):
+  from jaxft import compile_cache, trainer
+  # With JAX's own variable set (as the test session sets it), the default is that directory.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))
+  assert compile_cache.cache_dir("", "w") == str(tmp_path / "shared")
+  assert compile_cache.cache_dir("none", "w") is None
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
   hits = []
   jax.monitoring.register_event_listener(
       lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)

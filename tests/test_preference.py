@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, make_config, run_cli
 from step_tiny import one_step, optim_cfg
 from jaxft import objectives, optim, peft
 from jaxft.data import pipeline, preference
@@ -100,8 +100,7 @@ def test_preference_row_in_a_supervised_run(tmp_path, quickstart_tokenizer):
 
 
 def test_objective_settings_are_checked():
-  from jaxft import configlib
-  c = configlib.base_config()
+  c = make_config("base")
   c.train.objective = "dpo"
   assert objectives.from_config(c, trains_base=False).reference == "base"
   with pytest.raises(ConfigError, match="train.precompute_reference=True"):
@@ -111,7 +110,7 @@ def test_objective_settings_are_checked():
   for key, value, needle in (("train.objective", "kto", "train.objective"),
                              ("pref.beta", 0.0, "pref.beta"),
                              ("pref.loss_type", "hinge", "pref.loss_type")):
-    bad = configlib.base_config()
+    bad = make_config("base")
     bad.train.objective = "dpo"
     group, name = key.split(".")
     bad[group][name] = value

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, make_config
 from jaxft import quant
 
 torch = pytest.importorskip("torch")
@@ -181,8 +181,7 @@ def test_lora_merge_uses_the_dequantized_float32_base():
 
 
 def tiny_config(kind: str, steps: int = 20):
-  from jaxft import configlib
-  c = configlib.sibling(os.path.join(ROOT, "configs", "x.py"), "quickstart").get_config()
+  c = make_config("quickstart")
   c.model.preset = "tiny"
   c.model.quant = kind
   c.data.batch_size = 4  # small batches: the 32000-word output layer dominates a tiny model
@@ -262,7 +261,7 @@ def kib(key):
 mk = lambda L, D, F: mc.ModelConfig(vocab_size=256, hidden_size=D, intermediate_size=F, num_layers=L,
                                     num_heads=8, num_kv_heads=8, head_dim=D // 8)
 mc.PRESETS["qwarm"], mc.PRESETS["qbig"] = mk(2, 128, 256), mk(16, 768, 1536)
-c = configlib.sibling(sys.argv[1], "base").get_config()
+c = configlib.load("base")
 c.model.quant = "nf4"
 c.model.preset = "qwarm"  # compiles the same code paths, so the allocator and compiler are warm
 jax.block_until_ready(session.load_model(c).base)
@@ -286,7 +285,7 @@ def test_nf4_init_never_holds_more_than_one_float_kernel(tmp_path):
   script = tmp_path / "mem.py"
   script.write_text(_MEMORY)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "configs", "x.py")], env=env,
+  r = subprocess.run([sys.executable, str(script)], env=env,
                      capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads(r.stdout.strip().splitlines()[-1])

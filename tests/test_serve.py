@@ -15,8 +15,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from conftest import ROOT  # noqa: E402
-from jaxft import configlib, inference, session, trainer  # noqa: E402
+from conftest import ROOT, make_config  # noqa: E402
+from jaxft import inference, session, trainer  # noqa: E402
 from jaxft.serving import server as serve  # noqa: E402
 from jaxft.eval import votes as human_votes  # noqa: E402
 from jaxft.serving import compare  # noqa: E402
@@ -34,7 +34,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   import uvicorn
-  c = configlib.sibling(os.path.join(ROOT, "configs", "quickstart.py"), "quickstart").get_config()
+  c = make_config("quickstart")
   c.model.preset = "tiny"
   c.train.progress = False
   c.train.steps = 30
