@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -111,36 +112,44 @@ def _reexec_with_huge_pages() -> None:
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
 
 
-def quiet_tpu_env(environ, has_libtpu: bool, tpu_chips: int, has_gpu: bool) -> dict:
+def quiet_tpu_env(environ, has_libtpu: bool, tpu_chips: int, other_accelerator: bool) -> dict:
   """The variables a jaxft command sets so that a host without a TPU stays quiet although libtpu
   is installed (`pip install ".[tpu]"`, for plans): {} where that does not apply (no libtpu, a
   TPU present) or the user chose. Why: JAX initializes every installed plugin, and libtpu, not
   finding a TPU, prints errors ("unexpected worker hostname") and takes a second per process.
-  JAX_PLATFORMS=cpu (only without a GPU, which it would hide) keeps JAX from opening libtpu; the
+  JAX_PLATFORMS=cpu (only without a GPU or another accelerator's JAX plugin, which it would
+  hide) keeps JAX from opening libtpu; the
   TPU_* values answer what libtpu asks a TPU VM's metadata server for, when the planner loads it
   to compile for a TPU topology (one host, no metadata query)."""
   if not has_libtpu or tpu_chips:
     return {}
   out = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1"}
-  if not has_gpu:
+  if not other_accelerator:
     out["JAX_PLATFORMS"] = "cpu"
   return {k: v for k, v in out.items() if k not in environ}
 
 
 def quiet_without_tpu() -> None:
   """Applies `quiet_tpu_env` to this process (before JAX opens a backend)."""
+  import importlib.metadata
   import importlib.util
   try:
     from jax._src import hardware_utils  # what JAX itself asks (PCI ids), no backend opened
     chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
-    gpu = hardware_utils.has_visible_nvidia_gpu()
+    other = (hardware_utils.has_visible_nvidia_gpu()  # (CUDA, ROCm, ... come as jax_plugins)
+             or importlib.util.find_spec("jax_plugins") is not None
+             or bool(importlib.metadata.entry_points(group="jax_plugins")))
   except Exception:  # another JAX: leave everything as it is
     return
-  env = quiet_tpu_env(os.environ, importlib.util.find_spec("libtpu") is not None, chips, gpu)
+  env = quiet_tpu_env(os.environ, importlib.util.find_spec("libtpu") is not None, chips, other)
   os.environ.update(env)
   if "JAX_PLATFORMS" in env:  # JAX read the variable when it was imported
     import jax
     jax.config.update("jax_platforms", env["JAX_PLATFORMS"])
+
+
+# A full disk, a read-only file system, no permission: the machine's answer, not a jaxft bug.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
 
 
 def run(main_fn):
@@ -158,10 +167,16 @@ def run(main_fn):
       main_fn(argv)
     except JaxftError as e:
       _fail(str(e))
-    except OSError as e:  # ml_collections loads --config lazily, on first use
-      if "Failed loading config file" not in str(e):
+    except OSError as e:
+      if "Failed loading config file" in str(e):  # ml_collections loads --config lazily
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        _fail(f"--config: cannot load the config file ({lines[-1]})")
+      if e.errno not in _WRITE_ERRNOS:
         raise
-      lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-      _fail(f"--config: cannot load the config file ({lines[-1]})")
+      # The writers clear what they had begun (temporary names); what is left to say is where
+      # and why, not a traceback.
+      where = f"{e.filename}: " if e.filename else ""
+      _fail(f"{where}cannot write ({e.strerror}); nothing was left half-written. Free space or "
+            "choose a writable location")
 
   app.run(wrapped, flags_parser=_parse_flags)

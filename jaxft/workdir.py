@@ -30,8 +30,13 @@ class Lock:
     self._fd = None
 
   def __enter__(self):
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # read-only, full, no permission: training could write nothing there
+      raise ConfigError(f"--workdir={os.path.dirname(self.path)}: cannot write the run's lock "
+                        f"file ({e.strerror}); a run writes checkpoints and metrics there: "
+                        "use a writable --workdir") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

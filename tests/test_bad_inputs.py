@@ -485,3 +485,67 @@ def test_evaluate_batch_zero_and_missing_config_fail_fast(trained, tmp_path):
     evaluation.evaluate(session.load_workdir_config(trained), trained, batch_size=0)
   r = run_cli("jaxft.train", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'w'}")
   assert "--config: cannot load the config file" in one_error_line(r)
+
+
+def test_overwrite_never_removes_a_workdir_at_any_depth(tmp_path):
+  """--out=DIR --overwrite where DIR holds another run three (or more) levels down: refused, the
+  run kept (the guard once looked two levels deep and deleted it)."""
+  from jaxft.export import output
+  out = tmp_path / "out"
+  for depth in ("a/b/otherrun", "a/b/c/d/e/otherrun"):
+    run = out / depth
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=f"contains the jaxft workdir .*{depth}"):
+      output.check_out(str(out), True, str(tmp_path / "wd"))
+    assert (run / "metrics.jsonl").exists()
+    shutil.rmtree(out / "a")
+  (out / "a").mkdir()  # a directory without a run is replaced under --overwrite
+  output.check_out(str(out), True, str(tmp_path / "wd"))
+
+
+_FULL_DISK = """
+import errno, os, sys
+import gguf
+from jaxft.models import safetensors_io
+
+def full(path, *a, **k):
+  with open(path, "wb") as f:  # a partial file, as a disk that fills up mid-write leaves
+    f.write(b"partial")
+  raise OSError(errno.ENOSPC, "No space left on device", path)
+
+safetensors_io.write_safetensors = full
+def tensor_data(self, *a, **k):  # the disk fills up at the first tensor
+  raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+gguf.GGUFWriter.write_tensor_data = tensor_data
+sys.argv = ["jaxft.export"] + sys.argv[1:]
+from jaxft.export.__main__ import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,out", [("hf", "merged"), ("gguf", "model.gguf")])
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(trained, tmp_path, fmt, out):
+  r = subprocess.run([sys.executable, "-c", _FULL_DISK, f"--workdir={trained}", f"--format={fmt}",
+                      f"--out={tmp_path / 'x' / out}", "--quant=f32"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert "No space left on device" in one_error_line(r)
+  assert not (tmp_path / "x" / out).exists()
+  assert not [n for n in os.listdir(tmp_path / "x") if ".tmp-" in n]
+
+
+def test_a_read_only_workdir_is_one_clear_error(tmp_path, monkeypatch):
+  """Resuming on a read-only (or full) workdir: the lock file cannot be written; ConfigError naming
+  the workdir, not an OSError traceback."""
+  import errno
+
+  def read_only(path, *a, **k):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+
+  monkeypatch.setattr(workdir_lib.os, "open", read_only)
+  with pytest.raises(ConfigError, match=r"--workdir=.*cannot write the run's lock file "
+                                        r"\(Read-only file system\)"):
+    with workdir_lib.Lock(str(tmp_path)):
+      pass

@@ -53,12 +53,13 @@ def check_out(out: str, overwrite: bool, workdir: str, config=None) -> None:
                         "directory outside it")
     probe = os.path.dirname(probe)
   if os.path.isdir(real):
-    for d, subdirs, _ in os.walk(real):
+    # The whole tree: --overwrite replaces all of it, and a run kept any number of levels down
+    # (OUT/a/b/run) is lost as surely as one at the top. Links are not followed (removing OUT
+    # removes a link, not what it points to).
+    for d, _, _ in os.walk(real):
       if _is_workdir(d):
         raise ConfigError(f"--out={out}: contains the jaxft workdir {d}; choose another "
                           "directory")
-      if d.count(os.sep) - real.count(os.sep) >= 2:
-        subdirs[:] = []
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not overwrite:
     raise ConfigError(f"--out={out}: already exists; choose another directory or pass --overwrite")
   for stale in files.remove_stale(os.path.abspath(out)):
