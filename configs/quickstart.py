@@ -1,4 +1,4 @@
-"""The embedded default: LoRA on a tiny random Llama with the Mistral v1 tokenizer and the bundled
+r"""The embedded default: LoRA on a tiny random Llama with the Mistral v1 tokenizer and the bundled
 capitals dataset. Runs on a laptop CPU in a couple of minutes, with no download.
 
 `configs/quickstart.py:method=NAME` trains the same task with another method: lora (default), full,
@@ -8,9 +8,12 @@ learning rate it needs (bench/methods.py compares them).
 `configs/quickstart.py:objective=dpo` (or orpo, simpo) tunes the SFT quickstart's adapter on the
 bundled preference pairs (tools/make_capital_prefs.py: a full correct sentence preferred over the
 bare name, a wrong capital or a rambling answer). DPO's reference is the SFT model itself
-(train.precompute_reference). After the SFT quickstart:
+(train.precompute_reference). After the SFT quickstart, export its adapter (outside the workdir:
+export never writes into one; a preset base is named by its own export) and train:
 
-  python -m jaxft.export --workdir=workdirs/quickstart --format=peft --out=workdirs/quickstart/peft
+  python -m jaxft.export --workdir=workdirs/quickstart --format=hf --base --out=exported/base
+  python -m jaxft.export --workdir=workdirs/quickstart --format=peft --out=exported/quickstart-peft \
+      --base_model=exported/base
   python -m jaxft.train --config=configs/quickstart.py:objective=dpo --workdir=workdirs/quickstart-dpo
 """
 
@@ -52,7 +55,7 @@ def get_config(arg=None):
 
 def _preference(c, objective):
   c.train.objective = objective
-  c.peft.init_from = "workdirs/quickstart/peft"  # the SFT quickstart's adapter, exported
+  c.peft.init_from = "exported/quickstart-peft"  # the SFT quickstart's adapter, exported
   c.train.precompute_reference = objective == "dpo"
   c.data.train = bundled.path("capital_prefs_train.jsonl")
   c.data.eval = bundled.path("capital_prefs_eval.jsonl")

@@ -21,6 +21,7 @@ from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteErr
 from jaxft.metrics import MetricsWriter
 from jaxft.models import llama
 from jaxft.models.ops import pack_frozen
+from jaxft.peft import peft_io
 from jaxft.sharding import put_batch
 from jaxft.step import StepFns, make_steps
 
@@ -254,6 +255,8 @@ def train(config, workdir: str, hooks: tuple = ()) -> dict:
   sources.check(config.data.train)
   if config.data.eval:
     sources.check(config.data.eval)
+  if config.peft.init_from:  # and so is a missing adapter to start from
+    peft_io.check_dir(config.peft.init_from)
   # One run per workdir: a second one would interleave metrics and delete the first's saves.
   lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:

@@ -238,6 +238,21 @@ class LoraAdapter:
     return "dora" if self.dora else "lora"
 
 
+def check_dir(directory: str) -> None:
+  """Raises CheckpointError, naming the command that writes it, unless the peft.init_from
+  `directory` exists (a cheap check for before anything is written)."""
+  if os.path.isdir(directory):
+    return
+  # Usually a step not yet run: the adapter is another run's export (the DPO quickstart starts
+  # from the SFT quickstart's), so say which command writes it.
+  what = "is not a directory" if os.path.exists(directory) else "does not exist"
+  raise CheckpointError(
+      f"peft.init_from={directory!r} {what}: it names the PEFT LoRA adapter to start from, "
+      f"another run's export. Write it first: `python -m jaxft.export --workdir=WORKDIR "
+      f"--format=peft --out={directory}` (the DPO quickstart's WORKDIR is workdirs/quickstart, "
+      "whose preset base also needs --base_model: docs/preference.md has the commands)")
+
+
 def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
   """Reads and checks a PEFT LoRA or DoRA adapter directory (config and tensor shapes, no weights
   yet).
@@ -247,8 +262,7 @@ def read_lora_config(directory: str, cfg: ModelConfig) -> LoraAdapter:
   modules_to_save, a subset of layers).
   """
   from safetensors import safe_open
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"peft.init_from={directory!r}: not a directory")
+  check_dir(directory)
   cfile = os.path.join(directory, CONFIG)
   if not os.path.isfile(cfile):
     raise CheckpointError(f"{directory}: no {CONFIG} (expected a PEFT adapter directory)")
