@@ -49,10 +49,13 @@ def _export_method(workdir, out, fmt: str, base_model: str, step, overwrite) -> 
 
 
 def _base_model_name(config, workdir: str, base_model: str) -> str:
-  """What an adapter records as base_model_name_or_path: --base_model, else model.path. A preset
-  base has no directory until `--format=hf --base` writes one, so it must then be named."""
+  """What an adapter records as base_model_name_or_path: --base_model, else model.path; a local
+  directory as an absolute path. A preset base has no directory until `--format=hf --base` writes
+  one, so it must then be named."""
   if base_model:
-    return base_model
+    # PEFT resolves a relative path against the loader's working directory, not the adapter's:
+    # `exported/base` broke as soon as the adapter was loaded from anywhere else.
+    return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
   if config.model.path:
     return os.path.abspath(config.model.path) if os.path.isdir(config.model.path) \
         else config.model.path
