@@ -23,6 +23,9 @@ if _OWN_CACHE:
   os.environ["JAXFT_TEST_SESSION"] = "1"
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxft-test-jit-")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # A command re-executes itself once for huge-page malloc (jaxft.cli): a second Python start-up
+  # (~1 s) per command that tiny models do not gain from; test_train_cli checks it with it on.
+  os.environ.setdefault("JAXFT_HUGE_PAGES", "0")
 
 
 def pytest_unconfigure(config):

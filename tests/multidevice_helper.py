@@ -12,8 +12,10 @@ import sys
 
 # Cheaper XLA compiles (the same for every mesh compared, so parity is unaffected).
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_XLA} " + os.environ.get("XLA_FLAGS", "")
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":  # not when a test imports the constants: its later subprocesses would
+  # inherit 8 devices
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_XLA} " + os.environ.get("XLA_FLAGS", "")
+  os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402

@@ -21,8 +21,9 @@ def read_metrics(workdir):
 @pytest.mark.slow
 def test_three_steps_write_the_workdir(tmp_path):
   wd = str(tmp_path / "run")
+  # (the suite's other commands skip the huge-page re-execution: conftest.py)
   r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=3",
-              "--config.train.log_every=2")
+              "--config.train.log_every=2", env={"JAXFT_HUGE_PAGES": "1"})
   assert r.returncode == 0, r.stderr[-3000:]
   rows = read_metrics(wd)
   train_rows = [m for m in rows if "loss" in m]
@@ -42,7 +43,8 @@ def test_three_steps_write_the_workdir(tmp_path):
                       f"  python -m jaxft.export --workdir={wd} --format=hf --out={wd}-hf",
                       f"  python -m jaxft.serve --workdir={wd}"]
   # The command re-executed itself with huge-page malloc where this machine offers it.
-  wanted = cli.huge_pages_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
+  wanted = cli.huge_pages_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} |
+                             {"JAXFT_HUGE_PAGES": "1"})
   assert ("host malloc: huge pages" in r.stderr) == (wanted is not None), r.stderr[:2000]
 
 
