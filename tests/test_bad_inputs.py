@@ -343,8 +343,11 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(trained, 
   # jaxft's code.
   assert r.returncode == 2, r.stderr[-3000:]
   assert "jaxft/" not in "".join(l for l in r.stderr.splitlines(True) if l.startswith("  File"))
-  last = r.stderr.strip().splitlines()[-1]
-  assert last.startswith("jaxft: error:"), last
+  # jaxft's line is usually the last; TensorStore's writer thread may still print its own error
+  # of the failed write after it (seen once in 2 runs with 2 pytest workers).
+  ours = [l for l in r.stderr.strip().splitlines() if l.startswith("jaxft: error:")]
+  assert len(ours) == 1, r.stderr[-3000:]
+  last = ours[0]
   assert "saving the checkpoint of step 6 failed" in last
   assert "the checkpoint of step 4 is intact" in last
   assert sorted(os.listdir(os.path.join(wd, "checkpoints")), key=int) == ["2", "4"]
