@@ -72,7 +72,7 @@ def trl_loss(loss_type, logps, old, ref, adv, mask, beta, eps, eps_high, max_len
   return float(loss.detach()), lp.grad.numpy(), metrics
 
 
-# (beta, TRL's use_bias_correction_kl): no KL term; TRL 1.16's default KL (times the ratio); plain k3
+# (beta, TRL's use_bias_correction_kl): no KL; TRL 1.16's default KL (times the ratio); plain k3
 KL_CASES = [(0.0, True), (0.04, True), (0.04, False)]
 
 

@@ -1,12 +1,18 @@
 """Reinforcement learning from rewards, the pure parts: GRPO's advantages and loss (loss.py) and
-the reward functions that score completions (rewards.py).
+the rewards that score completions (rewards.py, scoring.py).
 
   loss.py     group-relative advantages; the clipped policy loss with TRL 1.16's normalisations
               (grpo, bnpo, dr_grpo, dapo) and optional KL to a reference, split for accumulation
-  rewards.py  built-in rewards (match, format, abstain, length), a user's `module:function`, and
-              `score`, which runs and checks them
+  rewards.py  the built-in reward functions (match, format, abstain, length), TRL's convention
+  scoring.py  rl.rewards specs -> functions (built-ins with arguments, a user's module:function),
+              and `score`, which runs them, checks what they return and adds them up by weight
 """
 
 from jaxft.rl.loss import LOSS_TYPES, PolicyLoss, group_advantages, grpo_loss, per_token_loss
+from jaxft.rl.rewards import (ABSTAIN_PATTERNS, abstain_reward, format_reward, length_reward,
+                              match_reward)
+from jaxft.rl.scoring import BUILTINS, Reward, parse_weights, resolve, reward_metrics, score
 
-__all__ = ["LOSS_TYPES", "PolicyLoss", "group_advantages", "grpo_loss", "per_token_loss"]
+__all__ = ["LOSS_TYPES", "PolicyLoss", "group_advantages", "grpo_loss", "per_token_loss",
+           "ABSTAIN_PATTERNS", "abstain_reward", "format_reward", "length_reward", "match_reward",
+           "BUILTINS", "Reward", "parse_weights", "resolve", "reward_metrics", "score"]
