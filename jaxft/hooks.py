@@ -11,7 +11,6 @@ order; before any hook runs, every hook's `flush` finishes the host work still p
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable
 
@@ -38,7 +37,7 @@ class Loop:
   pos: Any
   writer: MetricsWriter
   last: dict = dataclasses.field(default_factory=dict)
-  batch: dict | None = None  # the host batch of the step just dispatched
+  batch: dict | None = None  # the host batch of the step just dispatched (after train_batch)
 
 
 @dataclasses.dataclass
@@ -206,7 +205,8 @@ def default(config, model, eval_step, eval_ds, encoder, saver, objective, traina
   flop_counter = flops.FlopCounter(  # tokens/s -> TFLOP/s and MFU; the count is in jaxft/flops.py
       model.cfg, method.trains_base, 0 if method.trains_base else peft.count_params(trainable),
       config.train.peak_tflops)
-  # (cross-entropy objectives only: a preference loss starts near log 2 whatever the vocabulary)
-  uniform = math.log(model.cfg.vocab_size) if objective.name == "sft" else None
+  # (None for a loss that does not start at a uniform guess's: a preference loss starts near
+  # log 2 whatever the vocabulary)
+  uniform = objective.uniform_loss(model.cfg.vocab_size)
   hooks.append(MetricsRecorder(config, flop_counter, uniform).hook())
   return hooks

@@ -2,9 +2,9 @@
 
 `train_step(state, batch, frozen)`: gradients over `state["trainable"]` alone; the frozen base is an
 argument that is read, never differentiated, never donated, never updated. Batches carry a leading
-micro-batch axis [accum, rows, T]; the loss is the objective's (jaxft.objectives: by default the sum
-of token losses divided by the target tokens of the whole accumulated batch), normalised by counts
-of the whole accumulated batch, so accumulation equals one large batch.
+micro-batch axis [accum, rows, T]; the loss is the objective's (jaxft/objectives/: by default the
+sum of token losses divided by the target tokens of the whole accumulated batch), normalised by
+counts of the whole accumulated batch, so accumulation equals one large batch.
 """
 
 from __future__ import annotations

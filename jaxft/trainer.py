@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import time
 from typing import Any, Callable
 
 import jax
@@ -15,14 +14,13 @@ from absl import logging
 
 from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
                    objectives, optim, peft, session, sharding, target, workdir as workdir_lib)
-from jaxft.data import pipeline, preference, sources
-from jaxft.errors import CheckpointError, ConfigError
+from jaxft.data import pipeline, sources
+from jaxft.errors import CheckpointError
 from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
 from jaxft.metrics import MetricsWriter
 from jaxft.models import llama
 from jaxft.models.ops import pack_frozen
 from jaxft.peft import peft_io
-from jaxft.sharding import put_batch
 from jaxft.step import StepFns, make_steps
 
 
@@ -112,7 +110,7 @@ def prepare(config, model: session.Model) -> Prepared:
   tx, steps, state_sh, train_step = build_step(config, model.cfg, method, mesh, trainable_sh,
                                                frozen_sh)
   state = init_state(tx, trainable, config.train.seed, state_sh)
-  batch = abstract_batch(config)
+  batch = steps.objective.abstract_batch(config)
 
   def measure_with(policy):
     step = train_step if policy is None else build_step(
@@ -127,14 +125,6 @@ def prepare(config, model: session.Model) -> Prepared:
     tx, steps, state_sh, train_step = build_step(config, model.cfg.replace(remat=policy), method,
                                                  mesh, trainable_sh, frozen_sh)
   return Prepared(frozen, state, state_sh, frozen_sh, steps, train_step)
-
-
-def abstract_batch(config) -> dict:
-  """The shapes and dtypes of the train step's batch: [accum, rows / accum, T] per field."""
-  accum, rows, T = config.optim.accum_steps, config.data.batch_size, config.data.max_len
-  return {k: jax.ShapeDtypeStruct((accum, rows // accum, T),
-                                  jnp.float32 if k in ("weights", "distill") else jnp.int32)
-          for k in ("inputs", "targets", "weights", "positions", "segment_ids", "distill")}
 
 
 def fitting_remat(cfg, measure_with: Callable[[str | None], memory.Measured]):
@@ -167,22 +157,6 @@ def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):
                      objective=objectives.from_config(config, method.trains_base))
   state_sh = state_shardings(tx, trainable_sh, mesh)
   return tx, steps, state_sh, jit_train_step(steps, mesh, state_sh, frozen_sh)
-
-
-def precompute_reference(run: Prepared, model: session.Model, datasets, config) -> None:
-  """Stores in every pair of `datasets` the per-token log-probabilities of the model as `run`
-  starts (train.precompute_reference): DPO's reference in one forward pass over the data, so that
-  no frozen copy of the starting weights is kept (full fine-tuning)."""
-  # (replicated out: every process reads the whole [rows, T] block, as it holds every pair)
-  fn = jax.jit(lambda tr, fz, b: objectives.token_logps(model.cfg, model.method, tr, fz, b, None),
-               out_shardings=sharding.replicated(model.mesh))
-  for ds in datasets:
-    t0 = time.time()
-    preference.attach_reference(
-        ds.examples, lambda b: fn(run.state["trainable"], run.frozen,
-                                  {k: v[0] for k, v in put_batch(b, model.mesh, 1).items()}),
-        config.data.max_len, config.data.batch_size)
-    logging.info("reference log-probs of %d pairs in %.1fs", len(ds.examples), time.time() - t0)
 
 
 def resume(saver: checkpoint.Saver, state, config, model, workdir: str, writer_rows: list):
@@ -265,15 +239,15 @@ def train(config, workdir: str, hooks: tuple = ()) -> dict:
 
 def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dict:
   enc = session.encoder(config, workdir)
-  train_ds, eval_ds = _datasets(config, enc, model_cfg, objective)
+  train_ds, eval_ds = objective.load_data(config, enc, model_cfg.vocab_size)
   # (after the data, so that a bad row leaves no cache behind; before anything compiles)
   cache = compile_cache.use(config.train.compile_cache, workdir)
   if cache:
     logging.info("compilation cache: %s", cache)
   model = session.load_model(config, mesh)
   run = prepare(config, model)
-  if objective.reference == "data":  # from the starting weights, so before any resume
-    precompute_reference(run, model, [d for d in (train_ds, eval_ds) if d is not None], config)
+  # (from the starting weights, so before any resume)
+  objective.before_training(run, model, [d for d in (train_ds, eval_ds) if d is not None], config)
   os.makedirs(workdir, exist_ok=True)
   saver = checkpoint.Saver(workdir, config.checkpoint.keep)
   start, state, pos, notes = 0, run.state, pipeline.Position(), []
@@ -294,7 +268,8 @@ def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dic
   hooks = hooks_lib.default(config, model, jax.jit(run.steps.eval), eval_ds, enc, saver,
                             objective, state["trainable"]) + list(extra_hooks)
   try:
-    _loop(loop, hooks, run.train_step, _stream(config, train_ds, objective), mesh)
+    _loop(loop, hooks, run.train_step, objective.stream(config, train_ds), mesh,
+          lambda lp, batch: objective.train_batch(lp, model, batch))
   finally:
     try:
       saver.close()
@@ -335,37 +310,6 @@ def summary(result: dict, config, workdir: str) -> str:
   return "\n".join(lines)
 
 
-def _datasets(config, enc, model_cfg, objective):
-  """(train, eval or None) examples: pairs for a preference objective (jaxft/data/preference.py)."""
-  fmt, max_len, vocab = config.data.format, config.data.max_len, model_cfg.vocab_size
-  if objective.name != "sft":
-    load = preference.load_pairs
-    train_ds = load(config.data.train, enc, fmt, max_len, vocab)
-  else:  # (show: the first example is logged with its loss mask)
-    load = pipeline.load_examples
-    train_ds = load(config.data.train, enc, fmt, max_len, vocab, show=True)
-  eval_ds = load(config.data.eval, enc, fmt, max_len, vocab) if config.data.eval else None
-  if objective.name == "sft":
-    for ds in (d for d in (train_ds, eval_ds) if d is not None and d.distill and
-               not objective.base_kl):  # without the KL term marked rows are plain rows
-      logging.info("%d rows marked \"distill\" are trained on their text (train.base_kl=0)",
-                   ds.distill)
-      for e in ds.examples:
-        e.distill = False
-      ds.distill = 0
-    if objective.base_kl and not train_ds.distill:
-      raise ConfigError(f"train.base_kl={objective.base_kl}: no row of {config.data.train} is "
-                        "marked \"distill\": true, so the KL term would have nothing to act on")
-  return train_ds, eval_ds
-
-
-def _stream(config, train_ds, objective):
-  stream = preference.PairStream if objective.name != "sft" else pipeline.TrainStream
-  return stream(train_ds.examples, max_len=config.data.max_len, packing=config.data.packing,
-                rows_per_batch=config.data.batch_size, seed=config.train.seed,
-                shuffle=config.data.shuffle)
-
-
 def _run_hooks(hooks, due, loop) -> None:
   if due:
     hooks_lib.flush(hooks)
@@ -373,8 +317,10 @@ def _run_hooks(hooks, due, loop) -> None:
     h.run(loop)
 
 
-def _loop(loop: hooks_lib.Loop, hooks, train_step, stream, mesh) -> None:
-  """Runs train steps from loop.step to train.steps (or a SIGTERM/SIGINT), calling the hooks."""
+def _loop(loop: hooks_lib.Loop, hooks, train_step, stream, mesh, train_batch) -> None:
+  """Runs train steps from loop.step to train.steps (or a SIGTERM/SIGINT), calling the hooks;
+  `train_batch(loop, batch)` turns each batch of the stream into the one trained on (the
+  objective's: rollouts of the policy as it is now, or the batch itself)."""
   config = loop.config
   start, total, rows = loop.step, config.train.steps, config.data.batch_size
   accum = config.optim.accum_steps
@@ -389,7 +335,8 @@ def _loop(loop: hooks_lib.Loop, hooks, train_step, stream, mesh) -> None:
       h.before_loop()
   with _Stop() as stop:
     while loop.step < total and stop.signal is None:
-      loop.batch, loop.pos = stream.batch_at(loop.pos, select=local_ids)
+      batch, loop.pos = stream.batch_at(loop.pos, select=local_ids)
+      loop.batch = train_batch(loop, batch)
       device_batch = sharding.put_local_batch(loop.batch, local_ids, mesh, rows, accum)
       loop.state, metrics = train_step(loop.state, device_batch, loop.frozen)
       loop.step += 1

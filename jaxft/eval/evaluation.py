@@ -31,7 +31,7 @@ import optax
 from absl import logging
 
 from jaxft import files, inference, objectives, peft, session, sharding
-from jaxft.data import pipeline, preference
+from jaxft.data import pipeline
 from jaxft.errors import ConfigError
 from jaxft.eval import metrics as eval_metrics, quality as eval_quality, votes as human_votes
 from jaxft.eval.answers import (Reference, accuracy, contains_match, exact_match, normalized_match,
@@ -44,15 +44,13 @@ REPORT = "eval_report.md"
 
 def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches: int = 0,
                   objective=objectives.SFT()) -> dict:
-  """The objective's loss over the eval examples (one pass, file order): eval_loss, eval_tokens
-  and eval_ppl (supervised) or eval_ plus the preference metrics (pairs). `steps` is the jitted
-  StepFns.eval of `objective`. For a mixture of experts eval_loss and eval_ppl are the
+  """The objective's loss over the eval examples (one pass, file order, in the objective's eval
+  batches): eval_loss, eval_tokens, eval_ppl where the objective's loss has a perplexity
+  (supervised), and the objective's metrics as eval_NAME (pairs: the preference metrics). `steps`
+  is the jitted StepFns.eval of `objective`. For a mixture of experts eval_loss and eval_ppl are the
   cross-entropy alone; the router's load-balancing loss is eval_router_aux."""
-  sft = objective.name == "sft"
-  batches = (pipeline.eval_batches if sft else preference.eval_batches)(
-      examples, config.data.max_len, config.data.batch_size, config.data.packing)
   total = None
-  for i, b in enumerate(batches):
+  for i, b in enumerate(objective.eval_batches(examples, config)):
     if max_batches and i >= max_batches:
       break
     b = {k: v[0] for k, v in sharding.put_batch(b, mesh, 1).items()}
@@ -61,8 +59,9 @@ def evaluate_loss(steps, trainable, frozen, examples, config, mesh, max_batches:
   terms, stats, counts = total
   loss = float(objective.eval_loss(terms, counts))
   m = {"eval_loss": loss, "eval_tokens": float(counts["tokens"])}
-  if sft:
-    m["eval_ppl"] = float(np.exp(min(loss, 50.0)))
+  ppl = objective.perplexity(loss)
+  if ppl is not None:
+    m["eval_ppl"] = float(ppl)
   m.update({f"eval_{k}": float(v) for k, v in objective.metrics(terms, stats, counts).items()})
   return m
 

@@ -93,8 +93,6 @@ def build(config, devices, layers: int | None = None) -> Abstract:
   tree (the shapes `jaxft.train` would feed it); `layers` replaces the model's depth (for the time
   estimate). Raises ConfigError for configs train refuses."""
   trainer.check_config(config)
-  if config.train.objective != "sft":
-    raise ConfigError(f"train.objective={config.train.objective!r}: jaxft.plan plans sft steps")
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
   with target.building_for(devices[0].platform):  # (model.dtype=auto follows the target chip)
@@ -115,10 +113,12 @@ def build(config, devices, layers: int | None = None) -> Abstract:
     trainable_sh = sharding.value_shardings(trainable, trainable_sh)
     frozen_sh = sharding.value_shardings(frozen, frozen_sh)
     frozen = jax.eval_shape(pack_frozen, frozen)  # as trainer.prepare stores it
-    tx, _, state_sh, step = trainer.build_step(config, cfg, method, mesh, trainable_sh, frozen_sh)
+    tx, steps, state_sh, step = trainer.build_step(config, cfg, method, mesh, trainable_sh,
+                                                   frozen_sh)
     state = jax.eval_shape(lambda tr: dict(trainer.fresh_state(tx, tr, config.train.seed),
                                            trainable=tr), trainable)
-  return Abstract(cfg, method, mesh, step, _strip(state), trainer.abstract_batch(config),
+  # (the batch's fields are the objective's: pairs carry their reference log-probs)
+  return Abstract(cfg, method, mesh, step, _strip(state), steps.objective.abstract_batch(config),
                   _strip(frozen), state_sh, frozen_sh)
 
 

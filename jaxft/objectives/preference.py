@@ -1,113 +1,33 @@
-"""Training objectives: supervised fine-tuning and the preference losses DPO, IPO, ORPO and SimPO.
-
-An objective is a frozen (hashable) dataclass, a static part of the jitted step, with three pure
-functions of arrays:
-
-- `counts(batch)`: the normalisers (target tokens, pairs) of the whole accumulated batch, known
-  from the data before any forward pass;
-- `sums(cfg, method, trainable, frozen, batch, rng)`: (terms, stats) of one micro-batch: loss
-  terms and metric sums that add up over micro-batches;
-- `loss(terms, counts)`: linear in the terms, so that summing the gradients of micro-batches
-  normalised by the whole batch's counts equals the gradient of one large batch.
+"""Preference objectives: DPO (sigmoid or IPO loss), ORPO and SimPO over pairs.
 
 Preference batches hold pairs: a pair's chosen and rejected sequences are adjacent segments of one
-row (segment 2k+1 chosen, 2k+2 rejected; several pairs per row when packed). A sequence's
-log-probability is the sum of its target tokens' log-probabilities. The DPO reference is either
-the frozen base run with the method switched off (`peft.Method()`: its hooks are the identity, and
-the frozen tree is the whole base; no second copy of any weight), or per-token reference
-log-probabilities stored with the data (`batch["ref_logps"]`, train.precompute_reference).
+row (segment 2k+1 chosen, 2k+2 rejected; several pairs per row when packed; jaxft/data/
+preference.py). A sequence's log-probability is the sum of its target tokens' log-probabilities.
+The DPO reference is either the frozen base run with the method switched off (`peft.Method()`: its
+hooks are the identity, and the frozen tree is the whole base; no second copy of any weight), or
+per-token reference log-probabilities stored with the data (`batch["ref_logps"]`, computed by
+`before_training` under train.precompute_reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import time
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
+from jaxft import sharding
+from jaxft.data import preference as pair_data
 from jaxft.errors import ConfigError
-from jaxft.models import llama
-from jaxft.models.loss import token_losses
-from jaxft.models.ops import pack_frozen
-from jaxft.peft.base import Method, merge_trees
-from jaxft.peft.loss import loss_sum, loss_sum_and_aux, loss_sum_and_base_kl
+from jaxft.objectives.base import TOKEN_FIELDS, Objective, finite, token_logps
+from jaxft.peft.base import Method
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+NAMES = ("dpo", "orpo", "simpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins",
                       "rewards/accuracies", "logps/chosen", "logps/rejected")
-
-
-@dataclasses.dataclass(frozen=True)
-class SFT:
-  """Cross-entropy on target tokens, normalised by the target tokens of the whole batch.
-
-  base_kl > 0 adds base_kl * the mean over the tokens of rows marked "distill" (batch["distill"])
-  of KL(base || tuned): those rows are trained toward the base model's next-token distributions
-  (replay that keeps what the base knew), not toward their own text."""
-  name: str = "sft"
-  reference: str = "none"
-  metric_names: tuple = ()
-  base_kl: float = 0.0
-
-  def counts(self, batch):
-    # batches: micro-batches (train: the leading accumulation axis; eval: one per batch), over
-    # which the mixture-of-experts load-balancing loss is averaged.
-    batches = batch["inputs"].shape[0] if batch["inputs"].ndim == 3 else 1
-    out = {"tokens": jnp.sum(batch["weights"]), "batches": jnp.float32(batches)}
-    if self.base_kl:
-      out["distill_tokens"] = jnp.sum(batch["distill"])
-    return out
-
-  def sums(self, cfg, method, trainable, frozen, batch, rng):
-    if self.base_kl:
-      s, _, aux, kl = loss_sum_and_base_kl(cfg, method, trainable, frozen, batch, rng)
-      terms, stats = {"nll": s, "kl": kl}, {}
-    elif not cfg.num_experts:
-      s, _ = loss_sum(cfg, method, trainable, frozen, batch, rng)
-      return {"nll": s}, {}
-    else:
-      s, _, aux = loss_sum_and_aux(cfg, method, trainable, frozen, batch, rng)
-      terms, stats = {"nll": s}, {}
-    if cfg.num_experts:
-      # Mixture of experts: + model.router_aux_coef * the load-balancing loss, as transformers
-      # adds it (per micro-batch, averaged over them); router_aux logged unscaled.
-      terms["aux"], stats["router_aux"] = cfg.router_aux_coef * aux, aux
-    return terms, stats
-
-  def loss(self, terms, counts):
-    nll = terms["nll"] / jnp.maximum(counts["tokens"], 1.0)
-    if "aux" in terms:
-      nll = nll + terms["aux"] / counts["batches"]
-    if "kl" in terms:
-      nll = nll + self.base_kl * terms["kl"] / jnp.maximum(counts["distill_tokens"], 1.0)
-    return nll
-
-  def eval_loss(self, terms, counts):
-    """The loss evaluation reports (eval_loss, and the perplexity made of it): the training loss
-    without a mixture of experts' load-balancing term, which is logged beside it (router_aux),
-    so that it is the cross-entropy a dense model or transformers would report."""
-    return self.loss({k: v for k, v in terms.items() if k != "aux"}, counts)
-
-  def metrics(self, terms, stats, counts):
-    out = {}
-    if "router_aux" in stats:
-      out["router_aux"] = stats["router_aux"] / counts["batches"]
-    if "kl" in terms:  # the mean KL(base || tuned) per distill token, unscaled
-      out["base_kl"] = terms["kl"] / jnp.maximum(counts["distill_tokens"], 1.0)
-    return out
-
-
-def token_logps(cfg, method, trainable, frozen, batch, rng):
-  """Log-probability [R, T] (float32) of each target token under merge(frozen, trainable) run
-  with `method`."""
-  frozen = pack_frozen(frozen)
-  params = merge_trees(frozen, trainable)
-  h, _ = llama.hidden_states(cfg, params, batch["inputs"], adapter=method,
-                             positions=batch["positions"], segment_ids=batch["segment_ids"], rng=rng)
-  head = "embed" if cfg.tie_embeddings else "lm_head"
-  return -token_losses(cfg, params, h, batch["targets"], head_trained=head in trainable)
 
 
 def per_sequence(x, segment_ids):
@@ -163,7 +83,7 @@ def pair_losses(name: str, loss_type: str, beta: float, label_smoothing: float, 
 
 
 @dataclasses.dataclass(frozen=True)
-class Preference:
+class Preference(Objective):
   """DPO (sigmoid or IPO loss), ORPO or SimPO over pair batches.
 
   reference: "base" (the frozen tree run with the method switched off), "data" (per-token
@@ -233,42 +153,70 @@ class Preference:
       out["nll_loss"] = terms["chosen_nll"] / jnp.maximum(counts["chosen_tokens"], 1.0)
     return out
 
+  def load_data(self, config, encoder, vocab_size):
+    """Pairs of data.train / data.eval (jaxft/data/preference.py's load_pairs)."""
+    fmt, max_len = config.data.format, config.data.max_len
+    train_ds = pair_data.load_pairs(config.data.train, encoder, fmt, max_len, vocab_size)
+    eval_ds = (pair_data.load_pairs(config.data.eval, encoder, fmt, max_len, vocab_size)
+               if config.data.eval else None)
+    return train_ds, eval_ds
 
-def _finite(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  def stream(self, config, train_ds):
+    return pair_data.PairStream(
+        train_ds.examples, max_len=config.data.max_len, packing=config.data.packing,
+        rows_per_batch=config.data.batch_size, seed=config.train.seed,
+        shuffle=config.data.shuffle)
+
+  def eval_batches(self, examples, config):
+    return pair_data.eval_batches(examples, config.data.max_len, config.data.batch_size,
+                              config.data.packing)
+
+  def batch_fields(self):
+    return dict(TOKEN_FIELDS, ref_logps=jnp.float32)
+
+  def before_training(self, run, model, datasets, config):
+    """With reference="data" (train.precompute_reference), the reference log-probs of every
+    pair, from the weights as the run starts: before any resume replaces them."""
+    if self.reference == "data":
+      precompute_reference(run, model, datasets, config)
 
 
-def from_config(config, trains_base: bool):
-  """The objective named by train.objective with its pref.* settings. Raises ConfigError on bad
-  values or combinations (DPO with full fine-tuning needs train.precompute_reference)."""
+def precompute_reference(run, model, datasets, config) -> None:
+  """Stores in every pair of `datasets` the per-token log-probabilities of the model as `run`
+  (the trainer's Prepared) starts: DPO's reference in one forward pass over the data, so that no
+  frozen copy of the starting weights is kept (full fine-tuning)."""
+  # (replicated out: every process reads the whole [rows, T] block, as it holds every pair)
+  fn = jax.jit(lambda tr, fz, b: token_logps(model.cfg, model.method, tr, fz, b, None),
+               out_shardings=sharding.replicated(model.mesh))
+  logps = lambda b: fn(run.state["trainable"], run.frozen,
+                       {k: v[0] for k, v in sharding.put_batch(b, model.mesh, 1).items()})
+  for ds in datasets:
+    t0 = time.time()
+    pair_data.attach_reference(ds.examples, logps, config.data.max_len, config.data.batch_size)
+    logging.info("reference log-probs of %d pairs in %.1fs", len(ds.examples), time.time() - t0)
+
+
+def from_config(config, trains_base: bool) -> Preference:
+  """The preference objective named by train.objective with its pref.* settings. Raises
+  ConfigError on bad values or combinations (DPO with full fine-tuning needs
+  train.precompute_reference)."""
   t, p = config.train, config.pref
   name = t.objective
-  if name not in OBJECTIVES:
-    raise ConfigError(f"train.objective={name!r}: expected one of {', '.join(OBJECTIVES)}")
-  if name != "sft" and t.eval_accuracy:
+  if t.eval_accuracy:
     raise ConfigError(f"train.eval_accuracy=True: answer accuracy reads single answers, not the "
                       f"pairs of train.objective={name}")
-  if not (_finite(t.base_kl) and t.base_kl >= 0):
-    raise ConfigError(f"train.base_kl={t.base_kl}: must be a finite number >= 0")
-  if name == "sft":
-    if t.precompute_reference:
-      raise ConfigError("train.precompute_reference=True needs train.objective=dpo")
-    if t.base_kl and trains_base:
-      raise ConfigError(f"train.base_kl={t.base_kl} with peft.method=full: the KL term compares "
-                        "with the base, and full fine-tuning keeps no frozen copy of it")
-    return SFT(base_kl=float(t.base_kl))
   if t.base_kl:
     raise ConfigError(f"train.base_kl={t.base_kl}: the KL-to-base term is part of "
                       f"train.objective=sft, not {name}")
   # Every pref.* number is checked whichever objective reads it: a NaN that reaches the step
   # surfaces only as "loss or gradients are not finite", blaming training.
   for key, ok, want in (
-      ("beta", _finite(p.beta) and p.beta > 0, "must be a finite number > 0"),
-      ("label_smoothing", _finite(p.label_smoothing) and 0.0 <= p.label_smoothing < 0.5,
+      ("beta", finite(p.beta) and p.beta > 0, "must be a finite number > 0"),
+      ("label_smoothing", finite(p.label_smoothing) and 0.0 <= p.label_smoothing < 0.5,
        "must be in [0, 0.5)"),
-      ("simpo_gamma", _finite(p.simpo_gamma) and p.simpo_gamma >= 0,
+      ("simpo_gamma", finite(p.simpo_gamma) and p.simpo_gamma >= 0,
        "must be a finite number >= 0 (the target reward margin)"),
-      ("orpo_lambda", _finite(p.orpo_lambda) and p.orpo_lambda > 0, "must be a finite number > 0")):
+      ("orpo_lambda", finite(p.orpo_lambda) and p.orpo_lambda > 0, "must be a finite number > 0")):
     if not ok:
       raise ConfigError(f"pref.{key}={p[key]}: {want}")
   if p.loss_type not in DPO_LOSSES:
