@@ -80,6 +80,7 @@ def _optim_and_train(c):
   c.train.compile_cache = ""      # persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR if
                                   # set, else WORKDIR/compile_cache; none = off; or a dir
   c.train.objective = "sft"       # sft | dpo | orpo | simpo (the last three read preference pairs)
+                                  # | grpo (prompt rows, rewards: the rl group below)
   c.train.base_kl = 0.0           # sft: weight of KL(base || tuned) on the tokens of rows marked
                                   # "distill": true (a PEFT method; those rows are trained toward
                                   # the base's predictions, not their own text)
@@ -93,6 +94,24 @@ def _optim_and_train(c):
   c.pref.label_smoothing = 0.0    # dpo sigmoid, simpo: chance that a label is flipped (cDPO)
   c.pref.simpo_gamma = 0.5        # simpo: target reward margin
   c.pref.orpo_lambda = 0.1        # orpo: weight of the odds-ratio term (TRL's ORPOConfig.beta)
+
+  # GRPO (train.objective=grpo, docs/grpo.md): data.batch_size counts completions per step
+  # (prompts x rl.generations, as TRL's batch size), so it must be a multiple of rl.generations.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.generations = 8            # completions sampled per prompt (a group)
+  c.rl.iterations = 1             # optimizer steps per batch of rollouts (TRL's num_iterations)
+  c.rl.rewards = "match"          # reward specs: match[:MODE[:FIELD]], format:REGEX, abstain,
+                                  # length:N, module:function (jaxft/rl/scoring.py)
+  c.rl.reward_weights = ""        # comma-separated, one per reward; "" = 1 each
+  c.rl.loss_type = "dapo"         # grpo | bnpo | dr_grpo | dapo (TRL's names; dapo is its default)
+  c.rl.epsilon = 0.2              # the ratio's lower clip, 1 - epsilon
+  c.rl.epsilon_high = 0.0         # the upper clip, 1 + epsilon_high; 0 = epsilon
+  c.rl.beta = 0.0                 # weight of the KL to the base (method switched off); 0 = none
+  c.rl.scale_rewards = "group"    # group | batch | none: what divides the advantages
+  c.rl.temperature = 1.0          # sampling of the rollouts (> 0)
+  c.rl.top_p = 1.0                # 1 = off
+  c.rl.top_k = 0                  # 0 = off
+  c.rl.max_completion_tokens = 64 # prompt + this must fit data.max_len
 
 
 def _mesh_eval_checkpoint(c):

@@ -15,6 +15,12 @@ export never writes into one; a preset base is named by its own export) and trai
   python -m jaxft.export --workdir=workdirs/quickstart --format=peft --out=exported/quickstart-peft \
       --base_model=exported/base
   python -m jaxft.train --config=configs/quickstart.py:objective=dpo --workdir=workdirs/quickstart-dpo
+
+`configs/quickstart.py:objective=grpo` trains by reward (docs/grpo.md) on the bundled capital
+questions as prompt rows (capital_prompts_train.jsonl, each with its `answer`): 8 completions of
+2 prompts a step, paid for the right city (match:contains) and for stopping within 4 words
+(length:4). It starts from the random quickstart model, so the length reward moves first; with
+--config.peft.init_from=exported/quickstart-peft it continues from the SFT quickstart's adapter.
 """
 
 from jaxft import configlib
@@ -48,9 +54,23 @@ def get_config(arg=None):
   c.eval.style.must_match = r"^[A-Z][^.!?]*\.$"  # one sentence, capitalised, ending with a period
   c.eval.style.must_not_contain = ("capital", "I think")
   c.eval.confident = 0.5  # its tuned answers average ~0.7 per token: 0.9 would flag none
-  if a.objective != "sft":
+  if a.objective == "grpo":
+    _grpo(c)
+  elif a.objective != "sft":
     _preference(c, a.objective)
   return c
+
+
+def _grpo(c):
+  c.train.objective = "grpo"
+  c.data.train = bundled.path("capital_prompts_train.jsonl")
+  c.data.eval = ""  # (GRPO evaluates no loss during training; jaxft.evaluate scores the workdir)
+  c.data.max_len = 64
+  c.data.batch_size = 16  # completions per step: 2 prompts x 8 generations
+  c.rl.generations = 8
+  c.rl.rewards = "match:contains,length:4"
+  c.rl.max_completion_tokens = 16
+  c.train.steps = 30
 
 
 def _preference(c, objective):

@@ -6,6 +6,7 @@ name.
   base.py        `Objective`: the methods an objective defines, with their defaults; token_logps
   sft.py         `SFT`: cross-entropy on target tokens (and train.base_kl's replay toward the base)
   preference.py  `Preference`: DPO (sigmoid, IPO), ORPO and SimPO over chosen/rejected pairs
+  grpo.py        `GRPO`: the policy trained on rewards of its own rollouts (jaxft/rl/)
 
 A new objective is a module with an `Objective` subclass and a builder `(config, trains_base) ->
 objective`, added to the registry with `register(name, build)`; train.objective names it.
@@ -16,15 +17,17 @@ from __future__ import annotations
 from typing import Callable
 
 from jaxft.errors import ConfigError
-from jaxft.objectives import preference, sft
+from jaxft.objectives import grpo, preference, sft
 from jaxft.objectives.base import TOKEN_FIELDS, Objective, finite, token_logps
 from jaxft.objectives.preference import (DPO_LOSSES, PREFERENCE_METRICS, Preference, pair_losses,
                                          per_sequence)
+from jaxft.objectives.grpo import GRPO
 from jaxft.objectives.sft import SFT
 
 # train.objective -> its builder (config, trains_base) -> Objective; raises ConfigError.
 _BUILDERS: dict[str, Callable] = {"sft": sft.from_config}
 _BUILDERS.update({name: preference.from_config for name in preference.NAMES})
+_BUILDERS["grpo"] = grpo.from_config
 OBJECTIVES = tuple(_BUILDERS)  # the built-in names
 
 
@@ -51,6 +54,6 @@ def from_config(config, trains_base: bool) -> Objective:
   return _BUILDERS[t.objective](config, trains_base)
 
 
-__all__ = ["Objective", "SFT", "Preference", "from_config", "register", "names", "OBJECTIVES",
+__all__ = ["Objective", "SFT", "Preference", "GRPO", "from_config", "register", "names", "OBJECTIVES",
            "DPO_LOSSES", "PREFERENCE_METRICS", "TOKEN_FIELDS", "pair_losses", "per_sequence",
            "token_logps"]

@@ -6,6 +6,9 @@ the rewards that score completions (rewards.py, scoring.py).
   rewards.py  the built-in reward functions (match, format, abstain, length), TRL's convention
   scoring.py  rl.rewards specs -> functions (built-ins with arguments, a user's module:function),
               and `score`, which runs them, checks what they return and adds them up by weight
+  prompts.py  GRPO's prompt rows (file:line errors) and the resumable stream of prompt groups
+  rollout.py  sampled completions -> train rows (completion mask, advantages); rollout metrics
+              and the sampling seed of a step (jaxft/objectives/grpo.py runs the rollouts)
 """
 
 from jaxft.rl.loss import LOSS_TYPES, PolicyLoss, group_advantages, grpo_loss, per_token_loss

@@ -1,0 +1,146 @@
+"""train.objective=grpo end to end on the tiny model: rollouts through the KV-cache decoder, rewards,
+the policy loss, its metrics rows, an exact resume, and bad inputs that stop before any
+checkpoint. One module-scoped pair of runs (a straight one and one stopped and resumed) is shared
+by the assertions; tiny shapes (2 prompts x 4 generations of at most 8 tokens)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_config, tiny_config
+from jaxft import rl, trainer
+from jaxft.data import bundled
+from jaxft.data.pipeline import Position
+from jaxft.errors import ConfigError, DataError
+from jaxft.rl import prompts as prompt_data
+
+PROMPTS = bundled.path("capital_prompts_train.jsonl")
+REWARDS = "match:contains,length:4"
+
+
+def grpo_config(**over):
+  base = {"train.objective": "grpo", "data.train": PROMPTS, "data.eval": "", "data.max_len": 48,
+          "data.batch_size": 8, "rl.generations": 4, "rl.max_completion_tokens": 8,
+          "rl.rewards": REWARDS, "optim.warmup_steps": 0, "optim.schedule": "constant",
+          "train.steps": 4}  # (constant: a 2-step run's schedule is a 4-step run's first half)
+  return tiny_config(**dict(base, **over))
+
+
+def rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def by_step(workdir, key):
+  return {r["step"]: r[key] for r in rows(workdir) if key in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A straight 4-step run, and one stopped at step 2 and resumed to step 4."""
+  root = tmp_path_factory.mktemp("grpo")
+  straight, resumed = str(root / "straight"), str(root / "resumed")
+  out = trainer.train(grpo_config(), straight)
+  trainer.train(grpo_config(**{"train.steps": 2}), resumed)
+  trainer.train(grpo_config(), resumed)
+  return out, straight, resumed
+
+
+def test_it_trains_and_logs_rewards_and_rollouts(runs):
+  out, straight, _ = runs
+  assert out["step"] == 4 and math.isfinite(out["loss"])
+  losses = by_step(straight, "loss")
+  assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+  rollout_rows = [r for r in rows(straight) if "reward" in r]
+  assert [r["step"] for r in rollout_rows] == [1, 2, 3, 4]
+  for r in rollout_rows:
+    for name in REWARDS.split(","):
+      assert f"rewards/{name}/mean" in r and f"rewards/{name}/std" in r
+    assert r["reward_std"] >= 0 and 1 <= r["completions/mean_length"] <= 8 + 1
+    assert r["completions/max_length"] <= 9 and r["gen_tokens_per_sec"] > 0
+    assert r["advantages/min"] <= 0 <= r["advantages/max"]
+  assert all("train_tokens_per_sec" in r for r in rollout_rows[1:])
+  train_rows = [r for r in rows(straight) if "loss" in r]
+  assert all("clip_ratio/region_mean" in r for r in train_rows)
+  assert os.listdir(os.path.join(straight, "tensorboard"))
+
+
+def test_a_resumed_run_samples_and_trains_as_a_straight_one(runs):
+  _, straight, resumed = runs
+  assert by_step(resumed, "loss") == by_step(straight, "loss")
+  assert by_step(resumed, "reward") == by_step(straight, "reward")
+  assert by_step(resumed, "grad_norm") == by_step(straight, "grad_norm")
+
+
+def test_the_quickstart_variant_is_grpo_on_the_bundled_prompts():
+  c = make_config("quickstart", "objective=grpo")
+  assert c.train.objective == "grpo" and c.data.train.endswith("capital_prompts_train.jsonl")
+  assert c.data.batch_size % c.rl.generations == 0
+  objective = trainer.objectives.from_config(c, False)
+  assert [r.name for r in objective.rewards] == ["match:contains", "length:4"]
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("rl.rewards", "match,nosuch", "unknown reward 'nosuch'"),
+    ("rl.loss_type", "ppo", "rl.loss_type='ppo'"),
+    ("rl.generations", 3, "data.batch_size=8: must be a multiple of rl.generations=3"),
+    ("rl.temperature", 0.0, "rl.temperature=0.0"),
+    ("rl.max_completion_tokens", 48, "rl.max_completion_tokens=48"),
+    ("rl.reward_weights", "1", "1 weights for 2 rewards")])
+def test_bad_settings_name_the_key_before_the_workdir_is_made(tmp_path, key, value, message):
+  wd = tmp_path / "wd"
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    trainer.train(grpo_config(**{key: value}), str(wd))
+  assert not wd.exists()
+
+
+def _no_checkpoints(wd):
+  return not os.path.isdir(os.path.join(wd, "checkpoints")) or not os.listdir(
+      os.path.join(wd, "checkpoints"))
+
+
+def test_a_prompt_row_without_a_user_message_names_its_line(tmp_path):
+  data = tmp_path / "prompts.jsonl"
+  data.write_text(json.dumps({"prompt": "Capital of Peru?", "answer": "Lima"}) + "\n" +
+                  json.dumps({"messages": [{"role": "system", "content": "Be brief."}],
+                              "answer": "Lima"}) + "\n")
+  wd = str(tmp_path / "wd")
+  with pytest.raises(DataError, match=f"{data}:2: 'messages' has no user message"):
+    trainer.train(grpo_config(**{"data.train": str(data)}), wd)
+  assert _no_checkpoints(wd)
+
+
+def test_a_reward_that_raises_is_named_and_nothing_is_saved(tmp_path, monkeypatch):
+  (tmp_path / "my_rewards.py").write_text(
+      "def broken(prompts, completions, **fields):\n  raise KeyError('score')\n")
+  monkeypatch.chdir(tmp_path)
+  wd = str(tmp_path / "wd")
+  with pytest.raises(ConfigError, match="rl.rewards: my_rewards:broken raised KeyError"):
+    trainer.train(grpo_config(**{"rl.rewards": "match,my_rewards:broken"}), wd)
+  assert _no_checkpoints(wd)
+
+
+def test_a_reward_returning_nan_is_named():
+  nan = rl.Reward("mine:nan", lambda prompts, completions, **f: [float("nan")] * len(completions))
+  with pytest.raises(ConfigError, match="mine:nan returned nan for completion 0"):
+    rl.score((nan,), "", ["q"], ["a"], [{}])
+
+
+def test_the_prompt_stream_serves_each_group_iterations_times_and_resumes_there():
+  ex = list(range(5))
+  s = prompt_data.PromptStream(ex, prompts=2, iterations=3, seed=0)
+  pos, seen, at = Position(), [], []
+  for _ in range(7):
+    at.append(pos)
+    b, pos = s.batch_at(pos)
+    seen.append((tuple(b["rows"]), b["repeat"]))
+  assert [r for _, r in seen] == [0, 1, 2, 0, 1, 2, 0]
+  assert seen[0][0] == seen[1][0] == seen[2][0] != seen[3][0] == seen[5][0]
+  # a fresh stream from a saved position (mid-group too) serves what the first one would have
+  s2 = prompt_data.PromptStream(ex, prompts=2, iterations=3, seed=0)
+  assert [(tuple(b["rows"]), b["repeat"]) for b, _ in map(s2.batch_at, at)] == seen
+  one = prompt_data.PromptStream(ex, prompts=2, iterations=1, seed=0)
+  assert one.batch_at(Position(0, 2))[1] == Position(0, 4)  # pipeline's units with iterations 1
