@@ -144,3 +144,15 @@ def test_the_prompt_stream_serves_each_group_iterations_times_and_resumes_there(
   assert [(tuple(b["rows"]), b["repeat"]) for b, _ in map(s2.batch_at, at)] == seen
   one = prompt_data.PromptStream(ex, prompts=2, iterations=1, seed=0)
   assert one.batch_at(Position(0, 2))[1] == Position(0, 4)  # pipeline's units with iterations 1
+
+
+def test_iterations_reuse_the_rollouts_and_beta_logs_the_kl_to_the_base(tmp_path):
+  """rl.iterations=2: step 2 trains on step 1's rollouts (old log-probs from rollout time, so its
+  ratio moves off 1); rl.beta > 0: the KL to the base (zero before the first update of LoRA's
+  zero-initialised B, positive after)."""
+  wd = str(tmp_path / "wd")
+  trainer.train(grpo_config(**{"rl.iterations": 2, "rl.beta": 0.04, "train.steps": 2}), wd)
+  rollout_rows = [{k: v for k, v in r.items() if k != "step"} for r in rows(wd) if "reward" in r]
+  assert len(rollout_rows) == 2 and rollout_rows[0] == rollout_rows[1]
+  kl = by_step(wd, "kl")
+  assert kl[1] == 0 and 0 < kl[2] < 1 and all(map(math.isfinite, by_step(wd, "loss").values()))
