@@ -19,8 +19,11 @@ export never writes into one; a preset base is named by its own export) and trai
 `configs/quickstart.py:objective=grpo` trains by reward (docs/grpo.md) on the bundled capital
 questions as prompt rows (capital_prompts_train.jsonl, each with its `answer`): 8 completions of
 2 prompts a step, paid for the right city (match:contains) and for stopping within 4 words
-(length:4). It starts from the random quickstart model, so the length reward moves first; with
---config.peft.init_from=exported/quickstart-peft it continues from the SFT quickstart's adapter.
+(length:4); jaxft.evaluate scores it on the SFT quickstart's held-out questions. It starts from
+the random quickstart model, so the length reward moves first; with
+--config.peft.init_from=exported/quickstart-peft it continues from the SFT quickstart's adapter:
+
+  python -m jaxft.train --config=configs/quickstart.py:objective=grpo --workdir=workdirs/quickstart-grpo
 """
 
 from jaxft import configlib
@@ -64,7 +67,9 @@ def get_config(arg=None):
 def _grpo(c):
   c.train.objective = "grpo"
   c.data.train = bundled.path("capital_prompts_train.jsonl")
-  c.data.eval = ""  # (GRPO evaluates no loss during training; jaxft.evaluate scores the workdir)
+  # The SFT quickstart's held-out rows: checked as prompts while training (GRPO evaluates no loss
+  # then), and what jaxft.evaluate scores the trained workdir on.
+  c.data.eval = bundled.path("capitals_eval.jsonl")
   c.data.max_len = 64
   c.data.batch_size = 16  # completions per step: 2 prompts x 8 generations
   c.rl.generations = 8
