@@ -20,10 +20,11 @@ export never writes into one; a preset base is named by its own export) and trai
 questions as prompt rows (capital_prompts_train.jsonl, each with its `answer`): 8 completions of
 2 prompts a step, paid for the right city (match:contains) and for stopping within 4 words
 (length:4); jaxft.evaluate scores it on the SFT quickstart's held-out questions. It starts from
-the random quickstart model, so the length reward moves first; with
---config.peft.init_from=exported/quickstart-peft it continues from the SFT quickstart's adapter:
+the random quickstart model, so the length reward moves first
+(--config.peft.init_from=exported/quickstart-peft continues from the SFT quickstart's adapter):
 
-  python -m jaxft.train --config=configs/quickstart.py:objective=grpo --workdir=workdirs/quickstart-grpo
+  python -m jaxft.train --config=configs/quickstart.py:objective=grpo \
+      --workdir=workdirs/quickstart-grpo
 """
 
 from jaxft import configlib

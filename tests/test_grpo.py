@@ -1,5 +1,5 @@
-"""train.objective=grpo end to end on the tiny model: rollouts through the KV-cache decoder, rewards,
-the policy loss, its metrics rows, an exact resume, and bad inputs that stop before any
+"""train.objective=grpo end to end on the tiny model: rollouts through the KV-cache decoder,
+rewards, the policy loss, its metrics rows, an exact resume, and bad inputs that stop before any
 checkpoint. One module-scoped pair of runs (a straight one and one stopped and resumed) is shared
 by the assertions; tiny shapes (2 prompts x 4 generations of at most 8 tokens)."""
 
