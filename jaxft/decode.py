@@ -58,11 +58,13 @@ class Generation:
 
   logprobs: the log-probability of each of `tokens` under the model's distribution (the softmax
   of its logits, before temperature, top-k or top-p), float32, aligned with `tokens`;
-  end_logprob: that of the end token when finish is 'eos', else None."""
+  end_logprob: that of the end token when finish is 'eos', else None; end_token: its id (one of
+  eos_ids) when finish is 'eos', else None."""
   tokens: np.ndarray
   finish: str
   logprobs: np.ndarray | None = None
   end_logprob: float | None = None
+  end_token: int | None = None
 
 
 def filter_logits(logits: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
@@ -253,7 +255,8 @@ def _generate_batch(cfg, adapter, params, prompts, first_index, batch_size, max_
       finish = "length"
     # The end token was chosen at slot `length` (and not counted in it).
     end = float(logprobs[r, length[r]]) if hit_eos[r] else None
-    results.append(Generation(ids, finish, np.asarray(logprobs[r, :length[r]]), end))
+    end_id = int(out[r, length[r]]) if hit_eos[r] else None
+    results.append(Generation(ids, finish, np.asarray(logprobs[r, :length[r]]), end, end_id))
   return results
 
 

@@ -7,15 +7,19 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import make_config, tiny_config
-from jaxft import rl, trainer
+from jaxft import decode, peft, rl, trainer
 from jaxft.data import bundled
 from jaxft.data.pipeline import Position
 from jaxft.errors import ConfigError, DataError
-from jaxft.rl import prompts as prompt_data
+from jaxft.models import llama
+from jaxft.models.config import preset
+from jaxft.objectives.base import TOKEN_FIELDS
+from jaxft.rl import prompts as prompt_data, rollout
 
 PROMPTS = bundled.path("capital_prompts_train.jsonl")
 REWARDS = "match:contains,length:4"
@@ -156,3 +160,25 @@ def test_iterations_reuse_the_rollouts_and_beta_logs_the_kl_to_the_base(tmp_path
   assert len(rollout_rows) == 2 and rollout_rows[0] == rollout_rows[1]
   kl = by_step(wd, "kl")
   assert kl[1] == 0 and 0 < kl[2] < 1 and all(map(math.isfinite, by_step(wd, "loss").values()))
+
+
+def test_a_completion_keeps_the_end_token_it_sampled_and_only_its_tokens_are_trained():
+  """The trained row is prompt + completion + the end token the decoder chose (of several), and
+  the loss mask covers exactly the completion's tokens."""
+  cfg = preset("tiny").replace(vocab_size=256)
+  params = llama.init_params(cfg, jax.random.key(0))
+  prompts = [np.array([5, 6, 7], np.int32), np.array([8, 9, 10, 11, 12], np.int32)]
+  free = decode.generate(cfg, peft.Method(), params, prompts, max_new_tokens=4)
+  eos = (int(free[0].tokens[1]), int(free[1].tokens[2]))  # two end tokens, as Llama 3 has
+  got = decode.generate(cfg, peft.Method(), params, prompts, max_new_tokens=4, eos_ids=eos)
+  comps = [rollout.completion_ids(g) for g in got]
+  for f, g, c in zip(free, got, comps):
+    j = next(i for i, t in enumerate(f.tokens.tolist()) if t in eos)
+    assert g.finish == "eos" and g.end_token == f.tokens[j]
+    assert c.tolist() == f.tokens[:j + 1].tolist()
+  b = rollout.build_rows(prompts, comps, np.array([0.5, -0.5]), 12, TOKEN_FIELDS)
+  for r, (p, c) in enumerate(zip(prompts, comps)):
+    assert b["targets"][r][b["weights"][r] > 0].tolist() == c.tolist()  # completion tokens alone
+    assert b["inputs"][r, :len(p)].tolist() == p.tolist()
+    assert b["segment_ids"][r].sum() == len(p) + len(c) - 1
+  assert b["advantages"][:, 0].tolist() == [0.5, -0.5] and b["advantages"].shape == (2, 12)

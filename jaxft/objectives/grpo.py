@@ -140,7 +140,7 @@ class GRPO(Objective):
         model.cfg, model.method, params, prompt_ids, max_new_tokens=self.max_completion_tokens,
         sampling=self.sampling, seed=rollout.sampling_seed(loop.config.train.seed, group),
         eos_ids=eos, batch_size=len(prompt_ids))
-    comps = [rollout.completion_ids(g, eos[0] if eos else None) for g in gens]
+    comps = [rollout.completion_ids(g) for g in gens]
     t_gen = time.time()
     texts = [enc.tok.decode(list(map(int, g.tokens)), skip_special_tokens=True) for g in gens]
     src = [r for r in rows for _ in range(G)]

@@ -17,11 +17,11 @@ def sampling_seed(seed: int, step: int) -> int:
   return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1)[0] >> 1)
 
 
-def completion_ids(gen, eos_id: int | None) -> np.ndarray:
-  """A Generation's trained tokens: its tokens, then `eos_id` when it stopped at an end token."""
+def completion_ids(gen) -> np.ndarray:
+  """A Generation's trained tokens: its tokens, then the end token it stopped at, if any."""
   ids = np.asarray(gen.tokens, np.int32)
-  if gen.finish == "eos" and eos_id is not None:
-    ids = np.append(ids, np.int32(eos_id))
+  if gen.end_token is not None:
+    ids = np.append(ids, np.int32(gen.end_token))
   return ids
 
 
