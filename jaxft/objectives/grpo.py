@@ -92,9 +92,12 @@ class GRPO(Objective):
     return train, None
 
   def stream(self, config, train_ds):
-    if jax.process_count() > 1:
-      raise ConfigError("train.objective=grpo runs its rollouts on one process; this run has "
-                        f"{jax.process_count()}")
+    k, every = self.iterations, config.checkpoint.every
+    if k > 1 and (config.train.steps % k or every % k):
+      logging.warning("rl.iterations=%d: train.steps=%d and checkpoint.every=%d are not both "
+                      "multiples of it, so a checkpoint may fall within a group of steps that "
+                      "share rollouts; a run resumed there samples them again from the restored "
+                      "policy (docs/grpo.md)", k, config.train.steps, every)
     return prompt_data.PromptStream(
         train_ds.examples, prompts=config.data.batch_size // self.generations,
         iterations=self.iterations, seed=config.train.seed, shuffle=config.data.shuffle)
@@ -117,6 +120,10 @@ class GRPO(Objective):
     group = loop.step - batch["repeat"]  # steps done when the group's rollouts were made
     cached = self.host.get("rollouts")
     if cached is None or cached[0] != group:
+      if batch["repeat"]:
+        logging.warning("step %d is step %d of an rl.iterations group whose rollouts this run "
+                        "did not make (resumed within it): sampled again from the policy now",
+                        loop.step + 1, batch["repeat"] + 1)
       cached = (group, *self._rollouts(loop, model, batch["rows"], group))
       self.host["rollouts"] = cached
     _, train, row = cached
@@ -217,6 +224,9 @@ def from_config(config, trains_base: bool) -> GRPO:
   """GRPO with its rl.* settings. Raises ConfigError naming the key on a bad value, an unknown
   loss type or reward name, or rl.beta > 0 with full fine-tuning (no frozen base to compare)."""
   _check(config)
+  if jax.process_count() > 1:
+    raise ConfigError("train.objective=grpo runs its rollouts on one process; this run has "
+                      f"{jax.process_count()}")
   r = config.rl
   if r.beta and trains_base:
     raise ConfigError(f"rl.beta={r.beta} with peft.method=full: the KL term compares with the "
