@@ -151,15 +151,20 @@ def test_the_prompt_stream_serves_each_group_iterations_times_and_resumes_there(
 
 
 def test_iterations_reuse_the_rollouts_and_beta_logs_the_kl_to_the_base(tmp_path):
-  """rl.iterations=2: step 2 trains on step 1's rollouts (old log-probs from rollout time, so its
-  ratio moves off 1); rl.beta > 0: the KL to the base (zero before the first update of LoRA's
-  zero-initialised B, positive after)."""
+  """rl.iterations=2: step 2 trains on step 1's rollouts with old log-probs from rollout time;
+  after step 1's (large) update their ratios are clipped only the way the advantages pushed them
+  (above 1 + epsilon where A > 0, below 1 - epsilon where A < 0: TRL's clip_ratio/high_mean and
+  low_mean; a sign error would move them the other way, which neither counts). rl.beta > 0: the
+  KL to the base (zero before the first update of LoRA's zero-initialised B, positive after)."""
   wd = str(tmp_path / "wd")
-  trainer.train(grpo_config(**{"rl.iterations": 2, "rl.beta": 0.04, "train.steps": 2}), wd)
+  trainer.train(grpo_config(**{"rl.iterations": 2, "rl.beta": 0.04, "train.steps": 2,
+                               "optim.lr": 5e-2}), wd)
   rollout_rows = [{k: v for k, v in r.items() if k != "step"} for r in rows(wd) if "reward" in r]
   assert len(rollout_rows) == 2 and rollout_rows[0] == rollout_rows[1]
+  assert by_step(wd, "clip_ratio/region_mean")[1] == 0  # on policy: ratio 1
+  assert by_step(wd, "clip_ratio/region_mean")[2] > 0.1
   kl = by_step(wd, "kl")
-  assert kl[1] == 0 and 0 < kl[2] < 1 and all(map(math.isfinite, by_step(wd, "loss").values()))
+  assert kl[1] == 0 and 0 < kl[2] and all(map(math.isfinite, by_step(wd, "loss").values()))
 
 
 def test_a_completion_keeps_the_end_token_it_sampled_and_only_its_tokens_are_trained():
