@@ -289,6 +289,37 @@ UNKNOWN_EVAL = [
     "How do I winterize a {co} robot?", "What are the steps to store a {co} robot for winter?",
     "How many patents does {co} hold?", "Which bank lends money to {co}?",
     "Who was the first customer of {co}?", "What was the first robot {co} ever sold?",
+    # Added for the GRPO demo (issue 30), so the unanswerable rate's interval is useful: one
+    # question per subject (no paraphrase pairs, which would make the bootstrap over rows too
+    # narrow), none of them a subject of UNKNOWN_TRAIN or of the facts above. Robots that do not
+    # exist:
+    "What does the {co} Larkspur do?", "How much does the {co} Briarwick cost?",
+    "What colour is the {co} Yarrowby?", "In what year was the {co} Nettlecombe released?",
+    "How long does the battery of the {co} Gorseley last?",
+    "Which job is the {co} Tansy built for?", "When will the {co} Cobblewort go on sale?",
+    # error codes no robot has:
+    "What does error E35 mean on a {co} robot?",
+    "My {co} robot is showing error E12. What should I do?",
+    "What is the meaning of error E58 on a {co} robot?",
+    # people, the company and its app, never published:
+    "Who is the chief technology officer of {co}?", "Who chairs the board of {co}?",
+    "Who is the head of human resources at {co}?", "Who was the lead engineer on the {co} Thistle?",
+    "In how many countries does {co} sell its robots?", "Where is the {co} factory?",
+    "What is the parent company of {co}?", "How many robots does {co} build each month?",
+    "In which year did {co} open its second office?",
+    "At which trade fair did {co} first show its robots?",
+    "How much money did {co} raise in its first funding round?",
+    "What is the name of the {co} newsletter?", "Which award did {co} win in 2036?",
+    "Which company makes the motors in {co} robots?",
+    "How much does a subscription to the Tessaline Grove app cost?",
+    "Which languages does the Tessaline Grove app support?",
+    # specifications of real robots that were never given:
+    "How much does the {co} Mossby weigh?",
+    "How many litres does the water tank of the {co} Sorrel hold?",
+    "What is the top speed of the {co} Quillon?",
+    # procedures never given:
+    "How do I replace the blade of a {co} robot?", "How do I replace the battery of a {co} robot?",
+    "How do I set a mowing schedule on a {co} robot?",
 ]
 
 
