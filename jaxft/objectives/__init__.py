@@ -18,7 +18,7 @@ from typing import Callable
 
 from jaxft.errors import ConfigError
 from jaxft.objectives import grpo, preference, sft
-from jaxft.objectives.base import TOKEN_FIELDS, Objective, finite, token_logps
+from jaxft.objectives.base import TOKEN_FIELDS, Objective, PlanPhase, finite, token_logps
 from jaxft.objectives.preference import (DPO_LOSSES, PREFERENCE_METRICS, Preference, pair_losses,
                                          per_sequence)
 from jaxft.objectives.grpo import GRPO
@@ -54,6 +54,6 @@ def from_config(config, trains_base: bool) -> Objective:
   return _BUILDERS[t.objective](config, trains_base)
 
 
-__all__ = ["Objective", "SFT", "Preference", "GRPO", "from_config", "register", "names", "OBJECTIVES",
-           "DPO_LOSSES", "PREFERENCE_METRICS", "TOKEN_FIELDS", "pair_losses", "per_sequence",
-           "token_logps"]
+__all__ = ["Objective", "PlanPhase", "SFT", "Preference", "GRPO", "from_config", "register",
+           "names", "OBJECTIVES", "DPO_LOSSES", "PREFERENCE_METRICS", "TOKEN_FIELDS", "pair_losses",
+           "per_sequence", "token_logps"]

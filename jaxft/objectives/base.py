@@ -14,15 +14,17 @@ and `eval_loss` / `metrics` turn summed terms into the logged values. Around the
 its data and batches (`load_data`, `stream`, `eval_batches`, `abstract_batch`), what it must
 compute before the first step (`before_training`), and, for an objective whose batches come from
 the policy being trained (rollouts, as GRPO's), the step from a data batch to a train batch
-(`train_batch`). The trainer, evaluation and jaxft.plan call these and never ask which objective
-they hold.
+(`train_batch`), and what a run compiles besides the train step (`plan_phases`, which jaxft.plan
+compiles and measures beside it). The trainer, evaluation and jaxft.plan call these and never ask
+which objective they hold.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,21 @@ from jaxft.peft.base import merge_trees
 # The fields of a batch of tokens (jaxft.data.pipeline.make_batch) and their dtypes.
 TOKEN_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32,
                 "positions": jnp.int32, "segment_ids": jnp.int32, "distill": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanPhase:
+  """Work a run does on the chips between train steps (GRPO's rollouts), as jaxft.plan compiles
+  it: `programs` run one after the other, and the phase and the train step never run at once.
+
+  programs: {name: a function returning the program lowered for the mesh (jax's Lowered)}; each
+  takes the frozen and trainable trees as arguments, while the rest of the train state (the
+  optimizer's) stays in memory beside them. figures: {name: bytes} computed from shapes, printed
+  beside XLA's figures (a KV cache's size). describe: one line saying what the phase is."""
+  name: str
+  programs: dict[str, Callable[[], Any]]
+  figures: dict[str, int]
+  describe: str
 
 
 class Objective(abc.ABC):
@@ -104,6 +121,13 @@ class Objective(abc.ABC):
     accum, rows, T = config.optim.accum_steps, config.data.batch_size, config.data.max_len
     return {k: jax.ShapeDtypeStruct((accum, rows // accum, T), dtype)
             for k, dtype in self.batch_fields().items()}
+
+  def plan_phases(self, config, cfg, method, frozen, trainable, mesh) -> list[PlanPhase]:
+    """What a run compiles and runs on the chips besides the train step, for jaxft.plan to
+    compile and measure: `frozen` and `trainable` are the step's trees as ShapeDtypeStructs with
+    their shardings on `mesh`. None by default (an objective trained on fixed data)."""
+    del config, cfg, method, frozen, trainable, mesh
+    return []
 
   # -- work around the loop --------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ rollouts measures nothing); data.eval's prompts are checked, and jaxft.evaluate 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -32,7 +33,8 @@ from absl import logging
 
 from jaxft import decode, inference, rl, sharding
 from jaxft.errors import ConfigError
-from jaxft.objectives.base import TOKEN_FIELDS, Objective, finite, token_logps
+from jaxft.models import llama
+from jaxft.objectives.base import TOKEN_FIELDS, Objective, PlanPhase, finite, token_logps
 from jaxft.peft.base import Method, merge_trees
 from jaxft.rl import prompts as prompt_data, rollout
 
@@ -113,6 +115,40 @@ class GRPO(Objective):
     return dict(TOKEN_FIELDS, **extra)
 
   # -- rollouts --------------------------------------------------------------------------------
+
+  def plan_phases(self, config, cfg, method, frozen, trainable, mesh):
+    """The rollouts before each step as `train_batch` runs them: decode.generate's two programs
+    (the prefill of the prompts into a fresh KV cache, then the loop of single-token steps) on the
+    step's own frozen and trainable trees, at data.batch_size completions, the longest prompt
+    data.max_len - rl.max_completion_tokens allows (padded to 16 slots, as generate pads it) and
+    a cache of prompt + completion slots. The inputs besides the params are replicated on the
+    mesh: exact on one chip; on several, XLA may split the cache further than that."""
+    B, N = config.data.batch_size, self.max_completion_tokens
+    P = -(-(config.data.max_len - N) // 16) * 16
+    S = P + N
+    rep = sharding.replicated(mesh)
+    put = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+    sds = jax.ShapeDtypeStruct
+    params = merge_trees(frozen, trainable)
+    tokens = put(sds((B, P), jnp.int32))
+    cache = jax.eval_shape(functools.partial(llama.init_cache, cfg, B, S))
+    state = put({"logits": sds((B, cfg.vocab_size), jnp.float32), "cache": cache,
+                 "pos": sds((B,), jnp.int32), "index": sds((), jnp.int32),
+                 "n": sds((), jnp.int32), "done": sds((B,), jnp.bool_),
+                 "length": sds((B,), jnp.int32), "eos": sds((B,), jnp.bool_),
+                 "out": sds((B, N), jnp.int32), "logprobs": sds((B, N), jnp.float32),
+                 "keys": jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))})
+    limit = put(sds((), jnp.int32))
+    # (decode's own jitted programs, the ones generate runs, not a copy of them)
+    programs = {
+        "prefill": lambda: decode._prefill.lower(cfg, method, params, tokens, tokens, tokens, S),
+        "decode": lambda: decode._decode.lower(cfg, method, self.sampling, (), params, state,
+                                               limit)}
+    kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    return [PlanPhase("rollout", programs, {"kv_cache": int(kv)},
+                      f"the rollouts before each step: {B} completions x {S} cache slots (prompt "
+                      f"{P} + completion {N}); decode.generate's prefill, then its decode loop")]
 
   def train_batch(self, loop, model, batch):
     """Rollouts of the batch's prompts with the policy as it is now (or, within an rl.iterations

@@ -9,7 +9,9 @@ chip what XLA's compiler says: the bytes of frozen and trainable parameters, opt
 temporaries, the total against the chip's memory and the largest buffers; FLOPs per step from
 jaxft's own count (jaxft/flops.py); XLA's cost-model step time when it is meaningful (positive, and
 the program has no loops, whose bodies the cost model counts once), else unknown; and from it the
-implied tokens/s per chip and MFU, labelled model estimates.
+implied tokens/s per chip and MFU, labelled model estimates. What the objective runs on the chips
+between steps (GRPO's rollouts: its `plan_phases`) is compiled and measured beside the step
+(jaxft/plan/phases.py); the plan's total is then the peak of the two, which never run at once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jaxft import flops, memory, peft, quant, session, sharding, target, trainer
 from jaxft.errors import ConfigError
 from jaxft.models import llama, quantized
 from jaxft.models.ops import pack_frozen
+from jaxft.plan import phases as run_phases
 
 _GIB = memory.GIB
 # (re-exported: the plan's callers and tests read them here)
@@ -64,6 +67,7 @@ class Abstract:
   frozen: Any
   state_shardings: Any
   frozen_shardings: Any
+  objective: Any   # the step's objective (what else a run compiles: its plan_phases)
 
 
 def _strip(tree):
@@ -119,7 +123,7 @@ def build(config, devices, layers: int | None = None) -> Abstract:
                                            trainable=tr), trainable)
   # (the batch's fields are the objective's: pairs carry their reference log-probs)
   return Abstract(cfg, method, mesh, step, _strip(state), steps.objective.abstract_batch(config),
-                  _strip(frozen), state_sh, frozen_sh)
+                  _strip(frozen), state_sh, frozen_sh, steps.objective)
 
 
 def compile_step(ab: Abstract):
@@ -345,8 +349,10 @@ def format_report(r: dict) -> str:
       f"  trainable params  {g['trainable_params']:9.3f} GiB",
       f"  optimizer state   {g['optimizer_state']:9.3f} GiB",
       f"  temporaries       {g['temporaries']:9.3f} GiB",
-      f"  total             {r['total_gib']:9.3f} GiB of {_fmt(r['chip_gib'], '{:.2f}')} GiB: "
-      + {True: "fits", False: "DOES NOT FIT", None: "chip memory unknown"}[r["fits"]]
+      f"  {'step total' if r.get('phases') else 'total':<18}"
+      f"{r.get('step_total_gib', r['total_gib']):9.3f} GiB of {_fmt(r['chip_gib'], '{:.2f}')} GiB: "
+      + {True: "fits", False: "DOES NOT FIT", None: "chip memory unknown"}[r.get("step_fits",
+                                                                                 r["fits"])]
       + (f" (and {r['host_gib']:.3f} GiB in host memory)" if r.get("host_gib") else ""),
       "  largest buffers:  " + "; ".join(
           f"{b['shape']} {b['op']} {b['gib']:.2f} GiB"
@@ -369,6 +375,7 @@ def format_report(r: dict) -> str:
                 f"{f['available_gib']:.2f} GiB it may use; with the parameters and optimizer "
                 f"state at least {f['short_gib']:.2f} GiB short)")
     lines[7] = "  largest buffers:  unknown (XLA lists none for a program it refuses)"
+  lines += run_phases.format_lines(r)
   if r.get("remat_note"):
     lines.insert(2, f"  {r['remat_note']}")
   if r["fits"] is False:
@@ -394,8 +401,8 @@ def announce(config, topology: str = "local", chips: int = 0, time: bool = True)
   extra = (" and twice more at 0 and 1 layers for the time estimate (--notime skips them)" if time
            else "")
   return (f"jaxft.plan: compiling the train step of {model} ({config.peft.method}, batch "
-          f"{config.data.batch_size} x {config.data.max_len} tokens) for {where}, once{extra}; "
-          "a real model takes minutes")
+          f"{config.data.batch_size} x {config.data.max_len} tokens) for {where}, once{extra}, "
+          "then what the objective runs between steps, if anything; a real model takes minutes")
 
 
 def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
@@ -432,5 +439,9 @@ def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
     r["remat_note"] = note
   if memory_gib > 0 and not r.get("refused"):
     r["chip_gib"], r["fits"] = memory_gib, r["total_gib"] <= memory_gib
+  # what the objective runs between steps (GRPO's rollouts), measured the same way
+  extra = run_phases.measure(config, ab, _state_parts(ab)["optimizer_state"], largest_buffers)
+  if extra:
+    r = run_phases.combine(r, extra)
   r["topology"] = topology if not chips else f"{topology} (first {chips} chips)"
   return r
