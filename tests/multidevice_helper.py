@@ -105,7 +105,7 @@ def losses_on(config, devices, batches, record=None):
       record["frozen"][k] = (spec_of(v) if isinstance(v, jax.Array) else
                              {jax.tree_util.keystr(p): spec_of(x) for p, x in kids})
   for b in batches:
-    state, m = run.train_step(state, trainer.put_batch(b, mesh, 1), run.frozen)
+    state, m = run.train_step(state, sharding.put_batch(b, mesh, 1), run.frozen)
     out.append(float(m["loss"]))
   return out
 

@@ -221,7 +221,7 @@ def test_frozen_base_packed_once_in_place_gives_the_same_step(tied):
   run = trainer.prepare(config, model)
   assert all(k.dtype == jnp.uint16 for k in kernels(run.frozen))
   assert [k.unsafe_buffer_pointer() for k in kernels(run.frozen)] == before  # no copy made
-  _, m = run.train_step(run.state, trainer.put_batch(jax.tree.map(lambda x: x[0], batch), mesh, 1),
+  _, m = run.train_step(run.state, sharding.put_batch(jax.tree.map(lambda x: x[0], batch), mesh, 1),
                         run.frozen)
   assert np.isfinite(float(m["loss"]))
 

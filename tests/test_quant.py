@@ -197,7 +197,7 @@ def tiny_config(kind: str, steps: int = 20):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_lora_trains_on_a_quantized_base_that_never_changes(kind, tmp_path):
-  from jaxft import session, trainer
+  from jaxft import session, sharding, trainer
   from jaxft.data import pipeline
   from jaxft.peft.loss import loss_sum
   config = tiny_config(kind)
@@ -213,7 +213,7 @@ def test_lora_trains_on_a_quantized_base_that_never_changes(kind, tmp_path):
                               model.cfg.vocab_size)
   stream = pipeline.TrainStream(ds.examples, max_len=config.data.max_len, packing=True,
                                 rows_per_batch=config.data.batch_size, seed=0, shuffle=False)
-  batch = trainer.put_batch(stream.batch_at(pipeline.Position())[0], model.mesh, 1)
+  batch = sharding.put_batch(stream.batch_at(pipeline.Position())[0], model.mesh, 1)
   # The decoder on the quantized base computes what it computes on the dequantized float base.
   mb = {k: v[0] for k, v in batch.items()}
   both = jax.jit(lambda tr, fz: [loss_sum(model.cfg, model.method, tr, f, mb, None)[0]
