@@ -51,6 +51,12 @@ TARGETS = {
     "8b-full-v6e64": ("llama3.py:size=8b,method=full", "v6e:8x8", 0, ["data.batch_size=256"]),
     "8b-qlora-v6e64-128k": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0,
                              ["data.batch_size=64", "data.max_len=131072"]),  # a row per chip
+    # GRPO (issue 30): 8 generations of 20,480 tokens, prompt 256 (Unsloth's notebooks'
+    # max_prompt_length) + completion 20,224; the rollouts' programs planned beside the step
+    "8b-qlora-grpo-v5p1-20k": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
+                               ["train.objective=grpo", "data.batch_size=8", "rl.generations=8",
+                                "data.max_len=20480", "rl.max_completion_tokens=20224",
+                                "optim.accum_steps=4"]),
 }
 
 
@@ -108,6 +114,9 @@ def render(results: dict) -> str:
     big = r["largest_buffers"][0] if r["largest_buffers"] else None
     gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.2f}" + (
         f" (+{r['host_gib']:.2f} in host memory)" if r.get("host_gib") else "")
+    if r.get("phases"):  # the peak of the step and what the objective runs between steps
+      gib += " (" + ", ".join([f"step {r['step_total_gib']:.2f}"] + [
+          f"{p['name']} {_cell(p['total_gib'], '{:.2f}')}" for p in r["phases"]]) + ")"
     if r.get("refused"):  # XLA refused it: its temporaries alone, no buffer list
       f = r["refused"]
       gib = (f"{r['total_gib']:.2f}+ of {r['chip_gib']:.2f} (XLA: temporaries "
