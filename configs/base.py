@@ -76,6 +76,12 @@ def _optim_and_train(c):
   c.train.eval_accuracy = False   # also greedy exact-match accuracy on data.eval at eval points
   c.train.skip_nonfinite = False  # skip (and count) updates whose loss or gradients are not finite
   c.train.progress = True         # progress bar on stderr
+  c.train.loggers = "tensorboard" # trackers beside metrics.jsonl: any of tensorboard,wandb,mlflow
+                                  # (comma-separated; none = metrics.jsonl only); jaxft/trackers.py
+  c.train.project = "jaxft"       # wandb: the W&B project; mlflow: the experiment
+  c.train.run_name = ""           # the tracker run's name; empty = the workdir's name
+  c.train.mlflow_uri = ""         # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else a local
+                                  # store in WORKDIR/mlruns (no server)
   c.train.peak_tflops = 0.0       # per-device peak for the logged MFU; 0 = by device kind (jaxft/flops.py)
   c.train.compile_cache = ""      # persistent compilation cache: "" = $JAX_COMPILATION_CACHE_DIR if
                                   # set, else WORKDIR/compile_cache; none = off; or a dir

@@ -1,4 +1,5 @@
-"""Metrics sinks: metrics.jsonl, TensorBoard events and a progress bar, written by process 0."""
+"""Metrics sinks: metrics.jsonl, the trackers of train.loggers (jaxft.trackers: TensorBoard, W&B,
+MLflow) and a progress bar, written by process 0."""
 
 from __future__ import annotations
 
@@ -11,19 +12,23 @@ import time
 import jax
 from absl import logging
 
+from jaxft.trackers import Trackers
+
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors it to TensorBoard."""
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and hands its finite numbers
+  to `trackers` (jaxft.trackers.open_all's, opened by process 0; none by default)."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool):
+  def __init__(self, workdir: str, total_steps: int, start_step: int, progress: bool,
+               trackers: list = ()):
     self.active = jax.process_index() == 0
     self._bar = None
+    self._workdir = workdir
+    self._trackers = Trackers(trackers if self.active else [])
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._total, self._first = total_steps, None  # (time, step) of the first progress()
     self._restore = None
     if progress:
@@ -43,10 +48,9 @@ class MetricsWriter:
     for k, v in values.items():
       v = float(v) if not isinstance(v, (int, str)) else v
       row[k] = v if not isinstance(v, float) or math.isfinite(v) else str(v)
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
+    self._trackers.log(step, {k: v for k, v in row.items() if k != "step"})
 
   def progress(self, step: int, loss: float, tokens_per_sec: float, mfu: float | None = None,
                lr: float | None = None) -> None:
@@ -77,15 +81,20 @@ class MetricsWriter:
     logging.info("%s", ", ".join(parts + [eta]))
 
   def close(self) -> None:
+    """Closes metrics.jsonl and the bar; the trackers stay open for end_trackers."""
     if not self.active:
       return
     if self._bar is not None:
       if self._restore is not None:
         self._restore()
       self._bar.close()
-    self._tb.flush()
-    self._tb.close()
+      self._bar = None
     self._file.close()
+
+  def end_trackers(self, ok: bool) -> None:
+    """Ends the trackers' runs: a finished one (`ok`) first logs the workdir's files as
+    artifacts (the loss curve, config.json, eval reports); a failed one is marked failed."""
+    self._trackers.close(self._workdir, ok)
 
 
 def _duration(seconds: float) -> str:

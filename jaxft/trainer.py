@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
-                   objectives, optim, peft, session, sharding, target, workdir as workdir_lib)
+                   objectives, optim, peft, session, sharding, target, trackers,
+                   workdir as workdir_lib)
 from jaxft.data import pipeline, sources
 from jaxft.errors import CheckpointError
 from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
@@ -221,6 +222,7 @@ def train(config, workdir: str, hooks: tuple = ()) -> dict:
   checkpoints, metrics). Returns the last logged metrics. Raises JaxftError subclasses for bad
   configs, data and checkpoints, before anything is written."""
   check_config(config)
+  trackers.check(config)  # a missing tracker package is named before anything is read
   mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any file is read
   model_cfg = session.model_config(config)
   mesh, _ = sharding.checked_mesh(config, model_cfg, mesh, batch=True)  # before any data
@@ -261,28 +263,39 @@ def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dic
     workdir_lib.trim_metrics(workdir, None)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress)
+  opened = trackers.open_all(config, workdir) if jax.process_index() == 0 else []
+  writer = MetricsWriter(workdir, config.train.steps, start, config.train.progress, opened)
   for note in notes:
     writer.write(start, note)
   loop = hooks_lib.Loop(config, start, state, run.frozen, pos, writer)
   hooks = hooks_lib.default(config, model, jax.jit(run.steps.eval), eval_ds, enc, saver,
                             objective, state["trainable"]) + list(extra_hooks)
+  ok = False
   try:
     _loop(loop, hooks, run.train_step, objective.stream(config, train_ds), mesh,
           lambda lp, batch: objective.train_batch(lp, model, batch))
+    ok = True
   finally:
     try:
       saver.close()
+    except BaseException:
+      ok = False  # a failed last save fails the run
+      raise
     finally:
       writer.close()
-  if jax.process_index() == 0:
-    try:
-      curves.write_loss_curve(workdir)
-    except Exception as e:  # a picture must never fail a finished run
-      logging.warning("could not write the loss curve: %s", e)
+      if ok and jax.process_index() == 0:
+        _write_curve(workdir)
+      writer.end_trackers(ok)  # (after the curve: it is one of the artifacts)
   loop.last["step"] = loop.step
   loop.last["already_complete"] = start >= config.train.steps
   return loop.last
+
+
+def _write_curve(workdir: str) -> None:
+  try:
+    curves.write_loss_curve(workdir)
+  except Exception as e:  # a picture must never fail a finished run
+    logging.warning("could not write the loss curve: %s", e)
 
 
 def summary(result: dict, config, workdir: str) -> str:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import tracker_runs
 from conftest import run_cli
 from jaxft import cli
 
@@ -18,13 +19,23 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
-def test_three_steps_write_the_workdir(tmp_path):
-  wd = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+  """python -m jaxft.train, three tiny steps, logged to TensorBoard, an offline W&B run and a
+  local MLflow store: (workdir, the finished command)."""
+  wd = str(tmp_path_factory.mktemp("three") / "run")
   # (the suite's other commands skip the huge-page re-execution: conftest.py)
+  env = {"JAXFT_HUGE_PAGES": "1", **tracker_runs.offline_env(str(tmp_path_factory.mktemp("w")))}
   r = run_cli("jaxft.train", *TINY, f"--workdir={wd}", "--config.train.steps=3",
-              "--config.train.log_every=2", env={"JAXFT_HUGE_PAGES": "1"})
+              "--config.train.log_every=2", "--config.train.loggers=tensorboard,wandb,mlflow",
+              env=env)
   assert r.returncode == 0, r.stderr[-3000:]
+  return wd, r
+
+
+@pytest.mark.slow
+def test_three_steps_write_the_workdir(three_steps):
+  wd, r = three_steps
   rows = read_metrics(wd)
   train_rows = [m for m in rows if "loss" in m]
   assert [m["step"] for m in train_rows] == [2, 3]  # the last step is always logged
@@ -46,6 +57,15 @@ def test_three_steps_write_the_workdir(tmp_path):
   wanted = cli.huge_pages_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} |
                              {"JAXFT_HUGE_PAGES": "1"})
   assert ("host malloc: huge pages" in r.stderr) == (wanted is not None), r.stderr[:2000]
+
+
+@pytest.mark.slow
+def test_three_steps_logged_to_offline_wandb_and_local_mlflow(three_steps):
+  """train.loggers=wandb,mlflow: the W&B run and the MLflow run, read back with each library's
+  own reader, hold metrics.jsonl's numbers, the config and the loss curve (tracker_runs.py)."""
+  wd, _ = three_steps
+  tracker_runs.check_wandb(wd)
+  tracker_runs.check_mlflow(wd)
 
 
 def test_without_a_terminal_each_logged_step_is_a_line(tmp_path, monkeypatch, caplog):
