@@ -13,7 +13,8 @@ checks the answers themselves).
 
 The slow test took 157-170 s on 2 CPU cores shared with other jobs (load average 3-5; about 140 s
 of CPU time), with a fresh compilation cache: 11 commands of about 6 s start-up each, the 3-step
-training 28 s, the DPO run 22 s, the server and its two clients 17 s.
+training 28 s, the DPO run 22 s, the server and its two clients 17 s. (Since then README's
+`python -m jaxft.data` runs too: ~7 s alone.)
 """
 
 import json
@@ -47,6 +48,7 @@ _SHORTER = {
     "jaxft.generate": ["--max_new_tokens=8"],
     "jaxft.export": [],
     "jaxft.serve": [],
+    "jaxft.data": [],
 }
 _DOC_PORT = "8000"
 
@@ -133,7 +135,7 @@ def test_the_documented_quickstart_commands_are_found():
           "exported/quickstart-peft"} <= outs, outs
   docs = {(doc, m) for (doc, _), m in zip(found, modules)}
   assert {("README.md", "jaxft.evaluate"), ("README.md", "jaxft.generate"),
-          ("README.md", "jaxft.export"), ("README.md", "jaxft.serve"),
+          ("README.md", "jaxft.export"), ("README.md", "jaxft.serve"), ("README.md", "jaxft.data"),
           ("docs/preference.md", "jaxft.train"), ("docs/preference.md", "jaxft.generate")} <= docs
   # The DPO quickstart reads the adapter where docs/preference.md exports it.
   dpo = make_config("quickstart", "objective=dpo")
@@ -178,6 +180,9 @@ def _check(module, argv, cwd, r):
   elif module == "jaxft.evaluate":
     with open(os.path.join(where("workdir"), "eval.json")) as f:
       assert "tuned" in json.dumps(json.load(f))
+  elif module == "jaxft.data":  # the rows with their loss tokens marked (not a terminal), counts
+    assert r.stdout.count("carry loss") >= 1 + int(_flag(argv, "rows") or 3), r.stdout
+    assert "«" in r.stdout and "rows with no target token: 0" in r.stdout, r.stdout
   elif module == "jaxft.generate":
     # The answer, printed (a 3-step model's is often empty: it ends at once, so its text is not
     # checked).

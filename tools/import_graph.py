@@ -10,8 +10,8 @@ library only after the command has re-executed itself (jaxft.cli.run: huge-page 
 does not import jax twice; (3) every function longer than `--max_lines` lines; (4) every
 folder-level loop: folder A imports something in folder B and B something in A, directly or
 through other folders. A folder is a package directory (its `__init__` and modules, e.g.
-jaxft/models/); a module that sits flat in jaxft/ (errors.py, session.py, evaluate.py) counts as a
-folder of its own, not as part of one `jaxft` root folder, since the flat leaves that every folder
+jaxft/models/); a module that sits flat in jaxft/ (errors.py, session.py, evaluate.py), and a
+package's `__main__` (an entry point), counts as a folder of its own, not as part of one `jaxft` root folder, since the flat leaves that every folder
 imports (errors, files) would otherwise tie all folders into one loop. Exits 1 if it found any,
 0 otherwise.
 """
@@ -132,11 +132,13 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 def folder(module: str, modules: dict[str, str], package: str = "jaxft") -> str:
   """The folder `module` belongs to: its package (itself for an `__init__`), or the module itself
-  when it sits flat in the top package."""
+  when it sits flat in the top package or is a package's `__main__` (`python -m jaxft.data`: an
+  entry point, which nothing imports, like the flat jaxft/train.py; a command over a leaf folder
+  may need what imports that folder)."""
   if os.path.basename(modules[module]) == "__init__.py":
     return module
   parent = module.rpartition(".")[0]
-  return module if parent == package else parent
+  return module if parent == package or module.endswith(".__main__") else parent
 
 
 def folder_loops(graph: dict[str, dict[str, int]], modules: dict[str, str]):

@@ -29,6 +29,36 @@ class Dataset:
   truncated: int
   target_tokens: int
   distill: int = 0  # examples marked "distill": true
+  tokens: int = 0  # tokens of the examples kept (after truncation)
+  no_target: int = 0  # rows with no target token left (after truncation)
+
+
+def encode_rows(spec: str, encoder: Encoder, fmt: str,
+                vocab_size: int) -> Iterator[tuple[str, formats.Row, Example]]:
+  """(origin, parsed row, example) of each row of `spec` as training tokenizes it, before
+  truncation. Raises DataError naming the file and line of a bad row."""
+  for origin, row in sources.read_rows(spec):
+    r = formats.parse(origin, row, fmt)
+    if r.messages is not None:
+      ex = encoder.chat(origin, r.messages)
+    elif r.kind == "completion":
+      ex = encoder.completion(r.prompt, r.completion)
+    elif r.kind == "text":
+      ex = encoder.text(r.text)
+    else:
+      ex = formats.tokens_example(origin, r.row, vocab_size)
+    ex.distill = _distill_flag(origin, row)
+    if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
+      raise DataError(f"{origin}: token id {int(ex.ids.max())} is outside the model's vocabulary "
+                      f"(vocab_size {vocab_size}): the tokenizer does not match the model")
+    yield origin, r, ex
+
+
+def truncate(ex: Example, max_len: int) -> Example:
+  """The first max_len + 1 tokens of `ex` (a row of max_len inputs and targets)."""
+  if len(ex.ids) <= max_len + 1:
+    return ex
+  return Example(ex.ids[: max_len + 1], ex.mask[: max_len + 1], ex.distill)
 
 
 def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: int,
@@ -38,33 +68,19 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
 
   Raises DataError naming the file and line of a bad row, or when no example has a target token.
   """
-  if fmt != "auto" and fmt not in formats.FORMATS:
-    raise ConfigError(f"data.format={fmt!r}: expected auto or one of {', '.join(formats.FORMATS)}")
+  check_format(fmt)
   counts: dict[str, int] = collections.Counter()
-  examples, truncated, targets_before = [], 0, 0
+  examples, truncated, targets_before, no_target = [], 0, 0, 0
   encoder.limit_tokens(max_len + 1)
-  for origin, row in sources.read_rows(spec):
-    r = formats.parse(origin, row, fmt)
-    kind = r.kind
-    counts[kind] += 1
-    if r.messages is not None:
-      ex = encoder.chat(origin, r.messages)
-    elif kind == "completion":
-      ex = encoder.completion(r.prompt, r.completion)
-    elif kind == "text":
-      ex = encoder.text(r.text)
-    else:
-      ex = formats.tokens_example(origin, r.row, vocab_size)
-    ex.distill = _distill_flag(origin, row)
+  for origin, r, ex in encode_rows(spec, encoder, fmt, vocab_size):
+    counts[r.kind] += 1
     if show and not examples:
-      logging.info("%s: first example (%s): %s", origin, kind, encoder.describe(ex))
-    if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
-      raise DataError(f"{origin}: token id {int(ex.ids.max())} is outside the model's vocabulary "
-                      f"(vocab_size {vocab_size}): the tokenizer does not match the model")
+      logging.info("%s: first example (%s): %s", origin, r.kind, encoder.describe(ex))
     targets_before += int(ex.mask[1:].sum())
     if len(ex.ids) > max_len + 1:
       truncated += 1
-      ex = Example(ex.ids[: max_len + 1], ex.mask[: max_len + 1], ex.distill)
+      ex = truncate(ex, max_len)
+    no_target += not ex.mask[1:].any()
     if len(ex.ids) >= 2:
       examples.append(ex)
   targets = sum(int(e.mask[1:].sum()) for e in examples)
@@ -77,7 +93,14 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
   logging.info("%s: %d examples, formats %s, %d truncated to %d tokens, %d target tokens%s",
                spec, len(examples), dict(counts), truncated, max_len, targets,
                f" ({distill} examples marked distill: trained toward the base)" if distill else "")
-  return Dataset(examples, dict(counts), truncated, targets, distill)
+  return Dataset(examples, dict(counts), truncated, targets, distill,
+                 sum(len(e.ids) for e in examples), no_target)
+
+
+def check_format(fmt: str) -> None:
+  """Raises ConfigError naming data.format unless it is auto or a supervised format."""
+  if fmt != "auto" and fmt not in formats.FORMATS:
+    raise ConfigError(f"data.format={fmt!r}: expected auto or one of {', '.join(formats.FORMATS)}")
 
 
 def _distill_flag(origin: str, row) -> bool:

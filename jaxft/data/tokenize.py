@@ -262,9 +262,8 @@ class Encoder:
     self._check_turn_ends(origin, ex, last)
     return ex
 
-  def describe(self, ex: Example) -> str:
-    """The example as a user would check it: its token count, first ids, and its text with the
-    target (loss) tokens between « and »."""
+  def segments(self, ex: Example) -> list[tuple[str, bool]]:
+    """The example's decoded text (special tokens included) in runs of (text, is_target)."""
     parts, i, done = [], 0, ""
     while i < len(ex.ids):
       j = i
@@ -273,19 +272,42 @@ class Encoder:
       # decode whole prefixes: a run decoded alone would lose its leading space
       upto = self.tok.decode(ex.ids[:j].tolist(), skip_special_tokens=False)
       piece = upto[len(done):] if upto.startswith(done) else self.tok.decode(ex.ids[i:j].tolist())
-      parts.append(f"«{piece}»" if ex.mask[i] else piece)
+      parts.append((piece, bool(ex.mask[i])))
       i, done = j, upto
+    return parts
+
+  def describe(self, ex: Example) -> str:
+    """The example as a user would check it: its token count, first ids, and its text with the
+    target (loss) tokens between « and »."""
+    text = "".join(f"«{p}»" if target else p for p, target in self.segments(ex))
     head = ", ".join(str(int(t)) for t in ex.ids[:12])
     return (f"{len(ex.ids)} tokens, {int(ex.mask.sum())} targets; ids [{head}"
-            f"{', ...' if len(ex.ids) > 12 else ''}]; text (targets in «»): {''.join(parts)!r}")
+            f"{', ...' if len(ex.ids) > 12 else ''}]; text (targets in «»): {text!r}")
+
+  def text_of(self, r, origin: str = "") -> str | None:
+    """The text a parsed row (formats.Row) is tokenized from: the chat template applied to its
+    messages, or the completion or text row with BOS and EOS; None for a tokens row."""
+    if r.messages is not None:
+      return self.render(r.messages, add_generation_prompt=False, origin=origin)
+    if r.kind == "completion":
+      return self._completion_text(r.prompt, r.completion)[1]
+    if r.kind == "text":
+      return self._full_text(r.text)
+    return None
+
+  def _completion_text(self, prompt: str, completion: str) -> tuple[str, str]:
+    head = self.bos_text + prompt
+    return head, head + completion + self.eos_text
+
+  def _full_text(self, text: str) -> str:
+    return self.bos_text + text + self.eos_text
 
   def completion(self, prompt: str, completion: str) -> Example:
-    head = self.bos_text + prompt
-    text = head + completion + self.eos_text
+    head, text = self._completion_text(prompt, completion)
     return self._encode_spans(text, [(len(head), len(text))], "a completion row")
 
   def text(self, text: str) -> Example:
-    full = self.bos_text + text + self.eos_text
+    full = self._full_text(text)
     ex = self._encode_spans(full, [(0, len(full))])
     ex.mask[:] = True
     return ex

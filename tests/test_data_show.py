@@ -1,0 +1,114 @@
+"""`python -m jaxft.data` (jaxft/data/show.py): the first rows as training sees them and the counts
+of the whole file, through training's own tokenization and masking. In process, with what the
+command's _main calls (session.encoder, session.model_config); tests/test_docs.py runs the command
+as README.md shows it."""
+
+import json
+
+import pytest
+
+from conftest import make_config
+from jaxft import session
+from jaxft.data import show
+from jaxft.data.tokenize import DEFAULT_CHAT_TEMPLATE
+from jaxft.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def quickstart(quickstart_tokenizer):
+  """The quickstart config, its encoder and vocabulary size, as the command builds them (from
+  the session's quickstart tokenizer directory: the one the command writes, already written)."""
+  config = make_config("quickstart")
+  tok_config = make_config("quickstart", **{"model.tokenizer": quickstart_tokenizer.name_or_path})
+  encoder = session.encoder(tok_config, "/nonexistent")
+  return config, encoder, session.model_config(config).vocab_size
+
+
+def _rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_quickstart_rows_show_the_template_the_ids_and_the_tokens_that_carry_loss(quickstart):
+  config, encoder, vocab = quickstart
+  shown = show.first_rows(config, encoder, vocab, 3)
+  assert len(shown) == 3
+  tok = encoder.tok
+  for i, (s, row) in enumerate(zip(shown, _rows(config.data.train)), 1):
+    # Independently: the quickstart tokenizer has no template, so jaxft's default renders it.
+    text = tok.apply_chat_template(row["messages"], chat_template=DEFAULT_CHAT_TEMPLATE,
+                                   tokenize=False)
+    assert s.text == text and s.origin.endswith(f"capitals_train.jsonl:{i}") and s.kind == "chat"
+    assert s.example.ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    answer = row["messages"][1]["content"]
+    loss_ids = s.example.ids[s.example.mask].tolist()
+    assert tok.decode(loss_ids) == f"{answer}</s>"  # the answer and its EOS, nothing else
+    plain = show.format_row(i, s, encoder, config.data.max_len, color=False)
+    assert plain[0].endswith(f"chat): {len(s.example.ids)} tokens, {len(loss_ids)} carry loss")
+    assert plain[1] == "  template: " + text.replace("\n", "\\n")
+    assert plain[2].endswith("«" + " ".join(map(str, loss_ids)) + "» 28705 13 13")
+    assert plain[3] == ("  loss:     <s> User: " + row["messages"][0]["content"] +
+                        f"\\n\\nAssistant:« {answer}</s>» \\n\\n")
+    colored = "\n".join(show.format_row(i, s, encoder, config.data.max_len, color=True))
+    assert f"\x1b[1;32m {answer}</s>\x1b[0m" in colored and "«" not in colored
+
+
+def test_quickstart_counts(quickstart):
+  config, encoder, vocab = quickstart
+  ds = show.counts(config, encoder, vocab)
+  rows = _rows(config.data.train)
+  tok = encoder.tok
+  render = lambda r: tok.apply_chat_template(r["messages"], chat_template=DEFAULT_CHAT_TEMPLATE,
+                                            tokenize=False)
+  lengths = [len(tok(render(r), add_special_tokens=False)["input_ids"]) for r in rows]
+  assert max(lengths) <= config.data.max_len + 1  # so none is truncated
+  assert show.format_counts("f", ds, config.data.max_len) == [
+      "f:", f"  rows:                      {len(rows)} (chat {len(rows)})",
+      f"  tokens:                    {sum(lengths):,} ({ds.target_tokens} carry loss)",
+      "  rows truncated:            0 (to data.max_len=128)",
+      "  rows with no target token: 0"]
+
+
+def test_truncated_rows_and_rows_with_no_target_are_counted(quickstart, tmp_path):
+  config, encoder, vocab = quickstart
+  long_prompt = " ".join(["word"] * 40)
+  rows = [
+      {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yes."}]},
+      # an assistant turn with weight 0: no target
+      {"messages": [{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "No.", "weight": 0}]},
+      # truncation cuts the whole answer: truncated and no target
+      {"prompt": long_prompt, "completion": " The end."},
+      # truncated, the start of the text still trained
+      {"text": long_prompt},
+  ]
+  data = tmp_path / "rows.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = make_config("quickstart", **{"data.train": str(data), "data.max_len": 16})
+  shown = show.first_rows(c, encoder, vocab, 10)
+  assert [s.kind for s in shown] == ["chat", "chat", "completion", "text"]
+  assert [int(s.example.mask.sum()) for s in shown[:3]] == [3, 0, 0]
+  assert shown[3].example.mask.tolist() == [False] + [True] * 16  # all but the first token
+  assert [s.tokens_before > len(s.example.ids) == 17 for s in shown] == [False, False, True,
+                                                                          True]
+  assert "; truncated from" in show.format_row(3, shown[2], encoder, 16, False)[0]
+  ds = show.counts(c, encoder, vocab)
+  assert (sum(ds.formats.values()), ds.truncated, ds.no_target) == (4, 2, 2)
+  assert ds.tokens == sum(len(s.example.ids) for s in shown)
+
+
+@pytest.mark.parametrize("over,rows,needle", [
+    ({"train.objective": "dpo"}, 3, "train.objective='dpo'"),
+    ({"data.format": "csv"}, 3, "data.format='csv'"),
+    ({}, -1, "--rows=-1: must be >= 0"),
+])
+def test_bad_settings_name_the_key(quickstart, over, rows, needle):
+  _, encoder, vocab = quickstart
+  with pytest.raises(ConfigError, match=needle.replace("-", r"\-").replace("=", "=")):
+    show.first_rows(make_config("quickstart", **over), encoder, vocab, rows)
+
+
+def test_an_empty_split_names_its_key(quickstart):
+  config = make_config("quickstart", **{"data.eval": ""})
+  with pytest.raises(ConfigError, match="data.eval is empty"):
+    show.spec(config, "eval")
