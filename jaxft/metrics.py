@@ -12,7 +12,7 @@ import time
 import jax
 from absl import logging
 
-from jaxft.trackers import Trackers
+from jaxft.trackers import Trackers, artifacts
 
 
 class MetricsWriter:
@@ -94,7 +94,7 @@ class MetricsWriter:
   def end_trackers(self, ok: bool) -> None:
     """Ends the trackers' runs: a finished one (`ok`) first logs the workdir's files as
     artifacts (the loss curve, config.json, eval reports); a failed one is marked failed."""
-    self._trackers.close(self._workdir, ok)
+    self._trackers.close(ok, artifacts(self._workdir) if ok else [])
 
 
 def _duration(seconds: float) -> str:

@@ -66,13 +66,18 @@ def check(config) -> tuple[str, ...]:
   TrackerError in one line naming the extra to install. Call before anything is written."""
   loggers = names(config.train.loggers)
   for name in loggers:
-    module, extra = _PACKAGES[name]
-    try:
-      importlib.import_module(module)
-    except ImportError:
-      raise TrackerError(f"train.loggers={config.train.loggers}: {name} needs the {module} "
-                         f"package, which is not installed: pip install '{extra}'") from None
+    check_one(name, config.train.loggers)
   return loggers
+
+
+def check_one(name: str, spec: str) -> None:
+  """Imports the package of tracker `name`; TrackerError naming the extra when it is missing."""
+  module, extra = _PACKAGES[name]
+  try:
+    importlib.import_module(module)
+  except ImportError:
+    raise TrackerError(f"train.loggers={spec}: {name} needs the {module} package, which is not "
+                       f"installed: pip install '{extra}'") from None
 
 
 def run_name(config, workdir: str) -> str:
@@ -126,8 +131,11 @@ class TensorBoard:
     for k, v in values.items():
       self._w.add_scalar(k, v, step)
 
-  def log_artifacts(self, paths: list[str]) -> None:
-    del paths  # the scalars are TensorBoard's own curves
+  def log_summary(self, step: int, values: dict) -> None:
+    self.log(step, values)
+
+  def log_artifacts(self, paths: list[str], name: str) -> None:
+    del paths, name  # the scalars are TensorBoard's own curves
 
   def close(self, ok: bool) -> None:
     del ok
@@ -155,8 +163,12 @@ class WandB:
   def log(self, step: int, values: dict) -> None:
     self._run.log(values, step=step)
 
-  def log_artifacts(self, paths: list[str]) -> None:
-    art = self._wandb.Artifact(f"run-{self.run_id}-files", type="jaxft-run")
+  def log_summary(self, step: int, values: dict) -> None:
+    del step  # a resumed W&B run refuses steps before its last; figures of a run go in its summary
+    self._run.summary.update(values)
+
+  def log_artifacts(self, paths: list[str], name: str) -> None:
+    art = self._wandb.Artifact(f"run-{self.run_id}-{name}", type="jaxft-run")
     for p in paths:
       art.add_file(p)
     self._run.log_artifact(art)
@@ -211,7 +223,11 @@ class MLflow:
     ms = int(time.time() * 1000)
     self._client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
 
-  def log_artifacts(self, paths: list[str]) -> None:
+  def log_summary(self, step: int, values: dict) -> None:
+    self.log(step, values)
+
+  def log_artifacts(self, paths: list[str], name: str) -> None:
+    del name
     for p in paths:
       self._client.log_artifact(self.run_id, p)
 
@@ -222,14 +238,21 @@ class MLflow:
 _CLASSES = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
 
 
+def run_ids(workdir: str) -> dict[str, str]:
+  """{tracker: run id} of WORKDIR/trackers.json ({} when there is none or it is unreadable)."""
+  try:
+    with open(os.path.join(workdir, IDS_FILE), encoding="utf-8") as f:
+      ids = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return ids if isinstance(ids, dict) else {}
+
+
 def open_all(config, workdir: str) -> list:
   """Opens train.loggers' trackers for `workdir` (process 0 only), continuing the runs whose ids
   WORKDIR/trackers.json keeps, and records the ids. Raises TrackerError when one cannot start."""
   path = os.path.join(workdir, IDS_FILE)
-  ids = {}
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      ids = json.load(f)
+  ids = run_ids(workdir)
   opened = []
   try:
     for name in check(config):
@@ -264,14 +287,50 @@ class Trackers:
     if values:
       self._each("logging", lambda t: t.log(step, values))
 
-  def close(self, workdir: str, ok: bool) -> None:
-    """Logs the run's files (artifacts()) when `ok`, then ends every tracker's run."""
-    paths = artifacts(workdir) if ok else []
+  def log_summary(self, step: int, values: dict) -> None:
+    values = scalars(values)
+    if values:
+      self._each("logging", lambda t: t.log_summary(step, values))
+
+  def close(self, ok: bool, paths: list[str] = (), name: str = "files") -> None:
+    """Logs `paths` as one artifact `name` when `ok`, then ends every tracker's run."""
+    paths = list(paths) if ok else []
     if paths:
-      self._each("logging the artifacts", lambda t: t.log_artifacts(paths))
+      self._each("logging the artifacts", lambda t: t.log_artifacts(paths, name))
     for t in self._open:
       try:
         t.close(ok)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("%s: closing its run failed (%s: %s)", t.name, type(e).__name__, e)
     self._open = []
+
+
+def eval_figures(result: dict, label: str = "") -> dict[str, float]:
+  """The numbers of a jaxft.evaluate result per model: {"evaluate/tuned/exact_match": ...}
+  (evaluate_LABEL/... for a labelled evaluation)."""
+  prefix = f"evaluate_{label}" if label else "evaluate"
+  return {f"{prefix}/{name}/{k}": v for name in ("tuned", "base")
+          for k, v in scalars(result.get(name) or {}).items()}
+
+
+def report_eval(config, workdir: str, result: dict, paths: list[str], label: str = "") -> list:
+  """Adds a jaxft.evaluate result to the W&B and MLflow runs of WORKDIR's training (those
+  WORKDIR/trackers.json names, of train.loggers): its figures (eval_figures: in the W&B run's
+  summary, as MLflow metrics at the evaluated step) and `paths` (eval.json, the report, the
+  samples, the plot) as artifacts. Returns the trackers it reported to. Never raises: the
+  evaluation is written already, so a tracker that fails is a warning."""
+  ids = run_ids(workdir)
+  done = []
+  for name in (n for n in names(config.train.loggers) if n in ids and n != "tensorboard"):
+    try:
+      check_one(name, config.train.loggers)
+      tracker = _CLASSES[name](config, workdir, ids[name])
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("evaluation not reported to %s: %s", name, e)
+      continue
+    sink = Trackers([tracker])
+    sink.log_summary(int(result.get("step") or 0), eval_figures(result, label))
+    sink.close(True, [p for p in paths if os.path.isfile(p)],
+               f"eval-{label}" if label else "eval")
+    done.append(name)
+  return done

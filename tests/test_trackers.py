@@ -25,22 +25,46 @@ def offline(tmp_path, monkeypatch):
   monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # (restored after: jaxft sets it)
 
 
-def test_a_resumed_run_continues_the_same_tracker_runs(offline, tmp_path):
+def test_resumed_runs_and_evaluations_log_into_the_training_runs(offline, tmp_path):
   """WORKDIR/trackers.json keeps the runs' ids: a resumed train (which opens the trackers again
-  on its workdir) logs into the same W&B and MLflow runs, and marks a failed end."""
+  on its workdir) logs into the same W&B and MLflow runs, and so does jaxft.evaluate
+  (report_eval): its figures and files."""
+  from mlflow.tracking import MlflowClient
   wd = str(tmp_path / "run")
   os.makedirs(wd)
   c = tiny_config(**RUN)
-  first = trackers.open_all(c, wd)
-  trackers.Trackers(first).close(wd, ok=True)
-  ids = json.load(open(os.path.join(wd, trackers.IDS_FILE)))
+  trackers.Trackers(trackers.open_all(c, wd)).close(ok=True)
+  ids = trackers.run_ids(wd)
   assert set(ids) == {"wandb", "mlflow"}
+  files = [os.path.join(wd, n) for n in ("eval.json", "eval_report.md", "reliability.png")]
+  for f in files[:2]:
+    open(f, "w").write("{}")
+  result = {"step": 3, "tuned": {"loss": 1.5, "exact_match": 0.75, "note": "x"},
+            "base": {"loss": 2.5, "exact_match": 0.25}}
+  assert trackers.report_eval(c, wd, result, files) == ["wandb", "mlflow"]
+  client = MlflowClient(tracking_uri=trackers.mlflow_uri(c, wd))
+  history = client.get_metric_history(ids["mlflow"], "evaluate/tuned/exact_match")
+  assert [(m.step, m.value) for m in history] == [(3, 0.75)]
+  assert set(client.get_run(ids["mlflow"]).data.metrics) == {
+      "evaluate/tuned/loss", "evaluate/tuned/exact_match", "evaluate/base/loss",
+      "evaluate/base/exact_match"}
+  assert {a.path for a in client.list_artifacts(ids["mlflow"])} == {"eval.json", "eval_report.md"}
+  records = [r for d in tracker_runs.wandb_run_dirs(wd) for r in tracker_runs.wandb_log(d)]
+  assert {r["run"]["run_id"] for r in records if r["type"] == "run"} == {ids["wandb"]}
+  summary = {k: v for r in records if r["type"] == "summary"
+             for k, v in r["summary"].get("update", {}).items()}
+  assert summary["evaluate/tuned/exact_match"] == 0.75 and summary["evaluate/base/loss"] == 2.5
+  arts = {r["artifact"]["name"]: {m["path"] for m in r["artifact"]["manifest"]["contents"]}
+          for r in records if r["type"] == "artifact"}
+  assert arts == {f"run-{ids['wandb']}-eval": {"eval.json", "eval_report.md"}}
   again = trackers.open_all(c, wd)
   assert {t.name: t.run_id for t in again} == ids
-  trackers.Trackers(again).close(wd, ok=False)
-  from mlflow.tracking import MlflowClient
-  client = MlflowClient(tracking_uri=trackers.mlflow_uri(c, wd))
+  trackers.Trackers(again).close(ok=False)
   assert client.get_run(ids["mlflow"]).info.status == "FAILED"
+
+
+def test_an_evaluation_without_tracker_runs_reports_nowhere(tmp_path):
+  assert trackers.report_eval(tiny_config(**RUN), str(tmp_path), {"step": 1}, []) == []
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch, tmp_path):
@@ -94,5 +118,5 @@ def test_a_failing_tracker_warns_once_and_the_others_go_on(caplog):
     t.log(2, {"loss": 1.5})
   assert good.rows == [(1, {"loss": 2.0}), (2, {"loss": 1.5})]
   assert caplog.text.count("server gone") == 1
-  t.close("/nonexistent", ok=True)
+  t.close(ok=True)
   assert good.ended is True

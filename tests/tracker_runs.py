@@ -39,16 +39,26 @@ def _ids(workdir: str) -> dict:
     return json.load(f)
 
 
-def wandb_records(workdir: str) -> list[dict]:
-  """The records of the workdir's one offline W&B run, as wandb's own reader of its .wandb log
-  (`wandb leet inspect --json`) prints them."""
-  runs = [d for d in os.listdir(os.path.join(workdir, "wandb")) if d.startswith("offline-run-")]
-  assert len(runs) == 1, runs
-  r = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
-                      os.path.join(workdir, "wandb", runs[0])],
+def wandb_run_dirs(workdir: str) -> list[str]:
+  """The offline W&B run directories of the workdir (a resumed run adds one), oldest first."""
+  base = os.path.join(workdir, "wandb")
+  return [os.path.join(base, d) for d in sorted(os.listdir(base)) if d.startswith("offline-run-")]
+
+
+def wandb_log(run_dir: str) -> list[dict]:
+  """The records of an offline W&B run's .wandb log, as wandb's own reader prints them
+  (`wandb leet inspect --json`)."""
+  r = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", run_dir],
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def wandb_records(workdir: str) -> list[dict]:
+  """The records of the workdir's one offline W&B run."""
+  runs = wandb_run_dirs(workdir)
+  assert len(runs) == 1, runs
+  return wandb_log(runs[0])
 
 
 def check_wandb(workdir: str) -> None:
@@ -72,7 +82,19 @@ def check_mlflow(workdir: str) -> None:
   """The MLflow run in WORKDIR/mlruns holds metrics.jsonl's numbers (get_metric_history), the
   config as params, and the loss curve and config.json as artifacts; it finished."""
   from mlflow.tracking import MlflowClient
-  client = MlflowClient(tracking_uri="file://" + os.path.abspath(os.path.join(workdir, "mlruns")))
+  before = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+  os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # (as README says: MLflow 3 asks for it)
+  try:
+    _check_mlflow(MlflowClient(
+        tracking_uri="file://" + os.path.abspath(os.path.join(workdir, "mlruns"))), workdir)
+  finally:
+    if before is None:
+      del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    else:
+      os.environ["MLFLOW_ALLOW_FILE_STORE"] = before
+
+
+def _check_mlflow(client, workdir: str) -> None:
   run_id = _ids(workdir)["mlflow"]
   run = client.get_run(run_id)
   assert run.info.status == "FINISHED" and run.info.run_name == os.path.basename(workdir)

@@ -12,7 +12,9 @@
   WORKDIR/eval_report.md the same side by side, for a person to read;
   WORKDIR/reliability.png accuracy against confidence.
 With a `label` (a second eval set, say) the files are eval_LABEL.json, samples_LABEL.jsonl,
-eval_report_LABEL.md and reliability_LABEL.png, beside the default ones.
+eval_report_LABEL.md and reliability_LABEL.png, beside the default ones. When they go into the
+workdir and its training logged to W&B or MLflow (train.loggers), the figures and these files are
+added to that run too (trackers.report_eval).
 
 Reference answers and their matches are answers.py's; text and tokens rows count towards the
 loss only. The loss is `evaluate_loss`, the function behind the eval_loss logged in training (same
@@ -30,7 +32,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxft import files, inference, objectives, peft, session, sharding
+from jaxft import files, inference, objectives, peft, session, sharding, trackers
 from jaxft.data import pipeline
 from jaxft.errors import ConfigError
 from jaxft.eval import metrics as eval_metrics, quality as eval_quality, votes as human_votes
@@ -154,7 +156,18 @@ def evaluate(config, workdir: str, *, max_new_tokens: int = 0, batch_size: int =
         votes, tuned=os.path.basename(os.path.normpath(workdir)))
   if jax.process_index() == 0:
     _write(output_dir, result, refs, answers, scored, label)
+    _report(config, workdir, output_dir, result, label)
   return result
+
+
+def _report(config, workdir: str, output_dir: str, result: dict, label: str) -> None:
+  """Adds the evaluation to the W&B / MLflow runs of the workdir's training (jaxft/trackers.py),
+  when it was written into the workdir: a reading command given another output_dir writes
+  nothing into the workdir (it may be read-only)."""
+  if os.path.realpath(output_dir) != os.path.realpath(workdir):
+    return
+  written = [os.path.join(output_dir, n) for n in output_names(label)]
+  trackers.report_eval(config, workdir, result, written + [plot_path(output_dir, label)], label)
 
 
 def output_names(label: str = "") -> tuple[str, str, str]:
