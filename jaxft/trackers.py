@@ -65,6 +65,8 @@ def check(config) -> tuple[str, ...]:
   """train.loggers' names, each tracker's package imported; raises ConfigError (bad name) or
   TrackerError in one line naming the extra to install. Call before anything is written."""
   loggers = names(config.train.loggers)
+  if {"wandb", "mlflow"} & set(loggers) and not str(config.train.project).strip():
+    raise ConfigError("train.project is empty: the W&B project / MLflow experiment needs a name")
   for name in loggers:
     check_one(name, config.train.loggers)
   return loggers

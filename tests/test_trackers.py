@@ -85,6 +85,19 @@ def test_logger_names(spec, want):
   assert trackers.names(spec) == want
 
 
+def test_an_empty_project_names_the_key():
+  with pytest.raises(ConfigError, match="train.project is empty"):
+    trackers.check(tiny_config(**{"train.loggers": "mlflow", "train.project": " "}))
+
+
+def test_an_mlflow_store_that_cannot_open_names_the_key(tmp_path):
+  c = tiny_config(**{"train.loggers": "mlflow", "train.mlflow_uri": "foo://bar"})
+  with pytest.raises(trackers.TrackerError, match=r"could not start an MLflow run on foo://bar "
+                                                  r"\(train.mlflow_uri\)"):
+    trackers.open_all(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / trackers.IDS_FILE)
+
+
 def test_an_unknown_logger_names_the_key():
   with pytest.raises(ConfigError, match=r"train.loggers='tensorboard,comet': unknown logger "
                                         r"'comet'; expected a comma-separated subset of "
