@@ -1,14 +1,14 @@
 """`python -m jaxft.data` (jaxft/data/show.py): the first rows as training sees them and the counts
 of the whole file, through training's own tokenization and masking. In process, with what the
-command's _main calls (session.encoder, session.model_config); tests/test_docs.py runs the command
-as README.md shows it."""
+command's _main calls (the objective's preview, session.encoder, session.model_config);
+tests/test_docs.py runs the command as README.md shows it."""
 
 import json
 
 import pytest
 
 from conftest import make_config
-from jaxft import session
+from jaxft import objectives, session
 from jaxft.data import show
 from jaxft.data.tokenize import DEFAULT_CHAT_TEMPLATE
 from jaxft.errors import ConfigError
@@ -24,6 +24,10 @@ def quickstart(quickstart_tokenizer):
   return config, encoder, session.model_config(config).vocab_size
 
 
+def _preview(config, encoder, vocab, split="train"):
+  return objectives.from_config(config, False).preview(config, encoder, vocab, split)
+
+
 def _rows(path):
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -31,7 +35,7 @@ def _rows(path):
 
 def test_quickstart_rows_show_the_template_the_ids_and_the_tokens_that_carry_loss(quickstart):
   config, encoder, vocab = quickstart
-  shown = show.first_rows(config, encoder, vocab, 3)
+  shown = _preview(config, encoder, vocab).rows(3)
   assert len(shown) == 3
   tok = encoder.tok
   for i, (s, row) in enumerate(zip(shown, _rows(config.data.train)), 1):
@@ -55,7 +59,7 @@ def test_quickstart_rows_show_the_template_the_ids_and_the_tokens_that_carry_los
 
 def test_quickstart_counts(quickstart):
   config, encoder, vocab = quickstart
-  ds = show.counts(config, encoder, vocab)
+  ds = _preview(config, encoder, vocab).counts()
   rows = _rows(config.data.train)
   tok = encoder.tok
   render = lambda r: tok.apply_chat_template(r["messages"], chat_template=DEFAULT_CHAT_TEMPLATE,
@@ -85,30 +89,53 @@ def test_truncated_rows_and_rows_with_no_target_are_counted(quickstart, tmp_path
   data = tmp_path / "rows.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   c = make_config("quickstart", **{"data.train": str(data), "data.max_len": 16})
-  shown = show.first_rows(c, encoder, vocab, 10)
+  preview = _preview(c, encoder, vocab)
+  shown = preview.rows(10)
   assert [s.kind for s in shown] == ["chat", "chat", "completion", "text"]
   assert [int(s.example.mask.sum()) for s in shown[:3]] == [3, 0, 0]
   assert shown[3].example.mask.tolist() == [False] + [True] * 16  # all but the first token
   assert [s.tokens_before > len(s.example.ids) == 17 for s in shown] == [False, False, True,
                                                                           True]
   assert "; truncated from" in show.format_row(3, shown[2], encoder, 16, False)[0]
-  ds = show.counts(c, encoder, vocab)
+  ds = preview.counts()
   assert (sum(ds.formats.values()), ds.truncated, ds.no_target) == (4, 2, 2)
   assert ds.tokens == sum(len(s.example.ids) for s in shown)
 
 
+def test_preference_pairs_show_chosen_and_rejected(quickstart):
+  config = make_config("quickstart", "objective=dpo")
+  _, encoder, vocab = quickstart
+  preview = _preview(config, encoder, vocab)
+  shown = preview.rows(2)
+  row = _rows(config.data.train)[0]
+  assert [(s.side, s.origin.rsplit(":", 1)[1]) for s in shown] == [
+      ("chosen", "1"), ("rejected", "1"), ("chosen", "2"), ("rejected", "2")]
+  for s, key in zip(shown, ("chosen", "rejected")):
+    answer = row[key][-1]["content"]
+    assert encoder.tok.decode(s.example.ids[s.example.mask].tolist()) == f"{answer}</s>"
+  lines = show.format_rows(preview.path, shown, encoder, config.data.max_len, color=False)
+  assert lines[0].endswith("the first 2 rows as training sees them (tokens that carry loss in "
+                           "«guillemets»)")
+  heads = [line.split(" (")[0] for line in lines if line.startswith("row ")]
+  assert heads == ["row 1 chosen", "row 1 rejected", "row 2 chosen", "row 2 rejected"]
+  counts = preview.counts()
+  assert (counts.formats, counts.truncated, counts.no_target) == (
+      {"conversational": len(_rows(config.data.train))}, 0, 0)
+
+
 @pytest.mark.parametrize("over,rows,needle", [
-    ({"train.objective": "dpo"}, 3, "train.objective='dpo'"),
     ({"data.format": "csv"}, 3, "data.format='csv'"),
     ({}, -1, "--rows=-1: must be >= 0"),
+    ({"data.train": ""}, 3, "data.train is empty"),
 ])
 def test_bad_settings_name_the_key(quickstart, over, rows, needle):
   _, encoder, vocab = quickstart
-  with pytest.raises(ConfigError, match=needle.replace("-", r"\-").replace("=", "=")):
-    show.first_rows(make_config("quickstart", **over), encoder, vocab, rows)
+  with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
+    _preview(make_config("quickstart", **over), encoder, vocab).rows(rows)
 
 
-def test_an_empty_split_names_its_key(quickstart):
-  config = make_config("quickstart", **{"data.eval": ""})
-  with pytest.raises(ConfigError, match="data.eval is empty"):
-    show.spec(config, "eval")
+def test_an_objective_whose_rows_are_not_shown_says_so(quickstart):
+  _, encoder, vocab = quickstart
+  with pytest.raises(ConfigError, match="train.objective='grpo': python -m jaxft.data does not "
+                                        "show its rows yet"):
+    _preview(make_config("quickstart", "objective=grpo"), encoder, vocab)

@@ -33,26 +33,26 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "A workdir whose tokenizer to use 
 
 def _main(argv):
   del argv
-  from jaxft import session
+  from jaxft import objectives, session
   from jaxft.data import show
   logging.set_verbosity(logging.WARNING)
-  config, split = _CONFIG.value, _SPLIT.value
+  config, n = _CONFIG.value, _ROWS.value
   color = _COLOR.value == "always" or (_COLOR.value == "auto" and sys.stdout.isatty()
                                         and "NO_COLOR" not in os.environ)
-  path = show.spec(config, split)  # (bad keys fail before the tokenizer is loaded)
+  objective = objectives.from_config(config, config.peft.method == "full")
   with tempfile.TemporaryDirectory() as scratch:
     encoder = session.encoder(config, _WORKDIR.value or scratch)
-  vocab = session.model_config(config).vocab_size
-  rows = show.first_rows(config, encoder, vocab, _ROWS.value, split)
-  if rows:
-    first = "the first row" if len(rows) == 1 else f"the first {len(rows)} rows"
-    print(f"{path}: {first} as training sees {'it' if len(rows) == 1 else 'them'} "
-          f"({show.legend(color)})\n", flush=True)
-  for i, shown in enumerate(rows, 1):
-    print("\n".join(show.format_row(i, shown, encoder, config.data.max_len, color)) + "\n",
+  # The objective reads its own rows (supervised rows, preference pairs): shown as it trains them.
+  preview = objective.preview(config, encoder, session.model_config(config).vocab_size,
+                              _SPLIT.value)
+  shown = preview.rows(n)
+  try:
+    for line in show.format_rows(preview.path, shown, encoder, config.data.max_len, color):
+      print(line, flush=True)
+    print("\n".join(show.format_counts(preview.path, preview.counts(), config.data.max_len)),
           flush=True)
-  ds = show.counts(config, encoder, vocab, split)
-  print("\n".join(show.format_counts(path, ds, config.data.max_len)), flush=True)
+  except BrokenPipeError:  # `| head`: the reader has seen enough
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main():

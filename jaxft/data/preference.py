@@ -50,6 +50,8 @@ class PairDataset:
   formats: dict[str, int]
   truncated: int
   target_tokens: int
+  tokens: int = 0  # of the pairs kept, both sides (after truncation)
+  no_target: int = 0  # pairs dropped: a side without target tokens
 
 
 def is_preference(row: dict) -> bool:
@@ -116,15 +118,49 @@ def split_row(origin: str, row: dict):
   return prompt, chosen, rejected, conversational
 
 
-def encode_row(origin: str, row: dict, encoder: Encoder) -> Pair:
-  """A validated preference row as a Pair of Examples (targets: the completions only)."""
+def sides(origin: str, row: dict) -> tuple[formats.Row, formats.Row]:
+  """The chosen and the rejected sequence of a validated preference row, each as the supervised
+  row it is encoded as: a chat row (the prompt's turns carry no loss) or a completion row."""
   prompt, chosen, rejected, conversational = split_row(origin, row)
   if conversational:
     head = [dict(m, weight=0) for m in prompt]  # earlier assistant turns of the prompt: no loss
-    enc = lambda msgs: encoder.chat(origin, head + [dict(m, weight=1) for m in msgs])
+    side = lambda msgs: formats.Row("chat", messages=head + [dict(m, weight=1) for m in msgs])
   else:
-    enc = lambda text: encoder.completion(prompt, text)
-  return Pair(enc(chosen), enc(rejected))
+    side = lambda text: formats.Row("completion", prompt=prompt, completion=text)
+  return side(chosen), side(rejected)
+
+
+def encode_side(origin: str, side: formats.Row, encoder: Encoder) -> Example:
+  if side.messages is not None:
+    return encoder.chat(origin, side.messages)
+  return encoder.completion(side.prompt, side.completion)
+
+
+def encode_row(origin: str, row: dict, encoder: Encoder) -> Pair:
+  """A validated preference row as a Pair of Examples (targets: the completions only)."""
+  chosen, rejected = sides(origin, row)
+  return Pair(encode_side(origin, chosen, encoder), encode_side(origin, rejected, encoder))
+
+
+def check_row(origin: str, row) -> None:
+  """DataError naming the row when it is not a preference row."""
+  if not is_preference(row):
+    other = formats.detect(origin, row)
+    raise DataError(f"{origin}: a {other} row in a preference run: each row needs prompt, "
+                    "chosen and rejected (or train.objective=sft)")
+
+
+def check_format(fmt: str) -> None:
+  if fmt not in ("auto", "preference"):
+    raise ConfigError(f"data.format={fmt!r}: a preference objective reads preference rows "
+                      "(data.format=auto or preference)")
+
+
+def fit(pair: Pair, max_len: int) -> tuple[Pair, bool]:
+  """The pair cut to fit one row of max_len positions, and whether it was cut."""
+  if pair.size <= max_len:
+    return pair, False
+  return _truncate(pair, max_len), True
 
 
 def _truncate(pair: Pair, max_len: int) -> Pair:
@@ -147,21 +183,14 @@ def load_pairs(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: 
   Raises DataError naming the file and line of a row that is not a preference row, or when no
   pair has targets on both sides. (vocab_size: unused, as pipeline.load_examples's signature.)"""
   del vocab_size
-  if fmt not in ("auto", "preference"):
-    raise ConfigError(f"data.format={fmt!r}: a preference objective reads preference rows "
-                      "(data.format=auto or preference)")
+  check_format(fmt)
   counts: dict[str, int] = collections.Counter()
   pairs, truncated, dropped = [], 0, 0
   for origin, row in sources.read_rows(spec):
-    if not is_preference(row):
-      other = formats.detect(origin, row)
-      raise DataError(f"{origin}: a {other} row in a preference run: each row needs prompt, "
-                      "chosen and rejected (or train.objective=sft)")
-    pair = encode_row(origin, row, encoder)
-    counts["conversational" if isinstance(row["chosen"], list) else "standard"] += 1
-    if pair.size > max_len:
-      truncated += 1
-      pair = _truncate(pair, max_len)
+    check_row(origin, row)
+    pair, cut = fit(encode_row(origin, row, encoder), max_len)
+    counts[kind(row)] += 1
+    truncated += cut
     if pair.chosen.mask[1:].any() and pair.rejected.mask[1:].any():
       pairs.append(pair)
     else:
@@ -171,7 +200,13 @@ def load_pairs(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_size: 
   targets = sum(int(p.chosen.mask[1:].sum() + p.rejected.mask[1:].sum()) for p in pairs)
   logging.info("%s: %d pairs (%s), %d truncated to %d tokens, %d dropped without targets",
                spec, len(pairs), dict(counts), truncated, max_len, dropped)
-  return PairDataset(pairs, dict(counts), truncated, targets)
+  tokens = sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)
+  return PairDataset(pairs, dict(counts), truncated, targets, tokens, dropped)
+
+
+def kind(row: dict) -> str:
+  """A preference row's format: conversational (message lists) or standard (strings)."""
+  return "conversational" if isinstance(row["chosen"], list) else "standard"
 
 
 def rows_of(pairs: list[Pair], max_len: int, packing: bool) -> list[list[Pair]]:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from jaxft.errors import ConfigError
 from jaxft.models import llama
 from jaxft.models.loss import token_losses
 from jaxft.models.ops import pack_frozen
@@ -136,6 +137,15 @@ class Objective(abc.ABC):
     trainer's Prepared (frozen tree, train state as it starts), `model` the session.Model,
     `datasets` the loaded datasets. May annotate the datasets (a reference's log-probs)."""
     del run, model, datasets, config
+
+  def preview(self, config, encoder, vocab_size: int, split: str = "train"):
+    """What `python -m jaxft.data` shows of data.<split>: an object with `path`, `rows(n)` (the
+    first n rows as this objective trains them, jaxft.data.show.Shown) and `counts()` (the whole
+    file, jaxft.data.show.Counts); jaxft/data/show.py has the supervised and the pair ones.
+    Raises ConfigError when the objective's rows cannot be shown (the default)."""
+    del encoder, vocab_size, split
+    raise ConfigError(f"train.objective={config.train.objective!r}: python -m jaxft.data does "
+                      "not show its rows yet (supervised rows and preference pairs only)")
 
   def train_batch(self, loop, model, batch: dict) -> dict:
     """The host batch the train step takes, made from the stream's `batch` (this process's rows)

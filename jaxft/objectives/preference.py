@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxft import sharding
-from jaxft.data import preference as pair_data
+from jaxft.data import preference as pair_data, show
 from jaxft.errors import ConfigError
 from jaxft.objectives.base import TOKEN_FIELDS, Objective, finite, token_logps
 from jaxft.peft.base import Method
@@ -160,6 +160,9 @@ class Preference(Objective):
     eval_ds = (pair_data.load_pairs(config.data.eval, encoder, fmt, max_len, vocab_size)
                if config.data.eval else None)
     return train_ds, eval_ds
+
+  def preview(self, config, encoder, vocab_size, split="train"):
+    return show.Pairs(config, encoder, vocab_size, split)
 
   def stream(self, config, train_ds):
     return pair_data.PairStream(

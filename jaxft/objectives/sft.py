@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 from absl import logging
 
-from jaxft.data import pipeline
+from jaxft.data import pipeline, show
 from jaxft.errors import ConfigError
 from jaxft.objectives.base import TOKEN_FIELDS, Objective
 from jaxft.peft.loss import loss_sum, loss_sum_and_aux, loss_sum_and_base_kl
@@ -99,6 +99,9 @@ class SFT(Objective):
       raise ConfigError(f"train.base_kl={self.base_kl}: no row of {config.data.train} is "
                         "marked \"distill\": true, so the KL term would have nothing to act on")
     return train_ds, eval_ds
+
+  def preview(self, config, encoder, vocab_size, split="train"):
+    return show.Supervised(config, encoder, vocab_size, split)
 
   def stream(self, config, train_ds):
     return pipeline.TrainStream(
