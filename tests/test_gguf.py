@@ -116,8 +116,8 @@ def _write_bytes(path, data):
 def test_refusals_name_the_file_and_key(files, tmp_path):
   from jaxft.models import gguf
   d = tmp_path
-  other = tiny_llama(str(d / "qwen.gguf"), files["smollm2"], {}, hidden=64, inter=128, arch="qwen3")
-  with pytest.raises(ConfigError, match=r"qwen\.gguf: general\.architecture='qwen3'"):
+  other = tiny_llama(str(d / "phi.gguf"), files["smollm2"], {}, hidden=64, inter=128, arch="phi3")
+  with pytest.raises(ConfigError, match=r"phi\.gguf: general\.architecture=.phi3. is not supported"):
     gguf.read_config(other)
   with open(files["tiny"], "rb") as f:
     whole = f.read()

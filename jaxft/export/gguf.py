@@ -1,15 +1,18 @@
 """--format=gguf: the merged model, its tokenizer and chat template in one file llama.cpp loads.
 
 Written with the `gguf` package (no llama.cpp build). Weights are in llama.cpp's layout for the
-`llama` architecture: HF tensor names mapped to GGUF's (`blk.N.attn_q.weight`, ...), and the
-rows of Q and K permuted from HF's rotate-half RoPE order to llama.cpp's interleaved pairs.
+family's architecture (models/gguf_arch.py: llama for Llama, Mistral and Mixtral, qwen2, qwen3,
+qwen3moe, gemma2, gemma3): HF tensor names mapped to GGUF's (`blk.N.attn_q.weight`, ...), the
+llama architecture's Q and K rows permuted from HF's rotate-half RoPE order to llama.cpp's
+interleaved pairs, Gemma's norms stored as 1 + w, experts stacked per layer.
 Tensors are streamed one at a time (header first, with every tensor's size computed up front), so
 the model never sits whole in host memory.
 
 Quant types (--quant): f32, f16, bf16, q8_0, and q4_k_m: Q4_K for most matrices, Q6_K for the
 output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (the first and last
 eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
-K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms stay float32.
+K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms, biases and a mixture
+of experts' router stay float32.
 
 The tokenizer and chat template are gguf_tokenizer.py's.
 """
@@ -26,49 +29,16 @@ from jaxft import session
 from jaxft.errors import ConfigError
 from jaxft.export.gguf_tokenizer import add_tokenizer
 from jaxft.export.output import check_out, merged_params
-from jaxft.models import hf
+from jaxft.models import gguf_arch, hf
 from jaxft.quant import gguf_quants
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
-_LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
-_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
-
-
-def gguf_name(hf_name: str) -> str:
-  """The GGUF tensor name of an HF Llama tensor name."""
-  if hf_name in _TOP:
-    return _TOP[hf_name]
-  parts = hf_name.split(".")  # model.layers.N.<module...>.weight
-  module = ".".join(parts[3:-1])
-  return f"blk.{parts[2]}.{_LAYER[module]}.{parts[-1]}"
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-  """HF's q/k rows (per head: the first halves of the rotary pairs, then the second halves) in
-  llama.cpp's order (per head: pairs side by side)."""
-  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+permute_qk = gguf_arch.permute_qk
 
 
 def check_model(cfg) -> None:
-  """Raises ConfigError for what GGUF's llama architecture (as written here) cannot hold."""
-  if cfg.architecture not in _LLAMA_ARCHS:
-    raise ConfigError(f"--format=gguf: architecture {cfg.architecture} is not supported (only "
-                      f"{', '.join(_LLAMA_ARCHS)}); export --format=hf and convert it with "
-                      "llama.cpp's convert_hf_to_gguf.py")
-  if cfg.qkv_bias:
-    raise ConfigError("--format=gguf: q/k/v biases are not supported by the llama architecture; "
-                      "export --format=hf and convert it with convert_hf_to_gguf.py")
-  if cfg.rope_scaling and dict(cfg.rope_scaling).get("rope_type", "default") not in (
-      "default", "linear"):
-    raise ConfigError(f"--format=gguf: rope_scaling {dict(cfg.rope_scaling)} is not supported "
-                      "(default and linear are); export --format=hf and convert it with "
-                      "convert_hf_to_gguf.py")
+  """Raises ConfigError for what llama.cpp cannot load as cfg describes (gguf_arch.check)."""
+  gguf_arch.check(cfg)
 
 
 def _more_bits(layer: int, n_layers: int) -> bool:
@@ -79,16 +49,21 @@ def _more_bits(layer: int, n_layers: int) -> bool:
 def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int,
                 tied: bool = False):
   """The GGMLQuantizationType of tensor `name` (GGUF name, HF-layout shape) under --quant; with
-  tied embeddings (no output.weight) token_embd is the output head and gets its type."""
+  tied embeddings (no output.weight) token_embd is the output head and gets its type. Rows too
+  short for a block type's 32 values get F16, as llama.cpp's converter and quantizer do."""
   from gguf import GGMLQuantizationType as T
-  if len(shape) == 1 or quant == "f32":
-    return T.F32
-  if quant in ("f16", "bf16", "q8_0"):
-    return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[quant]
+  if len(shape) == 1 or quant == "f32" or name.endswith("ffn_gate_inp.weight"):
+    return T.F32  # (norms, biases and the router stay float32, as llama.cpp's converter keeps them)
+  if quant in ("f16", "bf16"):
+    return {"f16": T.F16, "bf16": T.BF16}[quant]
+  if shape[-1] % 32:
+    return T.F16
+  if quant == "q8_0":
+    return T.Q8_0
   want = T.Q4_K
   if name == "output.weight" or (tied and name == "token_embd.weight"):
     want = T.Q6_K
-  elif name.endswith(("attn_v.weight", "ffn_down.weight")):
+  elif name.endswith(("attn_v.weight", "ffn_down.weight", "ffn_down_exps.weight")):
     if _more_bits(int(name.split(".")[1]), n_layers):
       want = T.Q6_K
   if shape[-1] % 256:
@@ -97,18 +72,21 @@ def tensor_type(quant: str, name: str, shape: tuple[int, ...], n_layers: int,
 
 
 def encode(x: np.ndarray, qtype) -> np.ndarray:
-  """x float32 [rows, cols] in GGUF type qtype: float arrays, or uint8 blocks per row."""
+  """x float32 [..., rows, cols] in GGUF type qtype: float arrays, or uint8 blocks per row."""
   from gguf import GGMLQuantizationType as T
   from gguf import quants
   if qtype == T.F32:
     return x.astype(np.float32)
   if qtype == T.F16:
     return x.astype(np.float16)
+  rows = x.reshape(-1, x.shape[-1])  # (stacked experts: every expert's rows in turn)
   if qtype == T.Q4_K:
-    return gguf_quants.quantize_q4_k(x)
-  if qtype == T.Q6_K:
-    return gguf_quants.quantize_q6_k(x)
-  return quants.quantize(x.astype(np.float32), qtype)
+    out = gguf_quants.quantize_q4_k(rows)
+  elif qtype == T.Q6_K:
+    out = gguf_quants.quantize_q6_k(rows)
+  else:
+    out = quants.quantize(rows.astype(np.float32), qtype)
+  return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _nbytes(shape, qtype) -> int:
@@ -121,8 +99,8 @@ def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None 
                 overwrite: bool = False) -> str:
   """Merges WORKDIR's trained method into its base and writes it, with the tokenizer and the chat
   template training used, as the GGUF file OUT (quant: QUANTS). Returns OUT.
-  Raises ConfigError (OUT not *.gguf or exists, a bad quant, what GGUF's llama architecture cannot
-  hold, an unmergeable method) or CheckpointError (no checkpoint)."""
+  Raises ConfigError (OUT not *.gguf or exists, a bad quant, what llama.cpp cannot express for
+  the family, naming the reason, an unmergeable method) or CheckpointError (no checkpoint)."""
   if not out.endswith(".gguf"):
     raise ConfigError(f"--out={out}: a GGUF export is one file; name it FILE.gguf")
   if quant not in QUANTS:
@@ -154,37 +132,36 @@ def export_gguf(workdir: str, out: str, *, quant: str = "f16", step: int | None 
 def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
                name: str = "jaxft") -> dict:
   """Writes params (the merged decoder tree) with the tokenizer of tok_dir and enc's chat
-  template as a GGUF file at `path` (a temporary name beside it, renamed at the end). With
-  several processes every one calls this (tensors are gathered); only the one whose path is not
-  None writes. Returns {GGUF type name: tensor count}. Raises ConfigError for what GGUF's llama
-  architecture cannot hold."""
+  template as a GGUF file at `path` (a temporary name beside it, renamed at the end), in the
+  architecture and layout llama.cpp loads for cfg's family (models/gguf_arch.py). With several
+  processes every one calls this (tensors are gathered); only the one whose path is not None
+  writes. Returns {GGUF type name: tensor count}. Raises ConfigError for what llama.cpp cannot
+  express (naming the reason) and for a bad quant."""
   import gguf
   if quant not in QUANTS:
     raise ConfigError(f"--quant={quant}: expected one of {', '.join(QUANTS)}")
   check_model(cfg)
-  entries = []
-  for hf_name, p, layer, shape in hf.export_names(cfg):
-    gname = gguf_name(hf_name)
-    entries.append((gname, p, layer, shape,
-                    tensor_type(quant, gname, shape, cfg.num_layers, cfg.tie_embeddings)))
+  entries = [(gname, p, layer, shape,
+              tensor_type(quant, gname, shape, cfg.num_layers, cfg.tie_embeddings))
+             for gname, p, layer, shape in gguf_arch.tensors(cfg)]
   counts: dict[str, int] = {}
   for e in entries:
     counts[e[4].name] = counts.get(e[4].name, 0) + 1
 
-  def tensor(p, layer, gname):
-    x = hf.host_tensor(params, p, layer, "float32")
-    if gname.endswith("attn_q.weight"):
-      x = permute_qk(x, cfg.num_heads)
-    elif gname.endswith("attn_k.weight"):
-      x = permute_qk(x, cfg.num_kv_heads)
-    return x
+  def tensor(p, layer, shape):
+    if len(shape) == 3:  # one layer's experts, stacked
+      x = np.stack([hf.host_tensor(params, p, (layer, e), "float32")
+                    for e in range(cfg.num_experts)])
+    else:
+      x = hf.host_tensor(params, p, layer, "float32")
+    return gguf_arch.to_file(cfg, p, x)
 
   if path is None:  # take part in gathering each tensor
-    for gname, p, layer, _, _ in entries:
-      tensor(p, layer, gname)
+    for _, p, layer, shape, _ in entries:
+      tensor(p, layer, shape)
     return counts
   tmp = f"{path}.tmp-{os.getpid()}"
-  w = gguf.GGUFWriter(tmp, "llama")
+  w = gguf.GGUFWriter(tmp, gguf_arch.ARCHS[cfg.architecture])
   try:
     _add_metadata(w, cfg, quant, name)
     add_tokenizer(w, tok_dir, enc, cfg)
@@ -194,8 +171,7 @@ def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for gname, p, layer, shape, qtype in entries:
-      data = encode(tensor(p, layer, gname), qtype)
-      w.write_tensor_data(data)
+      w.write_tensor_data(encode(tensor(p, layer, shape), qtype))
     w.close()
     os.replace(tmp, path)
   except BaseException:
@@ -216,7 +192,9 @@ def _add_metadata(w, cfg, quant: str, name: str) -> None:
   w.add_context_length(cfg.max_position_embeddings)
   w.add_embedding_length(cfg.hidden_size)
   w.add_block_count(cfg.num_layers)
-  w.add_feed_forward_length(cfg.intermediate_size)
+  # (Mixtral's experts are llama's feed-forward; Qwen3-MoE writes theirs apart, gguf_arch)
+  w.add_feed_forward_length(cfg.moe_intermediate_size if cfg.architecture == "MixtralForCausalLM"
+                            else cfg.intermediate_size)
   w.add_rope_dimension_count(cfg.head_dim)
   w.add_head_count(cfg.num_heads)
   w.add_head_count_kv(cfg.num_kv_heads)
@@ -229,4 +207,5 @@ def _add_metadata(w, cfg, quant: str, name: str) -> None:
     import gguf
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(float(dict(cfg.rope_scaling)["factor"]))
+  gguf_arch.add_metadata(w, cfg)
 

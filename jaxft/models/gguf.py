@@ -1,13 +1,15 @@
-"""GGUF files (llama.cpp's format) of Llama-architecture models -> jaxft: the ModelConfig, the base
-params and the tokenizer, so that `model.path` may name a `.gguf` file.
+"""GGUF files (llama.cpp's format) -> jaxft: the ModelConfig, the base params and the tokenizer,
+so that `model.path` may name a `.gguf` file of the llama (Llama, Mistral, Mixtral), qwen2, qwen3,
+qwen3moe, gemma2 or gemma3 architecture.
 
 Tensors are read with the `gguf` package one at a time (the file is memory-mapped; each tensor is
 dequantized to float32 on the host, then cast, and quantized again if `model.quant` asks, on the
 devices by the same streaming code as safetensors: `hf.stream_params`), so host memory peaks near
-the largest tensor. llama.cpp's converter permutes the rows of the Q and K projections (per head,
-the two rotary halves interleaved) for its RoPE; they are put back in HF's order here.
+the largest tensor (a layer's stacked experts). The family's layout in the file is undone
+(models/gguf_arch.py, shared with the writer): the llama architecture's Q/K rows put back in HF's
+rotate-half order, Gemma's stored 1 + w norms back to w, stacked experts split per expert.
 
-GGUF names and HF names:
+GGUF names and HF names (the others in gguf_arch.py):
   token_embd.weight        model.embed_tokens.weight      output_norm.weight  model.norm.weight
   output.weight            lm_head.weight (absent: tied embeddings)
   blk.N.attn_{q,k,v,output}.weight   model.layers.N.self_attn.{q,k,v,o}_proj.weight
@@ -30,24 +32,15 @@ import numpy as np
 
 from jaxft import files
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import hf
+from jaxft.models import gguf_arch, hf
 from jaxft.models.config import ModelConfig
 
 __all__ = ["is_gguf", "read_config", "load_params", "build_tokenizer", "write_tokenizer",
-           "SUPPORTED_TYPES"]
+           "SUPPORTED_TYPES", "SPLIT_REGEXES"]
 
 # Tensor types read (dequantized with gguf.quants); others are refused by name.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
                    "Q4_K", "Q5_K", "Q6_K")
-
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_LAYER = {"attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-          "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-          "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-          "ffn_down.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
-          "ffn_norm.weight": "post_attention_layernorm.weight"}
-
 
 def is_gguf(path: str) -> bool:
   """Whether `model.path` names a GGUF file (by its extension)."""
@@ -105,14 +98,16 @@ def _strings(path: str, reader, key: str) -> list[str]:
 
 def _architecture(path: str, reader) -> str:
   arch = _field(path, reader, "general.architecture", required=True)
-  if arch != "llama":
+  if arch not in gguf_arch.READS:
     raise ConfigError(f"{path}: general.architecture={arch!r} is not supported; jaxft reads GGUF "
-                      "files of the llama architecture")
+                      f"files of the {', '.join(gguf_arch.READS)} architectures")
   return arch
 
 
 def read_config(path: str) -> ModelConfig:
-  """The ModelConfig of a GGUF file of the llama architecture (its `llama.*` metadata).
+  """The ModelConfig of a GGUF file (its `{arch}.*` metadata; the family's own keys in
+  gguf_arch.arch_fields): llama (Llama, Mistral; Mixtral when it has experts), qwen2, qwen3,
+  qwen3moe, gemma2, gemma3.
 
   dtype/param_dtype/remat keep their defaults. Raises ConfigError (naming the file and key) for
   another architecture or a setting jaxft does not implement, CheckpointError for an unreadable
@@ -122,15 +117,13 @@ def read_config(path: str) -> ModelConfig:
   need = lambda k: _field(path, r, f"{arch}.{k}", required=True)
   opt = lambda k, d=None: _field(path, r, f"{arch}.{k}", d)
   scaling = opt("rope.scaling.type", "none")
+  factor = opt("rope.scaling.factor")
   if scaling not in ("none", "linear"):
     raise ConfigError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported (none, linear)")
   names = {t.name for t in r.tensors}
   if "rope_freqs.weight" in names:
     raise ConfigError(f"{path}: tensor rope_freqs.weight (per-frequency RoPE factors, as Llama 3.1 "
                       "files carry) is not supported")
-  if opt("expert_count", 0):
-    raise ConfigError(f"{path}: {arch}.expert_count={opt('expert_count')}: mixture-of-experts "
-                      "models are not supported")
   hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
   tokens = r.fields.get("tokenizer.ggml.tokens")
   vocab = opt("vocab_size") or (len(tokens.data) if tokens is not None else None)
@@ -140,43 +133,55 @@ def read_config(path: str) -> ModelConfig:
   if int(opt("rope.dimension_count") or head_dim) != head_dim:
     raise ConfigError(f"{path}: {arch}.rope.dimension_count={opt('rope.dimension_count')} (partial "
                       f"rotary embedding) is not supported; head dim is {head_dim}")
+  linear = scaling == "linear" and factor not in (None, 1.0)
+  shape = dict(hidden=hidden, heads=heads, head_dim=head_dim, layers=int(need("block_count")),
+               ff=int(need("feed_forward_length")), rope_theta=float(opt("rope.freq_base", 10000.0)))
   tok = lambda k: _field(path, r, f"tokenizer.ggml.{k}")
-  return ModelConfig(
-      vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
-      num_layers=int(need("block_count")), num_heads=heads,
+  fields = dict(
+      vocab_size=int(vocab), hidden_size=hidden, intermediate_size=shape["ff"],
+      num_layers=shape["layers"], num_heads=heads,
       num_kv_heads=int(opt("attention.head_count_kv") or heads), head_dim=head_dim,
-      rope_theta=float(opt("rope.freq_base", 10000.0)),
-      rope_scaling=((("factor", float(opt("rope.scaling.factor"))), ("rope_type", "linear"))
-                    if scaling == "linear" else None),
+      rope_theta=shape["rope_theta"],
+      rope_scaling=(("factor", float(factor)), ("rope_type", "linear")) if linear else None,
       rms_norm_eps=float(opt("attention.layer_norm_rms_epsilon", 1e-5)),
       max_position_embeddings=int(opt("context_length", 4096)),
-      tie_embeddings="output.weight" not in names, architecture="LlamaForCausalLM",
+      tie_embeddings="output.weight" not in names,
       bos_token_id=tok("bos_token_id"), eos_token_id=tok("eos_token_id"),
       pad_token_id=tok("padding_token_id"))
+  fields.update(gguf_arch.arch_fields(path, arch, opt, shape))
+  try:
+    return ModelConfig(**fields)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
 
 
-def _hf_names(path: str, reader, cfg: ModelConfig) -> dict[str, object]:
-  """{HF name: GGUF tensor} of every tensor; raises CheckpointError for an unknown one."""
-  out = {}
-  for t in reader.tensors:
-    name = t.name
-    if name in _TOP:
-      out[_TOP[name]] = t
+def _gguf_tensors(path: str, reader, cfg: ModelConfig) -> dict[str, tuple[object, int | None]]:
+  """{HF name: (GGUF tensor, expert index or None)} of every tensor cfg has (a mixture of experts'
+  per-expert HF names share their layer's stacked tensor). Raises CheckpointError naming the
+  file for a missing or an unexpected tensor."""
+  by_name = {t.name: t for t in reader.tensors}
+  out, used, missing = {}, set(), []
+  for hf_name, (p, layer, _) in hf.expected_names(cfg).items():
+    i, e = layer if isinstance(layer, tuple) else (layer, None)
+    gname = gguf_arch.gguf_name(cfg, p, i)
+    if gname not in by_name:
+      missing.append(hf_name)
       continue
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
-      out[f"model.layers.{parts[1]}.{_LAYER[parts[2]]}"] = t
-      continue
-    raise CheckpointError(f"{path}: unexpected tensor {name} (general.architecture=llama with "
-                          f"{cfg.num_layers} layers; jaxft has no such parameter)")
+    out[hf_name] = (by_name[gname], e)
+    used.add(gname)
+  if missing:
+    raise CheckpointError(f"{path}: the tensor for {missing[0]} is missing"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                          + f"; the metadata describes {cfg.architecture} with "
+                          f"{cfg.num_layers} layers")
+  extra = [t.name for t in reader.tensors if t.name not in used]
+  if extra:
+    raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({cfg.architecture} with "
+                          f"{cfg.num_layers} layers has no such parameter)")
   return out
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-  """Undoes llama.cpp's row order of a Q or K projection [heads * head_dim, in]: per head it stores
-  the even rotary components, then the odd ones; HF keeps the two halves of each head apart."""
-  rows = w.shape[0]
-  return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+_unpermute = gguf_arch.unpermute_qk
 
 
 def _dequantize(path: str, t, shape: tuple[int, ...]) -> np.ndarray:
@@ -225,38 +230,34 @@ def _check_values(path: str, name: str, kind: str, x: np.ndarray) -> None:
 
 
 def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none") -> dict:
-  """Reads a llama GGUF file into the param tree of `cfg` (from `read_config(path)`), each leaf on
-  its NamedSharding, cast to cfg.param_dtype and, with quant_kind int8/nf4, the layer kernels
-  quantized again. Raises CheckpointError naming the file and tensor for a missing, unexpected,
-  misshapen or unsupported (type) tensor, and for one whose values show corruption (non-finite,
-  or out of range: `_check_values`)."""
+  """Reads a GGUF file into the param tree of `cfg` (from `read_config(path)`), each leaf on its
+  NamedSharding, cast to cfg.param_dtype and, with quant_kind int8/nf4, the layer kernels
+  quantized again; the family's layout in the file (gguf_arch.to_file) is undone. Raises
+  CheckpointError naming the file and tensor for a missing, unexpected, misshapen or unsupported
+  (type) tensor, and for one whose values show corruption (non-finite, or out of range:
+  `_check_values`)."""
   r = _reader(path)
   _architecture(path, r)
-  tensors = _hf_names(path, r, cfg)
+  tensors = _gguf_tensors(path, r, cfg)
   expected = hf.expected_names(cfg)
-  missing = [n for n in expected if n not in tensors]
-  if missing:
-    raise CheckpointError(f"{path}: the tensor for {missing[0]} is missing"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                          + f"; the metadata describes {cfg.num_layers} layers")
-  extra = [n for n in tensors if n not in expected and not (n == "lm_head.weight" and cfg.tie_embeddings)]
-  if extra:
-    raise CheckpointError(f"{path}: unexpected tensor {tensors[extra[0]].name}")
-  for name, t in tensors.items():  # every type checked before any work
+  for t, _ in tensors.values():  # every type checked before any work
     if t.tensor_type.name not in SUPPORTED_TYPES:
       raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; jaxft reads "
                             f"{', '.join(SUPPORTED_TYPES)}")
+  stacked: dict[str, np.ndarray] = {}  # the one layer's experts being read
 
   def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    x = _dequantize(path, tensors[name], shape)
-    if name.endswith("q_proj.weight"):
-      x = _unpermute(x, cfg.num_heads)
-    elif name.endswith("k_proj.weight"):
-      x = _unpermute(x, cfg.num_kv_heads)
-    return x
+    t, expert = tensors[name]
+    p = expected[name][0]
+    if expert is None:
+      return gguf_arch.from_file(cfg, p, _dequantize(path, t, shape))
+    if t.name not in stacked:
+      stacked.clear()
+      stacked[t.name] = _dequantize(path, t, (cfg.num_experts, *shape))
+    return gguf_arch.from_file(cfg, p, stacked[t.name][expert])
 
   # In file order: the mapping is read front to back.
-  order = sorted(expected, key=lambda n: tensors[n].data_offset)
+  order = sorted(expected, key=lambda n: (tensors[n][0].data_offset, tensors[n][1] or 0))
   return hf.stream_params(cfg, shardings, quant_kind, order, read)
 
 
@@ -265,9 +266,15 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
 # tokenizer.ggml.pre -> the split regex llama.cpp applies before byte-level BPE (None: GPT-2's,
 # which tokenizers' ByteLevel pre-tokenizer applies itself).
 _GPT2 = None
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE = {"default": _GPT2, "gpt2": _GPT2, "smollm": _GPT2, "llama-bpe": _LLAMA3, "llama3": _LLAMA3}
+# (the same regexes name a tokenizer.json's pre-tokenizer when one is written: export/gguf_tokenizer.py)
+SPLIT_REGEXES = {
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+_PRE = {"default": _GPT2, "gpt2": _GPT2, "smollm": _GPT2, "llama-bpe": SPLIT_REGEXES["llama-bpe"],
+        "llama3": SPLIT_REGEXES["llama-bpe"], "qwen2": SPLIT_REGEXES["qwen2"]}
 _DIGITS_ALONE = ("smollm",)  # every digit its own piece (SmolLM's tokenizer.json does the same)
 
 # tokenizer.ggml.token_type values
