@@ -1,7 +1,8 @@
 """The tokenizer of a GGUF export, as llama.cpp reads it: SentencePiece (tokenizer.model) as
 llama.cpp's `llama` model (pieces, scores, types, add_space_prefix); byte-level BPE
-(tokenizer.json, e.g. SmolLM2's rebuilt from its GGUF) as `gpt2` (tokens, merges, types, and the
-pre-tokenizer's llama.cpp name: gpt2 or smollm); and the chat template training rendered with.
+(tokenizer.json: SmolLM2's, Qwen2/3's, Llama 3's) as `gpt2` (tokens, merges, types, and the
+pre-tokenizer's llama.cpp name: gpt2, smollm, qwen2 or llama-bpe); and the chat template training
+rendered with.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from absl import logging
 
 from jaxft.errors import ConfigError
+from jaxft.models.gguf import SPLIT_REGEXES
 
 
 # -- tokenizer -----------------------------------------------------------------------------------
@@ -117,19 +119,31 @@ def _step_kinds(pre: dict | None) -> list[dict]:
   return list(pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
 
 
+def _split_name(s: dict) -> str | None:
+  """The llama.cpp name of a Split(Regex, Isolated) step whose regex it knows, else None."""
+  if s.get("type") != "Split" or s.get("behavior") != "Isolated" or s.get("invert"):
+    return None
+  regex = (s.get("pattern") or {}).get("Regex")
+  return next((name for name, r in SPLIT_REGEXES.items() if r == regex), None)  # llama.cpp's
+
+
 def bpe_pre_name(path: str, pre: dict | None) -> str:
   """llama.cpp's name (tokenizer.ggml.pre) for a byte-level tokenizer.json's pre-tokenizer: `gpt2`
-  (ByteLevel with GPT-2's regex) or `smollm` (every digit alone, then the same). Raises
-  ConfigError naming the file for any other, whose split rules llama.cpp would not apply alike."""
-  steps = [(s.get("type"), s.get("individual_digits"), s.get("use_regex"))
-           for s in _step_kinds(pre)]
+  (ByteLevel with GPT-2's regex), `smollm` (every digit alone, then the same), `qwen2` (Qwen2/3's
+  split regex, then ByteLevel without its own) or `llama-bpe` (Llama 3's). Raises ConfigError
+  naming the file for any other, whose split rules llama.cpp would not apply alike."""
+  kinds = _step_kinds(pre)
+  steps = [(s.get("type"), s.get("individual_digits"), s.get("use_regex")) for s in kinds]
   if steps == [("ByteLevel", None, True)]:
     return "gpt2"
   if steps == [("Digits", True, None), ("ByteLevel", None, True)]:
     return "smollm"
+  if len(kinds) == 2 and steps[1] == ("ByteLevel", None, False) and _split_name(kinds[0]):
+    return _split_name(kinds[0])
   raise ConfigError(f"{path}: pre_tokenizer {[s[0] for s in steps]} is not one GGUF export "
-                    "names (ByteLevel: gpt2; Digits(individual) + ByteLevel: smollm); export "
-                    "--format=hf and convert it with llama.cpp's convert_hf_to_gguf.py")
+                    "names (ByteLevel: gpt2; Digits(individual) + ByteLevel: smollm; Qwen2's or "
+                    "Llama 3's Split regex + ByteLevel: qwen2, llama-bpe); export --format=hf and "
+                    "convert it with llama.cpp's convert_hf_to_gguf.py")
 
 
 def _bpe_vocab(path: str, vocab: dict, added: list, vocab_size: int):
