@@ -134,8 +134,23 @@ def test_bad_settings_name_the_key(quickstart, over, rows, needle):
     _preview(make_config("quickstart", **over), encoder, vocab).rows(rows)
 
 
-def test_an_objective_whose_rows_are_not_shown_says_so(quickstart):
+def test_grpo_prompt_rows_show_what_the_policy_reads_and_the_reward_fields(quickstart):
+  config = make_config("quickstart", "objective=grpo")
   _, encoder, vocab = quickstart
-  with pytest.raises(ConfigError, match="train.objective='grpo': python -m jaxft.data does not "
-                                        "show its rows yet"):
-    _preview(make_config("quickstart", "objective=grpo"), encoder, vocab)
+  preview = _preview(config, encoder, vocab)
+  (s,) = preview.rows(1)
+  row = _rows(config.data.train)[0]
+  assert s.text == encoder.render(row["messages"], add_generation_prompt=True)
+  assert s.text.endswith("Assistant:") and not s.example.mask.any()
+  lines = show.format_row(1, s, encoder, config.data.max_len, color=False)
+  assert lines[-1] == "  fields:   " + json.dumps({k: v for k, v in row.items() if k != "messages"})
+  counts = preview.counts()
+  assert (counts.formats, counts.target_tokens, counts.no_target) == (
+      {"prompt": len(_rows(config.data.train))}, 0, len(_rows(config.data.train)))
+
+
+def test_an_objective_without_a_preview_says_so():
+  from jaxft.objectives import Objective
+  with pytest.raises(ConfigError, match="train.objective='toy': python -m jaxft.data does not "
+                                        "show its rows"):
+    Objective.preview(None, make_config("quickstart", **{"train.objective": "toy"}), None, 0)

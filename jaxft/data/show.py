@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 
 import numpy as np
 
@@ -38,6 +39,7 @@ class Shown:
   example: Example  # after truncation, its mask the tokens that carry loss
   tokens_before: int  # before truncation
   side: str = ""  # a preference pair's "chosen" or "rejected"
+  fields: dict | None = None  # a prompt row's fields for the rewards
 
 
 @dataclasses.dataclass
@@ -48,9 +50,10 @@ class Counts:
   target_tokens: int  # of those, the tokens that carry loss
   truncated: int  # rows cut to data.max_len
   no_target: int  # rows left with no target token (a pair: on either side; training drops it)
+  note: str = ""  # a last line (what the counts mean for this kind of row)
 
 
-def _split(config, split: str) -> str:
+def split_spec(config, split: str) -> str:
   """data.train or data.eval; ConfigError naming the key when it is empty."""
   value = config.data[split]
   if not value:
@@ -58,7 +61,8 @@ def _split(config, split: str) -> str:
   return value
 
 
-def _check_rows(n: int) -> None:
+def check_rows(n: int) -> None:
+  """ConfigError naming --rows when it is negative."""
   if n < 0:
     raise ConfigError(f"--rows={n}: must be >= 0")
 
@@ -75,11 +79,11 @@ class Supervised:
 
   def __init__(self, config, encoder: Encoder, vocab_size: int, split: str = "train"):
     pipeline.check_format(config.data.format)
-    self.path, self._config, self._enc, self._vocab = _split(config, split), config, encoder, vocab_size
+    self.path, self._config, self._enc, self._vocab = split_spec(config, split), config, encoder, vocab_size
 
   def rows(self, n: int) -> list[Shown]:
     """The first `n` rows. Raises DataError naming the file and line of a bad row."""
-    _check_rows(n)
+    check_rows(n)
     fmt, max_len = self._config.data.format, self._config.data.max_len
     self._enc.limit_tokens(max_len + 1)
     return [_shown(origin, r.kind, self._enc.text_of(r, origin), pipeline.truncate(ex, max_len),
@@ -100,11 +104,11 @@ class Pairs:
 
   def __init__(self, config, encoder: Encoder, vocab_size: int, split: str = "train"):
     preference.check_format(config.data.format)
-    self.path, self._config, self._enc, self._vocab = _split(config, split), config, encoder, vocab_size
+    self.path, self._config, self._enc, self._vocab = split_spec(config, split), config, encoder, vocab_size
 
   def rows(self, n: int) -> list[Shown]:
     """Each of the first `n` rows as its chosen and its rejected sequence."""
-    _check_rows(n)
+    check_rows(n)
     out = []
     for origin, row in itertools.islice(sources.read_rows(self.path), n):
       preference.check_row(origin, row)
@@ -157,13 +161,15 @@ def format_row(i: int, shown: Shown, encoder: Encoder, max_len: int, color: bool
     head += f"; truncated from {shown.tokens_before} tokens to fit data.max_len={max_len}"
   lines = [head]
   if shown.text is not None:
-    label = "template" if shown.kind in ("chat", "alpaca", "conversational") else "text"
+    label = "template" if shown.kind in ("chat", "alpaca", "conversational", "prompt") else "text"
     lines.append(f"  {label + ':':<10}{_visible(shown.text)}")
   ids = " ".join(_mark(" ".join(str(int(t)) for t in ex.ids[a:b]), loss, color)
                  for a, b, loss in _runs(ex.mask))
   lines.append(f"  {'ids:':<10}{ids}")
   loss_view = "".join(_mark(_visible(p), loss, color) for p, loss in encoder.segments(ex))
   lines.append(f"  {'loss:':<10}{loss_view}")
+  if shown.fields:
+    lines.append(f"  {'fields:':<10}{json.dumps(shown.fields, ensure_ascii=False)}")
   return lines
 
 
@@ -175,7 +181,7 @@ def format_counts(path: str, ds: Counts, max_len: int) -> list[str]:
           f"  rows:                      {sum(ds.formats.values()):,} ({kinds})",
           f"  tokens:                    {ds.tokens:,} ({ds.target_tokens:,} carry loss)",
           f"  rows truncated:            {ds.truncated:,} (to data.max_len={max_len})",
-          f"  rows with no target token: {ds.no_target:,}"]
+          f"  rows with no target token: {ds.no_target:,}"] + ([f"  ({ds.note})"] if ds.note else [])
 
 
 def format_rows(path: str, shown: list[Shown], encoder: Encoder, max_len: int,

@@ -141,11 +141,12 @@ class Objective(abc.ABC):
   def preview(self, config, encoder, vocab_size: int, split: str = "train"):
     """What `python -m jaxft.data` shows of data.<split>: an object with `path`, `rows(n)` (the
     first n rows as this objective trains them, jaxft.data.show.Shown) and `counts()` (the whole
-    file, jaxft.data.show.Counts); jaxft/data/show.py has the supervised and the pair ones.
+    file, jaxft.data.show.Counts): jaxft/data/show.py's Supervised and Pairs, jaxft/rl/prompts.py's
+    Preview.
     Raises ConfigError when the objective's rows cannot be shown (the default)."""
     del encoder, vocab_size, split
     raise ConfigError(f"train.objective={config.train.objective!r}: python -m jaxft.data does "
-                      "not show its rows yet (supervised rows and preference pairs only)")
+                      "not show its rows")
 
   def train_batch(self, loop, model, batch: dict) -> dict:
     """The host batch the train step takes, made from the stream's `batch` (this process's rows)

@@ -80,6 +80,10 @@ class GRPO(Objective):
 
   # -- data and batches, on the host -----------------------------------------------------------
 
+  def preview(self, config, encoder, vocab_size, split="train"):
+    del vocab_size
+    return prompt_data.Preview(config, encoder, split)
+
   def load_data(self, config, encoder, vocab_size):
     """The prompt rows of data.train (and data.eval's, checked only: module docstring)."""
     del vocab_size

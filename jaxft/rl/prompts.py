@@ -12,12 +12,14 @@ Turns after the last user turn (an SFT row's answer) are dropped. Every other fi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 from absl import logging
 
 from jaxft import inference
-from jaxft.data import formats, sources
+from jaxft.data import formats, show, sources
+from jaxft.data.formats import Example
 from jaxft.data.pipeline import Position
 from jaxft.errors import DataError
 
@@ -63,22 +65,52 @@ def _messages(origin: str, row) -> list:
                   f"'prompt'; got keys {sorted(row)}")
 
 
+def prompt_row(origin: str, row, encoder, max_len: int, completion_tokens: int) -> PromptRow:
+  """One row as a PromptRow. Raises DataError naming file:line for a row without a user message,
+  or whose prompt leaves fewer than `completion_tokens` of data.max_len."""
+  msgs = _messages(origin, row)
+  ids = inference.prompt_ids(encoder, inference.Prompt(origin, msgs))
+  if len(ids) + completion_tokens > max_len:
+    raise DataError(f"{origin}: the prompt has {len(ids)} tokens; with "
+                    f"rl.max_completion_tokens={completion_tokens} it needs data.max_len >= "
+                    f"{len(ids) + completion_tokens} (data.max_len={max_len})")
+  return PromptRow(origin, msgs, ids, {k: v for k, v in row.items() if k not in PROMPT_KEYS})
+
+
 def load_prompts(spec: str, encoder, max_len: int, completion_tokens: int) -> PromptSet:
-  """Every row of `spec` as a PromptRow. Raises DataError naming file:line for a row without a
-  user message, or whose prompt leaves fewer than `completion_tokens` of data.max_len."""
-  out = []
-  for origin, row in sources.read_rows(spec):
-    msgs = _messages(origin, row)
-    ids = inference.prompt_ids(encoder, inference.Prompt(origin, msgs))
-    if len(ids) + completion_tokens > max_len:
-      raise DataError(f"{origin}: the prompt has {len(ids)} tokens; with "
-                      f"rl.max_completion_tokens={completion_tokens} it needs data.max_len >= "
-                      f"{len(ids) + completion_tokens} (data.max_len={max_len})")
-    fields = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
-    out.append(PromptRow(origin, msgs, ids, fields))
+  """Every row of `spec` as a PromptRow (prompt_row's checks)."""
+  out = [prompt_row(origin, row, encoder, max_len, completion_tokens)
+         for origin, row in sources.read_rows(spec)]
   logging.info("%s: %d prompts (longest %d tokens)", spec, len(out),
                max(len(r.ids) for r in out))
   return PromptSet(out)
+
+
+class Preview:
+  """What `python -m jaxft.data` shows of prompt rows (Objective.preview): each prompt as the
+  policy reads it before sampling (the chat template with the generation prompt), with the
+  fields the rewards get. No token of a prompt carries loss: GRPO's loss is on the completions it
+  samples."""
+
+  def __init__(self, config, encoder, split: str = "train"):
+    self.path = show.split_spec(config, split)
+    self._enc, self._max_len = encoder, config.data.max_len
+    self._completion = config.rl.max_completion_tokens
+
+  def rows(self, n: int) -> list[show.Shown]:
+    show.check_rows(n)
+    out = []
+    for origin, row in itertools.islice(sources.read_rows(self.path), n):
+      p = prompt_row(origin, row, self._enc, self._max_len, self._completion)
+      text = self._enc.render(p.messages, add_generation_prompt=True, origin=origin)
+      out.append(show.Shown(origin, "prompt", text, Example(p.ids, np.zeros(len(p.ids), bool)),
+                            len(p.ids), fields=p.fields))
+    return out
+
+  def counts(self) -> show.Counts:
+    ps = load_prompts(self.path, self._enc, self._max_len, self._completion).examples
+    return show.Counts({"prompt": len(ps)}, sum(len(p.ids) for p in ps), 0, 0, len(ps),
+                       note="no prompt token carries loss: the loss is on sampled completions")
 
 
 class PromptStream:
