@@ -16,6 +16,8 @@ from jaxft import trackers
 from jaxft.errors import ConfigError
 
 RUN = {"train.steps": 3, "train.loggers": "wandb,mlflow"}
+needs_trackers = pytest.mark.skipif(not tracker_runs.installed(),
+                                    reason="wandb and mlflow (the test extra) are not installed")
 
 
 @pytest.fixture
@@ -25,6 +27,7 @@ def offline(tmp_path, monkeypatch):
   monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # (restored after: jaxft sets it)
 
 
+@needs_trackers
 def test_resumed_runs_and_evaluations_log_into_the_training_runs(offline, tmp_path):
   """WORKDIR/trackers.json keeps the runs' ids: a resumed train (which opens the trackers again
   on its workdir) logs into the same W&B and MLflow runs, and so does jaxft.evaluate
@@ -91,6 +94,7 @@ def test_an_empty_project_names_the_key():
     trackers.check(tiny_config(**{"train.loggers": "mlflow", "train.project": " "}))
 
 
+@needs_trackers
 def test_an_mlflow_store_that_cannot_open_names_the_key(tmp_path):
   c = tiny_config(**{"train.loggers": "mlflow", "train.mlflow_uri": "foo://bar"})
   with pytest.raises(trackers.TrackerError, match=r"could not start an MLflow run on foo://bar "

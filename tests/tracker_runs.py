@@ -1,12 +1,18 @@
 """Reading back what train.loggers=wandb,mlflow left in a workdir, with each library's own reader
 (tests/test_train_cli.py's three-step run; tests/test_trackers.py)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 from jaxft import trackers
+
+
+def installed() -> bool:
+  """Whether wandb and mlflow can be imported (the test extra has them)."""
+  return all(importlib.util.find_spec(m) is not None for m in ("wandb", "mlflow"))
 
 
 def offline_env(scratch: str) -> dict:
