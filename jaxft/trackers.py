@@ -9,14 +9,16 @@ with one line naming the extra to install (`pip install 'jaxft[wandb]'`).
 
 - tensorboard: tensorboardX event files under WORKDIR/tensorboard (and the config as text).
 - wandb: a W&B run in WORKDIR/wandb (project train.project, name train.run_name or the workdir's
-  name). With WANDB_MODE=offline it needs no network: `wandb sync WORKDIR/wandb/offline-run-*`
-  uploads it later. Artifacts go in one W&B artifact, `run-ID-files`.
+  name; console capture off). With WANDB_MODE=offline it needs no network: `wandb sync
+  WORKDIR/wandb/offline-run-*` uploads it later. The run's files go in one W&B artifact,
+  `run-ID-files` (an evaluation's in `run-ID-eval`).
 - mlflow: a run in experiment train.project on train.mlflow_uri, else $MLFLOW_TRACKING_URI, else a
   local store WORKDIR/mlruns (MLflow's file store, which needs no server or database: jaxft sets
   MLFLOW_ALLOW_FILE_STORE=true for it). The config goes in as flattened params.
 
-A resumed run continues the same W&B and MLflow runs: their ids are kept in WORKDIR/trackers.json.
-A tracker that fails while logging is warned about once and left out: metrics.jsonl stays whole.
+A resumed run continues the same W&B and MLflow runs: their ids are kept in WORKDIR/trackers.json,
+and `jaxft.evaluate` adds its figures and reports to them (report_eval). A tracker that fails while
+logging is warned about once and left out: metrics.jsonl stays whole.
 """
 
 from __future__ import annotations
@@ -319,11 +321,16 @@ def report_eval(config, workdir: str, result: dict, paths: list[str], label: str
   """Adds a jaxft.evaluate result to the W&B and MLflow runs of WORKDIR's training (those
   WORKDIR/trackers.json names, of train.loggers): its figures (eval_figures: in the W&B run's
   summary, as MLflow metrics at the evaluated step) and `paths` (eval.json, the report, the
-  samples, the plot) as artifacts. Returns the trackers it reported to. Never raises: the
-  evaluation is written already, so a tracker that fails is a warning."""
+  samples, the plot) as artifacts. Returns the trackers it opened. Never raises: the evaluation
+  is written already, so a tracker that fails is a warning."""
   ids = run_ids(workdir)
+  try:
+    wanted = [n for n in names(config.train.loggers) if n in ids and n != "tensorboard"]
+  except ConfigError as e:
+    logging.warning("evaluation not reported to any tracker: %s", e)
+    return []
   done = []
-  for name in (n for n in names(config.train.loggers) if n in ids and n != "tensorboard"):
+  for name in wanted:
     try:
       check_one(name, config.train.loggers)
       tracker = _CLASSES[name](config, workdir, ids[name])
