@@ -100,6 +100,9 @@ def test_truncated_rows_and_rows_with_no_target_are_counted(quickstart, tmp_path
   ds = preview.counts()
   assert (sum(ds.formats.values()), ds.truncated, ds.no_target) == (4, 2, 2)
   assert ds.tokens == sum(len(s.example.ids) for s in shown)
+  assert show.format_counts(str(data), ds, 16)[3:] == [
+      "  rows truncated:            2 (to data.max_len=16; e.g. line 3, 4)",
+      "  rows with no target token: 2; e.g. line 2, 3"]
 
 
 def test_preference_pairs_show_chosen_and_rejected(quickstart):

@@ -31,6 +31,8 @@ class Dataset:
   distill: int = 0  # examples marked "distill": true
   tokens: int = 0  # tokens of the examples kept (after truncation)
   no_target: int = 0  # rows with no target token left (after truncation)
+  # file:line of the first few truncated rows and rows with no target token (python -m jaxft.data)
+  examples_of: dict = dataclasses.field(default_factory=dict)
 
 
 def encode_rows(spec: str, encoder: Encoder, fmt: str,
@@ -71,6 +73,7 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
   check_format(fmt)
   counts: dict[str, int] = collections.Counter()
   examples, truncated, targets_before, no_target = [], 0, 0, 0
+  examples_of = {"truncated": [], "no_target": []}
   encoder.limit_tokens(max_len + 1)
   for origin, r, ex in encode_rows(spec, encoder, fmt, vocab_size):
     counts[r.kind] += 1
@@ -80,7 +83,10 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
     if len(ex.ids) > max_len + 1:
       truncated += 1
       ex = truncate(ex, max_len)
-    no_target += not ex.mask[1:].any()
+      _note(examples_of["truncated"], origin)
+    if not ex.mask[1:].any():
+      no_target += 1
+      _note(examples_of["no_target"], origin)
     if len(ex.ids) >= 2:
       examples.append(ex)
   targets = sum(int(e.mask[1:].sum()) for e in examples)
@@ -94,7 +100,12 @@ def load_examples(spec: str, encoder: Encoder, fmt: str, max_len: int, vocab_siz
                spec, len(examples), dict(counts), truncated, max_len, targets,
                f" ({distill} examples marked distill: trained toward the base)" if distill else "")
   return Dataset(examples, dict(counts), truncated, targets, distill,
-                 sum(len(e.ids) for e in examples), no_target)
+                 sum(len(e.ids) for e in examples), no_target, examples_of)
+
+
+def _note(origins: list, origin: str, keep: int = 3) -> None:
+  if len(origins) < keep:
+    origins.append(origin)
 
 
 def check_format(fmt: str) -> None:

@@ -51,6 +51,7 @@ class Counts:
   truncated: int  # rows cut to data.max_len
   no_target: int  # rows left with no target token (a pair: on either side; training drops it)
   note: str = ""  # a last line (what the counts mean for this kind of row)
+  examples_of: dict = dataclasses.field(default_factory=dict)  # count -> the first rows' file:line
 
 
 def split_spec(config, split: str) -> str:
@@ -94,7 +95,8 @@ class Supervised:
   def counts(self) -> Counts:
     ds = pipeline.load_examples(self.path, self._enc, self._config.data.format,
                                 self._config.data.max_len, self._vocab)
-    return Counts(ds.formats, ds.tokens, ds.target_tokens, ds.truncated, ds.no_target)
+    return Counts(ds.formats, ds.tokens, ds.target_tokens, ds.truncated, ds.no_target,
+                  examples_of=ds.examples_of)
 
 
 class Pairs:
@@ -177,11 +179,14 @@ def format_counts(path: str, ds: Counts, max_len: int) -> list[str]:
   """The counts of the whole file: rows (by format), tokens and those that carry loss, rows
   truncated, rows with no target token."""
   kinds = ", ".join(f"{k} {n:,}" for k, n in sorted(ds.formats.items()))
+  eg = {k: _for_example(path, v) for k, v in ds.examples_of.items()}
   return [f"{path}:",
           f"  rows:                      {sum(ds.formats.values()):,} ({kinds})",
           f"  tokens:                    {ds.tokens:,} ({ds.target_tokens:,} carry loss)",
-          f"  rows truncated:            {ds.truncated:,} (to data.max_len={max_len})",
-          f"  rows with no target token: {ds.no_target:,}"] + ([f"  ({ds.note})"] if ds.note else [])
+          f"  rows truncated:            {ds.truncated:,} (to data.max_len={max_len}"
+          f"{eg.get('truncated', '')})",
+          f"  rows with no target token: {ds.no_target:,}{eg.get('no_target', '')}"] + (
+              [f"  ({ds.note})"] if ds.note else [])
 
 
 def format_rows(path: str, shown: list[Shown], encoder: Encoder, max_len: int,
@@ -200,6 +205,15 @@ def format_rows(path: str, shown: list[Shown], encoder: Encoder, max_len: int,
       number, last = number + 1, s.origin
     out += format_row(number, s, encoder, max_len, color) + [""]
   return out
+
+
+def _for_example(path: str, origins: list[str]) -> str:
+  """"; e.g. line 4, 7, 8" (origins in `path`), or the origins as they are."""
+  if not origins:
+    return ""
+  if all(o.startswith(path + ":") for o in origins):
+    return "; e.g. line " + ", ".join(o[len(path) + 1:] for o in origins)
+  return "; e.g. " + ", ".join(origins)
 
 
 def legend(color: bool) -> str:
