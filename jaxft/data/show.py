@@ -80,7 +80,8 @@ class Supervised:
 
   def __init__(self, config, encoder: Encoder, vocab_size: int, split: str = "train"):
     pipeline.check_format(config.data.format)
-    self.path, self._config, self._enc, self._vocab = split_spec(config, split), config, encoder, vocab_size
+    self.path = split_spec(config, split)
+    self._config, self._enc, self._vocab = config, encoder, vocab_size
 
   def rows(self, n: int) -> list[Shown]:
     """The first `n` rows. Raises DataError naming the file and line of a bad row."""
@@ -106,7 +107,8 @@ class Pairs:
 
   def __init__(self, config, encoder: Encoder, vocab_size: int, split: str = "train"):
     preference.check_format(config.data.format)
-    self.path, self._config, self._enc, self._vocab = split_spec(config, split), config, encoder, vocab_size
+    self.path = split_spec(config, split)
+    self._config, self._enc, self._vocab = config, encoder, vocab_size
 
   def rows(self, n: int) -> list[Shown]:
     """Each of the first `n` rows as its chosen and its rejected sequence."""
