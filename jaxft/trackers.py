@@ -27,6 +27,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import time
 
 from absl import logging
@@ -192,6 +193,13 @@ def mlflow_uri(config, workdir: str) -> str:
   return uri
 
 
+def mlflow_key(key: str) -> str:
+  """`key` as an MLflow metric name: the characters MLflow refuses (a GRPO reward named by its
+  regex, rewards/format:^A.*$/mean) become "_", and empty path parts go."""
+  key = re.sub(r"[^/\w.\- :]", "_", key)
+  return "/".join(p for p in key.split("/") if p not in ("", ".", ".."))
+
+
 class MLflow:
   """An MLflow run through MlflowClient (no global active run) on mlflow_uri()."""
   name = "mlflow"
@@ -225,7 +233,8 @@ class MLflow:
   def log(self, step: int, values: dict) -> None:
     from mlflow.entities import Metric
     ms = int(time.time() * 1000)
-    self._client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
+    self._client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, ms, step)
+                                                 for k, v in values.items()])
 
   def log_summary(self, step: int, values: dict) -> None:
     self.log(step, values)

@@ -95,6 +95,20 @@ def test_an_empty_project_names_the_key():
 
 
 @needs_trackers
+def test_mlflow_gets_metric_names_it_accepts(offline, tmp_path):
+  """GRPO names a reward's metrics after its spec, regexes included: MLflow refuses most of
+  their characters, so they are replaced rather than the tracker failing."""
+  from mlflow.tracking import MlflowClient
+  c = tiny_config(**{"train.loggers": "mlflow"})
+  (t,) = trackers.open_all(c, str(tmp_path))
+  key = "rewards/format:^[A-Z][^.]*\\.$/mean"
+  t.log(1, {key: 0.5, "loss": 2.0})
+  t.close(ok=True)
+  got = MlflowClient(trackers.mlflow_uri(c, str(tmp_path))).get_run(t.run_id).data.metrics
+  assert got == {"rewards/format:__A-Z___.___._/mean": 0.5, "loss": 2.0}
+
+
+@needs_trackers
 def test_an_mlflow_store_that_cannot_open_names_the_key(tmp_path):
   c = tiny_config(**{"train.loggers": "mlflow", "train.mlflow_uri": "foo://bar"})
   with pytest.raises(trackers.TrackerError, match=r"could not start an MLflow run on foo://bar "
