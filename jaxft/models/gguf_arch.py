@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxft.errors import ConfigError
+from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import llama, moe
 from jaxft.models.config import FAMILIES
 
@@ -236,11 +236,12 @@ def _pattern(value, layers: int) -> list[bool]:
 def arch_fields(path: str, arch: str, opt, shape: dict) -> dict:
   """The ModelConfig fields of a file's architecture beyond the common shape: `opt(key, default)`
   reads `{arch}.key`; shape holds hidden, heads, head_dim, layers, ff, rope_theta.
-  Raises ConfigError (naming the file and key) for what jaxft does not implement."""
+  Raises ConfigError (naming the file and key) for what jaxft does not implement,
+  CheckpointError for a key the architecture needs that is missing."""
   def need(key):
     v = opt(key)
     if v is None:
-      raise ConfigError(f"{path}: {arch}.{key} is missing")
+      raise CheckpointError(f"{path}: metadata key {arch}.{key} is missing")
     return v
   experts = int(opt("expert_count", 0) or 0)
   if arch == "llama":
