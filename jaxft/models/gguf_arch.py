@@ -19,7 +19,8 @@ and qwen3moe graphs attend to every earlier token, so a sliding window is droppe
 (the model is unchanged for contexts up to the window). What llama.cpp cannot express at all is
 refused by `check` with the reason: Gemma 2 without both soft-caps or with an untied output
 head, Gemma 3 with attention soft-capping, Qwen3-MoE without renormalised top-k weights, q/k/v
-biases outside Qwen2, RoPE scaling other than linear.
+biases outside Qwen2, a Qwen2 whose heads do not span the hidden size, RoPE scaling other than
+linear.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def check(cfg) -> None:
             "written)")
   if cfg.qkv_bias and arch != "qwen2":
     _refuse(cfg, "with q/k/v biases")
+  if arch == "qwen2" and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+    _refuse(cfg, f"with {cfg.num_heads} heads of {cfg.head_dim} != hidden size "
+            f"{cfg.hidden_size} (llama.cpp's qwen2 sizes the attention by the hidden size)")
   if arch == "gemma2" and not (cfg.attn_softcap and cfg.final_softcap):
     _refuse(cfg, "without attention and final-logit soft-capping (llama.cpp always caps Gemma 2)")
   if arch == "gemma2" and not cfg.tie_embeddings:
