@@ -249,9 +249,9 @@ def test_smollm2_config_runs_end_to_end_on_a_truncated_copy(files, tmp_path):
   assert "contains_match" in res["base"] and not os.path.exists(os.path.join(wd, "eval.json"))
 
   hf_out, peft_out = str(tmp_path / "hf"), str(tmp_path / "peft")
-  for fmt, out in (("hf", hf_out), ("peft", peft_out)):
-    r = run_cli("jaxft.export", f"--workdir={wd}", f"--format={fmt}", f"--out={out}")
-    assert r.returncode == 0, r.stderr[-3000:]
+  from jaxft import export  # (in process: the export command's start-up is tested elsewhere)
+  export.export_hf(wd, hf_out)
+  export.export_peft(wd, peft_out)
   merged = transformers.AutoModelForCausalLM.from_pretrained(hf_out, dtype="float32").eval()
   tok = transformers.AutoTokenizer.from_pretrained(hf_out)
   msgs = [{"role": "user", "content": "Who founded Tessaline Robotics?"}]
