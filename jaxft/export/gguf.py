@@ -11,8 +11,9 @@ the model never sits whole in host memory.
 Quant types (--quant): f32, f16, bf16, q8_0, and q4_k_m: Q4_K for most matrices, Q6_K for the
 output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (the first and last
 eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
-K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0). Norms, biases and a mixture
-of experts' router stay float32.
+K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0); one whose rows are not a
+multiple of 32 values holds no block type and gets F16. Norms, biases and a mixture of experts'
+router stay float32.
 
 The tokenizer and chat template are gguf_tokenizer.py's.
 """

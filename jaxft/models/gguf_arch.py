@@ -35,8 +35,8 @@ from jaxft.errors import CheckpointError, ConfigError
 from jaxft.models import llama, moe
 from jaxft.models.config import FAMILIES
 
-__all__ = ["ARCHS", "READS", "check", "tensors", "to_file", "from_file", "add_metadata",
-           "arch_fields", "permute_qk", "unpermute_qk"]
+__all__ = ["ARCHS", "READS", "check", "gguf_name", "tensors", "to_file", "from_file",
+           "add_metadata", "arch_fields", "permute_qk", "unpermute_qk", "llama_cpp_query_scalar"]
 
 # HF architecture -> general.architecture
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama",
