@@ -264,6 +264,20 @@ def test_read_refuses_a_damaged_file_of_the_family(fam, tmp_path):
     gguf.read_config(str(tmp_path / "bad.gguf"))
 
 
+def test_a_sentencepiece_tokenizer_json_without_its_model_is_named(tmp_path):
+  """transformers 5 saves a SentencePiece tokenizer as tokenizer.json alone: the export names the
+  missing tokenizer.model and where to put it, before writing anything."""
+  from jaxft.data.tokenize import Encoder, load_tokenizer, write_quickstart_tokenizer
+  from jaxft.export.gguf_tokenizer import add_tokenizer
+  from jaxft.models.config import PRESETS
+  tok = load_tokenizer(write_quickstart_tokenizer(str(tmp_path / "q")))
+  tok.save_pretrained(str(tmp_path / "saved"))
+  (tmp_path / "saved" / "tokenizer.model").unlink(missing_ok=True)
+  with pytest.raises(ConfigError, match=r"saved/tokenizer.json: a SentencePiece tokenizer "
+                     r"\(Metaspace\) without its tokenizer.model .* Copy the checkpoint's"):
+    add_tokenizer(None, str(tmp_path / "saved"), Encoder(tok), PRESETS["tiny"])
+
+
 def test_refusals_name_what_llama_cpp_cannot_express():
   """Each refusal names the family and the reason, before any file is written."""
   from jaxft.export.gguf import check_model

@@ -101,6 +101,12 @@ def _add_byte_level(w, tok_dir: str, tok, cfg) -> None:
     raise ConfigError(f"{path}: model.type={model.get('type')!r}; GGUF export writes SentencePiece "
                       "(tokenizer.model) or byte-level BPE tokenizers (export --format=hf and "
                       "convert it with llama.cpp's convert_hf_to_gguf.py)")
+  if any(k.get("type") == "Metaspace" for k in _step_kinds(spec.get("pre_tokenizer"))):
+    raise ConfigError(f"{path}: a SentencePiece tokenizer (Metaspace) without its tokenizer.model "
+                      f"beside it: llama.cpp's llama vocabulary needs the SentencePiece pieces and "
+                      f"scores. Copy the checkpoint's tokenizer.model into {tok_dir} (transformers "
+                      "5's save_pretrained leaves it out) or point model.tokenizer at a directory "
+                      "that has it")
   pre = bpe_pre_name(path, spec.get("pre_tokenizer"))
   tokens, types = _bpe_vocab(path, model["vocab"], spec.get("added_tokens") or [], cfg.vocab_size)
   merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
