@@ -62,8 +62,9 @@ def add_tokenizer(w, tok_dir: str, enc, cfg) -> None:
   else:
     raise ConfigError(f"--format=gguf: {tok_dir} has neither tokenizer.model (SentencePiece) nor "
                       "tokenizer.json (byte-level BPE)")
+  pad = tok.pad_token_id if tok.pad_token_id is not None else cfg.pad_token_id  # (config.json's)
   for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id),
-                     ("unk", tok.unk_token_id), ("pad", tok.pad_token_id)):
+                     ("unk", tok.unk_token_id), ("pad", pad)):
     if value is not None:
       getattr(w, f"add_{key}_token_id")(int(value))
   # What the tokenizer itself adds around plain text (llama.cpp adds the same when asked to).

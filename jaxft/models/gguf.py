@@ -79,9 +79,12 @@ def _field(path: str, reader, key: str, default=None, required: bool = False):
       raise CheckpointError(f"{path}: metadata key {key} is missing")
     return default
   try:
-    return f.contents()
+    value = f.contents()
   except Exception as e:
     raise CheckpointError(f"{path}: metadata key {key} cannot be read ({e})") from None
+  if isinstance(value, float) and f.types[0].name == "FLOAT32":
+    value = float(str(np.float32(value)))  # the shortest decimal it holds (1e-06, not 9.99e-07)
+  return value
 
 
 def _strings(path: str, reader, key: str) -> list[str]:
