@@ -138,7 +138,8 @@ def read_config(path: str) -> ModelConfig:
                       f"rotary embedding) is not supported; head dim is {head_dim}")
   linear = scaling == "linear" and factor not in (None, 1.0)
   shape = dict(hidden=hidden, heads=heads, head_dim=head_dim, layers=int(need("block_count")),
-               ff=int(need("feed_forward_length")), rope_theta=float(opt("rope.freq_base", 10000.0)))
+               ff=int(need("feed_forward_length")),
+               rope_theta=float(opt("rope.freq_base", 10000.0)))
   tok = lambda k: _field(path, r, f"tokenizer.ggml.{k}")
   fields = dict(
       vocab_size=int(vocab), hidden_size=hidden, intermediate_size=shape["ff"],
@@ -269,10 +270,11 @@ def load_params(path: str, cfg: ModelConfig, shardings, quant_kind: str = "none"
 # tokenizer.ggml.pre -> the split regex llama.cpp applies before byte-level BPE (None: GPT-2's,
 # which tokenizers' ByteLevel pre-tokenizer applies itself).
 _GPT2 = None
-# (the same regexes name a tokenizer.json's pre-tokenizer when one is written: export/gguf_tokenizer.py)
+# (the same regexes name a tokenizer.json's pre-tokenizer when one is written:
+# export/gguf_tokenizer.py)
 SPLIT_REGEXES = {
-    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
     "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }

@@ -3,7 +3,7 @@ metadata keys and the layout of the weights in the file. The writer (export/gguf
 reader (models/gguf.py) share these tables, so a file read back is the model written.
 
   family (HF architecture)            general.architecture   what the file does differently
-  Llama 3, Mistral                    llama      Q/K rows permuted to llama.cpp's interleaved RoPE pairs
+  Llama 3, Mistral                    llama      Q/K rows permuted to llama.cpp's RoPE pairs
   Mixtral                             llama      + router ffn_gate_inp, experts stacked [E, out, in]
   Qwen2                               qwen2      q/k/v biases; HF's rotate-half (NEOX) RoPE kept
   Qwen3                               qwen3      attn_q_norm / attn_k_norm per head
@@ -40,8 +40,9 @@ __all__ = ["ARCHS", "READS", "check", "gguf_name", "tensors", "to_file", "from_f
 
 # HF architecture -> general.architecture
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "MixtralForCausalLM": "llama",
-         "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe",
-         "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+         "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+         "Qwen3MoeForCausalLM": "qwen3moe", "Gemma2ForCausalLM": "gemma2",
+         "Gemma3ForCausalLM": "gemma3"}
 READS = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3")
 
 _TOP = {("embed", "embedding"): "token_embd.weight", ("final_norm", "scale"): "output_norm.weight",
@@ -91,7 +92,7 @@ def check(cfg) -> None:
             "reuses token_embd)")
   if arch == "gemma3" and cfg.attn_softcap:
     _refuse(cfg, "with attention soft-capping (llama.cpp's Gemma 3 has none)")
-  if arch == "gemma3" and cfg.rope_local_theta is None and scaling != "default":
+  if arch == "gemma3" and any(_sliding(cfg)) and _local_theta(cfg) is None and scaling != "default":
     _refuse(cfg, "with scaled RoPE on its sliding layers (llama.cpp leaves them unscaled)")
   if arch == "gemma2" and cfg.rope_local_theta not in (None, cfg.rope_theta):
     _refuse(cfg, "with a RoPE base of its own on the sliding layers")
@@ -205,6 +206,12 @@ def _sliding(cfg) -> list[bool]:
   return [bool(cfg.sliding_window)] * cfg.num_layers
 
 
+def _local_theta(cfg) -> float | None:
+  """The sliding layers' own RoPE base as jaxft applies it (only with per-layer layer_types:
+  models/families.layer_variants), else None (they use the global RoPE)."""
+  return cfg.rope_local_theta if cfg.layer_types is not None else None
+
+
 def add_metadata(w, cfg) -> None:
   """The `{arch}.*` keys of cfg's architecture beyond the shape every one has: experts,
   soft-caps, the sliding window and which layers use it, the sliding layers' RoPE base."""
@@ -223,7 +230,7 @@ def add_metadata(w, cfg) -> None:
     w.add_sliding_window(int(cfg.sliding_window))
     w.add_sliding_window_pattern(_sliding(cfg))  # one bool per layer: llama.cpp reads the array
     if arch == "gemma3":
-      w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
+      w.add_rope_freq_base_swa(float(_local_theta(cfg) or cfg.rope_theta))
   elif arch == "gemma2":  # (llama.cpp's Gemma 2 slides every other layer unless told otherwise)
     w.add_sliding_window_pattern([False] * cfg.num_layers)
 
