@@ -60,6 +60,36 @@ def run_cli(module, *args, env=None, timeout=600, cwd=ROOT):
                         text=True, timeout=timeout)
 
 
+def metric_rows(workdir, key="loss"):
+  """{step: row[key]} of WORKDIR/metrics.jsonl's rows that have `key`."""
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r[key] for r in rows if key in r}
+
+
+def start_and_signal(args, workdir, at_step, sig, timeout=300):
+  """Starts `python -m jaxft.train ARGS --workdir=WORKDIR` and sends `sig` once it has logged a
+  loss at a step >= at_step; returns (exit status, stdout, stderr)."""
+  import json
+  import subprocess
+  import time
+  proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *args, f"--workdir={workdir}"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      if os.path.exists(metrics) and any(s >= at_step for s in metric_rows(workdir)):
+        proc.send_signal(sig)
+        break
+    except json.JSONDecodeError:  # a row being written
+      pass
+    time.sleep(0.02)
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
 def set_keys(c, over: dict):
   """Sets dotted keys of ConfigDict `c` in place ({"peft.lora.rank": 4}); returns `c`."""
   for key, value in over.items():

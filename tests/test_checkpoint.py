@@ -1,27 +1,22 @@
 """Exact resume after preemption, damaged checkpoints, non-finite steps, checkpoint size, and bad
 input that must leave an existing workdir intact."""
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli, tiny_config
+from conftest import metric_rows, run_cli, start_and_signal, tiny_config
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.progress=False", "--config.train.log_every=1"]
 TINY = QUICK + ["--config.model.preset=tiny"]
 
 
 def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+  return metric_rows(workdir, "loss")
 
 
 def trained_leaves(workdir):
@@ -48,21 +43,7 @@ def straight(tmp_path_factory):
 
 def _start_and_signal(workdir, at_step, sig):
   """Starts the 30-step run on workdir and sends `sig` once it has logged step >= at_step."""
-  proc = subprocess.Popen([sys.executable, "-m", "jaxft.train", *RESUME_ARGS,
-                           f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    try:
-      if os.path.exists(metrics) and any(s >= at_step for s in losses(workdir)):
-        proc.send_signal(sig)
-        break
-    except json.JSONDecodeError:  # a row being written
-      pass
-    time.sleep(0.02)
-  out, err = proc.communicate(timeout=300)
-  return proc.returncode, out, err
+  return start_and_signal(RESUME_ARGS, workdir, at_step, sig)
 
 
 def assert_same_run(a, b):

@@ -6,13 +6,14 @@ by the assertions; tiny shapes (2 prompts x 4 generations of at most 8 tokens)."
 import json
 import math
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import make_config, tiny_config
-from jaxft import decode, peft, rl, trainer
+from conftest import make_config, metric_rows, start_and_signal, tiny_config
+from jaxft import checkpoint, decode, peft, rl, trainer
 from jaxft.data import bundled
 from jaxft.data.pipeline import Position
 from jaxft.errors import ConfigError, DataError
@@ -23,14 +24,27 @@ from jaxft.rl import prompts as prompt_data, rollout
 
 PROMPTS = bundled.path("capital_prompts_train.jsonl")
 REWARDS = "match:contains,length:4"
+STEPS = 6
+GRPO = {"train.objective": "grpo", "data.train": PROMPTS, "data.eval": "", "data.max_len": 48,
+        "data.batch_size": 8, "rl.generations": 4, "rl.max_completion_tokens": 8,
+        "rl.rewards": REWARDS, "optim.warmup_steps": 0, "optim.schedule": "constant",
+        "train.steps": STEPS}  # (constant: a 2-step run's schedule is a longer run's beginning)
+# What the rollouts and the step log that must not change when a run is interrupted (all but
+# the tokens/s figures).
+EXACT_KEYS = ("loss", "grad_norm", "clip_ratio/region_mean", "reward", "reward_std",
+              *(f"rewards/{name}/mean" for name in REWARDS.split(",")),
+              "completions/mean_length", "completions/max_length", "advantages/std",
+              "advantages/max")
 
 
 def grpo_config(**over):
-  base = {"train.objective": "grpo", "data.train": PROMPTS, "data.eval": "", "data.max_len": 48,
-          "data.batch_size": 8, "rl.generations": 4, "rl.max_completion_tokens": 8,
-          "rl.rewards": REWARDS, "optim.warmup_steps": 0, "optim.schedule": "constant",
-          "train.steps": 4}  # (constant: a 2-step run's schedule is a 4-step run's first half)
-  return tiny_config(**dict(base, **over))
+  return tiny_config(**dict(GRPO, **over))
+
+
+def grpo_args(**over):
+  """grpo_config's settings as `python -m jaxft.train` flags."""
+  keys = {"model.preset": "tiny", "train.progress": False, "train.log_every": 1, **GRPO, **over}
+  return ["--config=configs/quickstart.py", *(f"--config.{k}={v}" for k, v in keys.items())]
 
 
 def rows(workdir):
@@ -44,7 +58,7 @@ def by_step(workdir, key):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A straight 4-step run, and one stopped at step 2 and resumed to step 4."""
+  """A straight STEPS-step run, and one stopped at step 2 and resumed to step STEPS."""
   root = tmp_path_factory.mktemp("grpo")
   straight, resumed = str(root / "straight"), str(root / "resumed")
   out = trainer.train(grpo_config(), straight)
@@ -55,11 +69,12 @@ def runs(tmp_path_factory):
 
 def test_it_trains_and_logs_rewards_and_rollouts(runs):
   out, straight, _ = runs
-  assert out["step"] == 4 and math.isfinite(out["loss"])
+  assert out["step"] == STEPS and math.isfinite(out["loss"])
   losses = by_step(straight, "loss")
-  assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+  steps = list(range(1, STEPS + 1))
+  assert sorted(losses) == steps and all(math.isfinite(v) for v in losses.values())
   rollout_rows = [r for r in rows(straight) if "reward" in r]
-  assert [r["step"] for r in rollout_rows] == [1, 2, 3, 4]
+  assert [r["step"] for r in rollout_rows] == steps
   for r in rollout_rows:
     for name in REWARDS.split(","):
       assert f"rewards/{name}/mean" in r and f"rewards/{name}/std" in r
@@ -74,9 +89,38 @@ def test_it_trains_and_logs_rewards_and_rollouts(runs):
 
 def test_a_resumed_run_samples_and_trains_as_a_straight_one(runs):
   _, straight, resumed = runs
-  assert by_step(resumed, "loss") == by_step(straight, "loss")
-  assert by_step(resumed, "reward") == by_step(straight, "reward")
-  assert by_step(resumed, "grad_norm") == by_step(straight, "grad_norm")
+  for key in EXACT_KEYS:
+    assert by_step(resumed, key) == by_step(straight, key), key
+
+
+def _trained(workdir):
+  from jaxft import session
+  t = session.restore_trained(workdir)
+  return t.step, jax.tree.map(np.asarray, t.trainable)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_matches_a_straight_run(runs, tmp_path):
+  """`python -m jaxft.train` killed with SIGKILL (no chance to save) after a step drawn at
+  random, then run again: the same rollouts (rewards, lengths, advantages), losses, gradients
+  and final weights as the straight run, bit for bit. The steps after the last checkpoint (the
+  one in flight, whose rollouts may be logged) are sampled and trained again."""
+  _, straight, _ = runs
+  wd = str(tmp_path / "killed")
+  args = grpo_args(**{"checkpoint.every": 1})  # (a save finishes before the next one starts)
+  at = int(np.random.default_rng().integers(2, 4))  # the rest of the run takes ~1 s
+  code, _, err = start_and_signal(args, wd, at, signal.SIGKILL)
+  assert code == -signal.SIGKILL, (at, code, err[-2000:])
+  saved, _ = checkpoint.read_meta(wd)
+  assert 1 <= saved < STEPS and max(metric_rows(wd)) < STEPS, "the run ended before the kill"
+  # The same run again, in this process (its programs are compiled already), from the checkpoint
+  # the killed command left
+  trainer.train(grpo_config(**{"checkpoint.every": 1}), wd)
+  for key in EXACT_KEYS:
+    assert by_step(wd, key) == by_step(straight, key), (at, key)
+  (s1, x), (s2, y) = _trained(straight), _trained(wd)
+  assert s1 == s2 == STEPS
+  jax.tree.map(np.testing.assert_array_equal, x, y)
 
 
 def test_the_quickstart_variant_is_grpo_on_the_bundled_prompts():
