@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxft.errors import ConfigError, DataError
 from jaxft.models import llama
@@ -102,16 +103,27 @@ def _prefill(cfg: ModelConfig, adapter, params, tokens, positions, segment_ids, 
   return llama.logits(cfg, params, h[:, -1]), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "adapter", "sampling", "eos_ids"),
+def _replicated_on(params) -> NamedSharding | None:
+  """The replicated sharding of the mesh `params` live on; None when they are not on a mesh."""
+  for x in jax.tree.leaves(params):
+    if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh.size > 1:
+      return NamedSharding(x.sharding.mesh, PartitionSpec())
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "adapter", "sampling", "eos_ids",
+                                             "replicate"),
                    donate_argnames=("state",))
 def _decode(cfg: ModelConfig, adapter, sampling: Sampling, eos_ids: tuple[int, ...], params,
-            state: dict, limit):
+            state: dict, limit, replicate: NamedSharding | None = None):
   """Chooses and feeds tokens until `limit` tokens were chosen or every row is done.
 
   state: logits [B, V] (of the last fed token), cache, pos [B] (position of the next token),
   index (its cache slot), n (tokens chosen so far), done [B], length [B], eos [B], out [B, N],
   logprobs [B, N] (of the chosen tokens, the end token included), keys [B] (per-row sampling
-  keys)."""
+  keys). replicate: on a mesh, its replicated sharding: each device chooses the tokens from
+  the whole logits, so the choice (top-p's sort and sums, the draw) does not depend on how the
+  mesh splits them, and every device agrees on when the loop ends."""
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
   def cond(s):
@@ -119,7 +131,10 @@ def _decode(cfg: ModelConfig, adapter, sampling: Sampling, eos_ids: tuple[int, .
 
   def body(s):
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(s["keys"], s["n"])
-    tok = select(s["logits"], sampling, step_keys)
+    logits = s["logits"]
+    if replicate is not None:
+      logits = jax.lax.with_sharding_constraint(logits, replicate)
+    tok = select(logits, sampling, step_keys)
     hit_eos = jnp.isin(tok, eos) & ~s["done"]
     out = jax.lax.dynamic_update_slice_in_dim(s["out"], jnp.where(s["done"], 0, tok)[:, None],
                                               s["n"], 1)
@@ -215,6 +230,7 @@ def _generate_batch(cfg, adapter, params, prompts, first_index, batch_size, max_
     segs[r, P - len(p):] = 1
     positions[r, P - len(p):] = np.arange(len(p))
   logits, cache = _prefill(cfg, adapter, params, tokens, positions, segs, P + max_new)
+  replicate = _replicated_on(params)
   base_key = jax.random.key(seed)
   row_ids = jnp.arange(first_index, first_index + B, dtype=jnp.int32)
   done = np.arange(B) >= n_real
@@ -232,7 +248,8 @@ def _generate_batch(cfg, adapter, params, prompts, first_index, batch_size, max_
   n = 0
   while n < max_new:
     n = min(n + step, max_new)
-    state = _decode(cfg, adapter, sampling, eos_ids, params, state, jnp.asarray(n, jnp.int32))
+    state = _decode(cfg, adapter, sampling, eos_ids, params, state, jnp.asarray(n, jnp.int32),
+                    replicate=replicate)
     if bool(np.all(np.asarray(state["done"]))):
       break
     if stop:

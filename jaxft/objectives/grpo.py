@@ -147,8 +147,9 @@ class GRPO(Objective):
     # (decode's own jitted programs, the ones generate runs, not a copy of them)
     programs = {
         "prefill": lambda: decode._prefill.lower(cfg, method, params, tokens, tokens, tokens, S),
-        "decode": lambda: decode._decode.lower(cfg, method, self.sampling, (), params, state,
-                                               limit)}
+        "decode": lambda: decode._decode.lower(
+            cfg, method, self.sampling, (), params, state, limit,
+            replicate=rep if mesh.size > 1 else None)}
     kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     return [PlanPhase("rollout", programs, {"kv_cache": int(kv)},
                       f"the rollouts before each step: {B} completions x {S} cache slots (prompt "
