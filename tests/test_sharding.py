@@ -165,6 +165,27 @@ def test_sharded_losses_match_one_device(runs, method):
 
 
 @pytest.mark.slow
+def test_grpo_samples_and_trains_the_same_on_a_sharded_mesh(runs):
+  """GRPO (LoRA, top-p sampling, rl.iterations=2, KL to the base) through trainer.train on
+  fsdp=4 x tensor=2 against one device: the same completions token for token (sampling reads
+  the whole logits on every device: decode's `replicate`), so the same rewards and advantages;
+  losses, gradient norms, KL and the trained weights within float32 reduction-order noise."""
+  grpo = runs["lora"]["grpo"]
+  one, sharded = grpo["1"], grpo["fsdp=4,tensor=2"]
+  assert len(one["tokens"]) == 16 and sharded["tokens"] == one["tokens"]
+  by = lambda run, key: [r[key] for r in run["rows"] if key in r]
+  for key in ("reward", "reward_std", "completions/mean_length", "advantages/std",
+              "clip_ratio/region_mean"):
+    assert by(sharded, key) == by(one, key), key
+  assert len(by(one, "loss")) == 4 and by(one, "kl")[-1] > 0
+  for key in ("loss", "grad_norm", "kl"):  # (step 1's loss is ~1e-8: rounding around zero)
+    np.testing.assert_allclose(by(sharded, key), by(one, key), rtol=RTOL, atol=1e-6, err_msg=key)
+  leaves = sorted(one["params"])
+  np.testing.assert_allclose([sharded["params"][k] for k in leaves],
+                             [one["params"][k] for k in leaves], rtol=RTOL)
+
+
+@pytest.mark.slow
 def test_lora_and_adam_state_are_sharded_like_their_kernels(runs):
   layout = runs["lora"]["layout"]  # mesh fsdp=4 x tensor=2
   frozen = layout["frozen"]
