@@ -259,7 +259,7 @@ def test_two_processes_match_one_process(runs):
     rows = [json.loads(line) for line in f]
   losses = [r["loss"] for r in rows if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # written once, by process 0
-  np.testing.assert_allclose(losses, runs["lora"]["multihost"], rtol=RTOL)
+  np.testing.assert_allclose(losses, runs["full"]["multihost"], rtol=RTOL)
   assert "in 2 processes" in local["stderr"]
   for i in (0, 1):  # each process builds only the rows of its own devices
     assert f"[p{i}] " in local["stderr"] and f"process {i} builds 8 of the 16 rows" in local["stderr"]
