@@ -59,6 +59,8 @@ def test_outcomes_and_rates_of_hand_built_answers():
   assert (value("correct"), value("abstained"), value("hallucinated")) == (2 / 8, 4 / 8, 2 / 8)
   assert value("hallucinated_answerable") == 1 / 5 and value("hallucinated_unanswerable") == 1 / 3
   assert q["hallucinated_unanswerable"]["tuned"]["rows"] == 3
+  # Of the 4 abstentions, 2 are on the 5 answerable rows: the rate a reward for abstaining can raise.
+  assert value("abstained_answerable") == 2 / 5 and q["abstained_answerable"]["tuned"]["rows"] == 5
   # The abstention patterns are the config's: with only "no idea", those answers hallucinate.
   c = _config()
   c.eval.abstain_patterns = ("no idea",)

@@ -72,6 +72,9 @@ def _statistics(s: Scored, answerable: np.ndarray, st: em.Settings) -> dict[str,
                                         em.rate(s.of(em.HALLUCINATED), answerable))
     stats["hallucinated_unanswerable"] = ("hallucinated (unanswerable rows)",
                                           em.rate(s.of(em.HALLUCINATED), ~answerable))
+    # Abstaining where an answer is known: what a reward for "I don't know." can overdo.
+    stats["abstained_answerable"] = ("abstained (answerable rows)",
+                                     em.rate(s.of(em.ABSTAINED), answerable))
   for rule, passed in s.style.items():
     stats[f"style_{rule}"] = (f"style: {rule}", em.rate(passed))
   if s.style:
