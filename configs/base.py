@@ -18,6 +18,8 @@ def get_config(arg=None):
   c.model.quant = "none"          # none | int8 | nf4: how the frozen base kernels are stored
   c.model.remat = "none"          # none | full | dots | offload | auto (dots on CPU, full on accelerators): activation rematerialisation per layer
   c.model.attention = "auto"      # auto | einsum | xla | cudnn (auto: cuDNN on GPUs in bf16)
+  c.model.mlp_tile = 0            # > 0: MLP over slices of this many tokens, each recomputed in the
+                                  # backward (long rows; docs/long_context.md); 0 = off
   c.model.router_aux_coef = -1.0  # mixture of experts: weight of the load-balancing loss; -1 = the
                                   # checkpoint's router_aux_loss_coef (the preset's; 0 for dense)
   c.model.tokenizer = ""          # tokenizer directory; empty = model.path (or the quickstart one)
@@ -47,7 +49,10 @@ def get_config(arg=None):
   c.data.max_len = 256            # tokens per row
   c.data.packing = True           # pack several examples per row (segment ids, restarted positions)
   c.data.batch_size = 8           # rows per optimizer step (global, across hosts)
-  c.data.shuffle = True
+  c.data.shuffle = True           # index shuffling, seeded by train.seed, reshuffled each epoch
+  c.data.stream = "auto"          # auto: a glob/directory of shards is read lazily (docs/data.md),
+                                  # one file read and checked whole | on | off
+  c.data.workers = 1              # streamed data: background threads reading and tokenizing rows
 
   _optim_and_train(c)
   _mesh_eval_checkpoint(c)
@@ -126,6 +131,8 @@ def _mesh_eval_checkpoint(c):
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1               # splits the experts of a mixture of experts (expert parallelism)
+  c.mesh.context = 1              # splits each row's tokens over chips (context parallelism;
+                                  # docs/long_context.md); data.max_len must divide by 2 * context
   c.mesh.rules = ""               # logical->mesh axis overrides: "embed=fsdp,mlp=tensor,vocab=none"
 
   # What jaxft.evaluate measures beyond loss and exact match (jaxft/eval/metrics.py).

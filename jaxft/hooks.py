@@ -18,6 +18,7 @@ import jax
 from absl import logging
 
 from jaxft import checkpoint, eval as evaluation, flops, peft
+from jaxft.data import stream as data_stream
 from jaxft.errors import JaxftError
 from jaxft.metrics import MetricsWriter
 
@@ -90,7 +91,7 @@ def checkpoint_hook(saver: checkpoint.Saver, model, every: int) -> Hook:
   failed save stops the run."""
 
   def run(loop: Loop):
-    meta = {"data_position": dataclasses.asdict(loop.pos),
+    meta = {"data_position": data_stream.position_record(loop.pos),  # (every process's)
             "base_fingerprint": model.fingerprint, "method": model.method.name,
             "step": loop.step, "config": loop.config.to_dict()}
     saver.save(loop.step, loop.state, meta)

@@ -16,6 +16,7 @@ from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as
                    objectives, optim, peft, session, sharding, target, trackers,
                    workdir as workdir_lib)
 from jaxft.data import pipeline, sources
+from jaxft.data import stream as data_stream
 from jaxft.errors import CheckpointError
 from jaxft.hooks import NonFiniteError  # noqa: F401 (jaxft.trainer.NonFiniteError, as before)
 from jaxft.metrics import MetricsWriter
@@ -255,7 +256,7 @@ def _train(config, workdir: str, mesh, model_cfg, objective, extra_hooks) -> dic
   start, state, pos, notes = 0, run.state, pipeline.Position(), []
   if saver.latest_step() is not None:
     start, state, meta = resume(saver, state, config, model, workdir, notes)
-    pos = pipeline.Position(**meta["data_position"])
+    pos = data_stream.position_from(meta["data_position"])  # (this process's own)
     if start >= config.train.steps:
       logging.info("%s: already trained to step %d of train.steps=%d; nothing to do", workdir,
                    start, config.train.steps)

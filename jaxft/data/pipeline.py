@@ -40,20 +40,28 @@ def encode_rows(spec: str, encoder: Encoder, fmt: str,
   """(origin, parsed row, example) of each row of `spec` as training tokenizes it, before
   truncation. Raises DataError naming the file and line of a bad row."""
   for origin, row in sources.read_rows(spec):
-    r = formats.parse(origin, row, fmt)
-    if r.messages is not None:
-      ex = encoder.chat(origin, r.messages)
-    elif r.kind == "completion":
-      ex = encoder.completion(r.prompt, r.completion)
-    elif r.kind == "text":
-      ex = encoder.text(r.text)
-    else:
-      ex = formats.tokens_example(origin, r.row, vocab_size)
-    ex.distill = _distill_flag(origin, row)
-    if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
-      raise DataError(f"{origin}: token id {int(ex.ids.max())} is outside the model's vocabulary "
-                      f"(vocab_size {vocab_size}): the tokenizer does not match the model")
+    r, ex = encode_row(origin, row, encoder, fmt, vocab_size)
     yield origin, r, ex
+
+
+def encode_row(origin: str, row: dict, encoder: Encoder, fmt: str,
+               vocab_size: int) -> tuple[formats.Row, Example]:
+  """(parsed row, example) of one row as training tokenizes it, before truncation. Raises
+  DataError naming `origin` for a bad row."""
+  r = formats.parse(origin, row, fmt)
+  if r.messages is not None:
+    ex = encoder.chat(origin, r.messages)
+  elif r.kind == "completion":
+    ex = encoder.completion(r.prompt, r.completion)
+  elif r.kind == "text":
+    ex = encoder.text(r.text)
+  else:
+    ex = formats.tokens_example(origin, r.row, vocab_size)
+  ex.distill = _distill_flag(origin, row)
+  if len(ex.ids) and int(ex.ids.max()) >= vocab_size:
+    raise DataError(f"{origin}: token id {int(ex.ids.max())} is outside the model's vocabulary "
+                    f"(vocab_size {vocab_size}): the tokenizer does not match the model")
+  return r, ex
 
 
 def truncate(ex: Example, max_len: int) -> Example:

@@ -5,10 +5,10 @@ Each row comes back with its origin ("file:line") so that every later error can 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterator
 
+from jaxft.data import shards
 from jaxft.errors import DataError
 
 Row = tuple[str, dict[str, Any]]  # (origin, row)
@@ -34,13 +34,7 @@ def _read_jsonl(path: str) -> Iterator[Row]:
       yield f"{path}:{lineno}", row
 
 
-def _parse(text: str, origin: str):
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{origin}: malformed JSON ({e.msg}, column {e.colno})") from None
-  except RecursionError:
-    raise DataError(f"{origin}: JSON nested too deeply to read") from None
+_parse = shards.parse_json
 
 
 def _read_json_array(path: str) -> Iterator[Row]:
@@ -105,6 +99,8 @@ def _rows(spec: str) -> Iterator[Row]:
     raise DataError("no data given: set data.train (a JSONL/Parquet file, HF dataset or tfds:NAME:SPLIT)")
   if spec.startswith("tfds:"):
     return _read_tfds(spec)
+  if shards.is_sharded(spec):
+    return _read_shards(shards.shard_paths(spec))
   if os.path.isdir(spec):
     raise DataError(f"{spec}: is a directory; expected a JSONL or Parquet file")
   if spec.endswith((".jsonl", ".json")) or (os.path.isfile(spec) and not spec.endswith(".parquet")):
@@ -121,6 +117,17 @@ def _rows(spec: str) -> Iterator[Row]:
   return _read_datasets(name, split or None)
 
 
+def _read_shards(paths: list[str]) -> Iterator[Row]:
+  """Every row of each shard in turn (data.stream="off" on a glob or directory)."""
+  for path in paths:
+    if path.endswith(".jsonl"):
+      yield from _read_jsonl(path)
+      continue
+    shard = shards.ShardSource(path)
+    for i in range(len(shard)):
+      yield shard[i]
+
+
 def read_rows(spec: str) -> list[Row]:
   """Reads every row of a data spec; raises DataError naming the file/line, or when it is empty."""
   rows = list(_rows(spec))
@@ -131,8 +138,11 @@ def read_rows(spec: str) -> list[Row]:
 
 def check(spec: str) -> None:
   """What can be told of a data spec cheaply, before a run creates its workdir: a local file
-  exists, is readable, and (JSONL) its first row is a JSON object; other specs (HF datasets,
-  tfds) are read only when loaded. Raises DataError as read_rows would."""
+  exists, is readable, and (JSONL) its first row is a JSON object; a glob or directory matches
+  readable shards; other specs (HF datasets, tfds) are read only when loaded. Raises DataError as read_rows would."""
+  if shards.is_sharded(spec):
+    shards.shard_paths(spec)  # (some shard file, each readable)
+    return
   local = spec.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(spec)
   if spec and not local and not spec.startswith("tfds:"):
     return

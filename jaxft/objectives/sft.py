@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxft.data import pipeline, show
+from jaxft.data import stream as streaming
 from jaxft.errors import ConfigError
 from jaxft.objectives.base import TOKEN_FIELDS, Objective
 from jaxft.peft.loss import loss_sum, loss_sum_and_aux, loss_sum_and_base_kl
@@ -80,12 +81,17 @@ class SFT(Objective):
     return math.log(vocab_size)
 
   def load_data(self, config, encoder, vocab_size):
-    """Examples of any supervised format (pipeline.load_examples); rows marked "distill" are
-    plain rows unless train.base_kl > 0, which then needs at least one of them in data.train."""
+    """Examples of any supervised format (pipeline.load_examples), or a streamed data.train's
+    source (jaxft.data.stream); rows marked "distill" are plain rows unless train.base_kl > 0,
+    which then needs at least one of them in data.train (not checked ahead for a stream)."""
     fmt, max_len = config.data.format, config.data.max_len
-    # (show: the first example is logged with its loss mask)
-    train_ds = pipeline.load_examples(config.data.train, encoder, fmt, max_len, vocab_size,
-                                      show=True)
+    if streaming.wanted(config):  # rows read, and checked, as the run reaches them
+      pipeline.check_format(fmt)
+      train_ds = streaming.StreamData(config.data.train, streaming.encoder_of(
+          encoder, fmt, max_len, vocab_size, keep_distill=bool(self.base_kl)))
+    else:  # (show: the first example is logged with its loss mask)
+      train_ds = pipeline.load_examples(config.data.train, encoder, fmt, max_len, vocab_size,
+                                        show=True)
     eval_ds = (pipeline.load_examples(config.data.eval, encoder, fmt, max_len, vocab_size)
                if config.data.eval else None)
     for ds in (d for d in (train_ds, eval_ds) if d is not None and d.distill and
@@ -95,7 +101,7 @@ class SFT(Objective):
       for e in ds.examples:
         e.distill = False
       ds.distill = 0
-    if self.base_kl and not train_ds.distill:
+    if self.base_kl and not train_ds.distill and not streaming.wanted(config):
       raise ConfigError(f"train.base_kl={self.base_kl}: no row of {config.data.train} is "
                         "marked \"distill\": true, so the KL term would have nothing to act on")
     return train_ds, eval_ds
@@ -104,6 +110,8 @@ class SFT(Objective):
     return show.Supervised(config, encoder, vocab_size, split)
 
   def stream(self, config, train_ds):
+    if streaming.wanted(config):
+      return train_ds.stream(config)
     return pipeline.TrainStream(
         train_ds.examples, max_len=config.data.max_len, packing=config.data.packing,
         rows_per_batch=config.data.batch_size, seed=config.train.seed,
