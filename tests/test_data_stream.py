@@ -146,3 +146,43 @@ def test_kill_9_then_resume_sees_the_examples_of_a_straight_run(data, tmp_path):
     batch, pos = s.batch_at(pos)
     straight[step] = ids_of(batch)
   assert seen == straight
+
+
+_PROCESS = """
+import json, sys
+sys.path.insert(0, "tests")
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, data, out = sys.argv[1:5]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
+from jaxft.data import stream
+from jaxft.data.pipeline import Position
+from test_data_stream import _config, _stream, ids_of
+s, pos, seen = _stream(_config(data)), Position(), []
+while pos.epoch == 0:
+  batch, pos = s.batch_at(pos, select=list(range(2)))  # (this process's 2 of the 4 rows)
+  seen += ids_of(batch)
+with open(out, "w") as f:
+  json.dump({"part": s.part, "seen": seen, "record": stream.position_record(pos),
+             "back": list(stream.position_from(stream.position_record(pos)).__dict__.values()),
+             "pos": [pos.epoch, pos.index]}, f)
+"""
+
+
+def test_two_processes_read_disjoint_parts_whose_union_is_the_epoch(data, tmp_path):
+  import portpicker
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(port), str(p), data,
+                             str(tmp_path / f"{p}.json")], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True) for p in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+  out = [json.loads((tmp_path / f"{p}.json").read_text()) for p in range(2)]
+  parts = [o["seen"][:o["part"]] for o in out]  # each process's epoch
+  assert not set(parts[0]) & set(parts[1])
+  assert sorted(parts[0] + parts[1]) == list(range(SHARDS * PER_SHARD))
+  # The checkpoint's record holds both positions; each process resumes its own.
+  for p, o in enumerate(out):
+    assert o["back"] == o["pos"]
+    assert o["record"]["processes"][p] == o["pos"]
