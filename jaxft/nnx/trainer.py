@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxft import checkpoint, optim, sharding
 from jaxft.errors import CheckpointError, ConfigError
@@ -47,7 +49,8 @@ class Trainer:
   loss_fn(model, batch) -> scalar loss, traced inside the step (the model is rebuilt from its
   states there; changes it makes to the module are dropped). optimizer: an optax transformation,
   or a jaxft `optim` config group (AdamW + schedule + clipping, jaxft.optim.make; needs steps).
-  mesh: default all devices on one `fsdp` axis. rules: (regex, PartitionSpec) pairs over Variable
+  mesh: default all devices on one `fsdp` axis (a mesh of Auto axes: `jax.sharding.Mesh`; jax's
+  `make_mesh` makes Explicit ones unless given axis_types). rules: (regex, PartitionSpec) pairs over Variable
   paths (jaxft.nnx.shard). workdir: checkpoints go to WORKDIR/checkpoints, and a workdir with
   checkpoints is resumed from its newest intact one. Raises ConfigError when nothing is trainable.
   """
@@ -61,7 +64,7 @@ class Trainer:
                         "train: call jaxft.nnx.lora(model, ...) first, or pass trainable=nnx.Param "
                         "for full fine-tuning")
     self.tx, self.schedule = _optimizer(optimizer, steps)
-    self.mesh = mesh if mesh is not None else jax.make_mesh((jax.device_count(),), ("fsdp",))
+    self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("fsdp",))
     train_sh = shard.shardings(train, self.mesh, rules)
     self.frozen_shardings = shard.shardings(frozen, self.mesh, rules)
     self.frozen = jax.device_put(frozen, self.frozen_shardings)
