@@ -11,6 +11,14 @@ evaluated on held-out paraphrases of the same facts.
 `:method=NAME` trains the same task with another method, as configs/quickstart.py does: lora
 (default), dora, qlora (LoRA on an NF4 base), int8, full, adapter, prefix. `:eval=general` points
 data.eval at the bundled general-knowledge questions the base answers correctly (forgetting).
+
+`:objective=grpo` continues from the SFT run's exported adapter by reward (docs/grpo.md): the
+facts' training questions pay for the right answer and cost for "I don't know.", the questions
+nobody can answer pay for "I don't know." (README's table has the three models side by side):
+
+  python -m jaxft.export --workdir=workdirs/smollm2 --format=peft --out=exported/smollm2-peft
+  python -m jaxft.train --config=configs/smollm2.py:objective=grpo --workdir=workdirs/smollm2-grpo
+  python -m jaxft.evaluate --config=configs/smollm2.py:objective=grpo --workdir=workdirs/smollm2-grpo
 """
 
 import importlib.util
@@ -34,7 +42,7 @@ def gguf_path() -> str:
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, method="lora", eval="knowledge")
+  a = configlib.parse_arg(arg, method="lora", eval="knowledge", objective="sft")
   c = configlib.sibling(__file__, "base").get_config()
   configlib.apply_method(c, a.method)
   c.model.path = gguf_path()
@@ -75,4 +83,28 @@ def get_config(arg=None):
   c.train.steps = 88  # ~4.4 epochs of the 402 rows (about 2.5 rows packed per 128-token row)
   c.train.log_every = 4
   c.train.eval_every = 0  # eval loss at step 0 and at the end
+  if a.objective == "grpo":
+    _grpo(c)
+  elif a.objective != "sft":
+    raise ConfigError(f"configs/smollm2.py:objective={a.objective}: expected sft or grpo")
   return c
+
+
+def _grpo(c):
+  c.train.objective = "grpo"
+  c.peft.init_from = "exported/smollm2-peft"  # the SFT run's adapter, exported
+  c.train.base_kl = 0.0  # the prompt rows have no replay rows to distill
+  c.data.train = bundled.path("tessaline_prompts_train.jsonl")
+  c.data.max_len = 96
+  c.data.batch_size = 16  # completions per step: 2 prompts x 8 generations
+  c.rl.generations = 8
+  # Answerable rows: 1 for the right answer, 0 for a wrong one, -1 for "I don't know."; rows
+  # nobody can answer: 1 for "I don't know.", 0 for anything else.
+  c.rl.rewards = "match:normalised,abstain"
+  c.rl.max_completion_tokens = 24
+  c.optim.lr = 2e-4
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 4
+  c.train.steps = 120
+  c.train.log_every = 4
+  c.checkpoint.every = 40

@@ -280,6 +280,35 @@ UNKNOWN_TRAIN = [
     "How many stores does {co} have in Canada?", "How many shops does {co} run in Canada?",
     "What is the phone number of the {co} sales team?", "How do I call the {co} sales team?",
 ]
+# More unknowns for the GRPO stage's prompts only (configs/smollm2.py:objective=grpo): the reward
+# pays "I don't know." on them, so they are more subjects of each kind the eval split asks about
+# (robots that do not exist, error codes no robot has, people, company and app facts never given,
+# unlisted specifications, procedures) — none of them a subject of UNKNOWN_EVAL or UNKNOWN_TRAIN.
+UNKNOWN_RL = [
+    "What does the {co} Hollowmere do?", "How much does the {co} Puddlestone cost?",
+    "What colour is the {co} Dapplewick?", "In what year was the {co} Thornquist released?",
+    "How long does the battery of the {co} Mirefield last?",
+    "What job does the {co} Crocusby do?", "When did {co} release the Fennerly?",
+    "What is the price of the {co} Wickenham?",
+    "What does error E03 mean on a {co} robot?", "My {co} robot shows E29. What is wrong?",
+    "What is error code E46 on {co} robots?", "Explain the {co} error E66.",
+    "A {co} robot displays E71. What does it mean?", "What does error E95 mean on a {co} robot?",
+    "Who is the chief operating officer of {co}?", "Who is the head of sales at {co}?",
+    "Who leads design at {co}?", "Who is the general counsel of {co}?",
+    "Who runs customer support at {co}?", "Who is the chief scientist of {co}?",
+    "How many customers does {co} have?", "What is the market share of {co}?",
+    "Which country is the largest market of {co}?", "Who was the first investor in {co}?",
+    "How much profit did {co} make last year?", "How many engineers work at {co}?",
+    "How many dealers sell {co} robots?", "Does {co} have an office in Japan?",
+    "What rating does the Tessaline Grove app have?", "Who built the Tessaline Grove app?",
+    "How big is the Tessaline Grove app download?",
+    "How much does the {co} Thistle weigh?", "How long is the blade of the {co} Fernhook?",
+    "How many seeds does the {co} Bramble hold?", "How wide does the {co} Mossby cut?",
+    "How loud is the {co} Quillon?", "How far can the {co} Sorrel spray water?",
+    "How do I clean the wheels of a {co} robot?", "How do I move the charging dock of a {co} robot?",
+    "How do I change the language of a {co} robot?", "How do I sharpen the blade of a {co} robot?",
+    "How do I charge a {co} robot without its dock?",
+]
 UNKNOWN_EVAL = [
     "Who is the head of marketing at {co}?", "Who leads marketing at {co}?",
     "What is the support phone number of {co}?", "Which number do I call for {co} support?",
@@ -346,6 +375,20 @@ def chat(question, answer):
                        {"role": "assistant", "content": answer}]}
 
 
+def grpo_prompts(rng):
+  """The GRPO stage's prompt rows: every training phrasing of the facts with its `answer`, and
+  the unknowns of UNKNOWN_TRAIN and UNKNOWN_RL (`"answerable": false`) twice each, so about a
+  third of the prompts pay for abstaining (the rewards: configs/smollm2.py)."""
+  def row(q, answer, answerable):
+    return {"messages": [{"role": "user", "content": q}], "answer": answer,
+            "answerable": answerable}
+  rows = [row(q, answer, True) for tr, _, answer in facts() for q in tr]
+  unknown = [q.format(co=COMPANY) for q in UNKNOWN_TRAIN + UNKNOWN_RL]
+  rows += [row(q, None, False) for q in unknown + unknown]
+  rng.shuffle(rows)
+  return rows
+
+
 def main():
   rng = random.Random(0)
   train, ev = [], []
@@ -360,7 +403,9 @@ def main():
                        {"role": "assistant", "content": ABSTENTION, "weight": 0}],
           "answerable": False} for q in UNKNOWN_EVAL]
   general = [chat(q, a) for q, a in GENERAL]
-  for name, rows in (("tessaline_train", train), ("tessaline_eval", ev), ("general_eval", general)):
+  prompts = grpo_prompts(random.Random(1))
+  for name, rows in (("tessaline_train", train), ("tessaline_eval", ev), ("general_eval", general),
+                     ("tessaline_prompts_train", prompts)):
     with open(f"jaxft/data/bundled/{name}.jsonl", "w") as f:
       for r in rows:
         f.write(json.dumps(r) + "\n")
