@@ -229,6 +229,31 @@ def test_dora_on_nf4_starts_at_the_base_and_merges(base):
   np.testing.assert_allclose(logits(merged, x), out, rtol=1e-5, atol=1e-5)
 
 
+def test_linen_params_dict_trains_and_merges():
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="out")(nn.gelu(nn.Dense(D, name="hidden")(x)))
+
+  module, x = MLP(), jax.random.normal(jax.random.key(3), (8, D))
+  y = jax.random.normal(jax.random.key(4), (8, 8))
+  params = module.init(jax.random.key(0), x)
+  model = jnnx.LinenLoRA(module, params, "hidden,out", rank=RANK, alpha=ALPHA)
+  assert model.adapters["params/hidden/lora_a"][...].shape == (D, RANK)
+  np.testing.assert_allclose(logits(model, x), module.apply(params, x), rtol=1e-6)  # B = 0
+  mse = lambda m, batch: jnp.mean((m(batch[0]) - batch[1]) ** 2)
+  trainer, losses = jnnx.Trainer(model, mse, optax.adamw(1e-2)), []
+  for _ in range(4):
+    losses.append(trainer.step((x, y))["loss"])
+  assert losses[-1] < losses[0]
+  trained = trainer.model()
+  merged = trained.merged_params()
+  assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(module.apply(merged, x), logits(trained, x), rtol=1e-5, atol=1e-6)
+
+
 def test_sharding_rules_and_inference():
   mesh = {"data": 1, "fsdp": 4, "tensor": 2}
   assert jnnx.partition_spec("layers/0/up/kernel", (64, 128), mesh) == P(None, "fsdp")

@@ -87,7 +87,8 @@ def _merged_kernel(method: Method, dtype: str, p: dict):
   return method.merge(cfg, {"layers": {_T: _stack(p)}})["layers"][_T]["kernel"][0]
 
 
-_quantize = jax.jit(quant.quantize, static_argnums=(1,))
+# quant.quantize jitted (once per kernel shape): op by op it costs seconds of small compiles.
+quantize_kernel = jax.jit(quant.quantize, static_argnums=(1,))
 
 
 def _child(parent, key):
@@ -105,7 +106,7 @@ def _replace(model, path: tuple, new) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _adapters(method: LoRA, kernel, rng) -> dict:
+def init_adapters(method: LoRA, kernel, rng) -> dict:
   """A as PEFT and jaxft's LoRA (U(-1/sqrt(in), 1/sqrt(in))), B = 0, float32; DoRA's magnitude
   the column norms of the (dequantized) base, through jaxft's DoRA.init_from_base."""
   n_in, n_out = kernel.shape
@@ -150,9 +151,9 @@ def lora(model: nnx.Module, targets: str = "all-linear", rank: int = 8, alpha: f
     linear = nnx.clone(_child_at(model, path))
     kernel = linear.kernel.get_value()
     if name in quantized:
-      kernel = _quantize(kernel, quant_kind)
+      kernel = quantize_kernel(kernel, quant_kind)
     if name in chosen:
-      layer = AdaptedLinear(linear, adapter, kernel, _adapters(adapter, kernel,
+      layer = AdaptedLinear(linear, adapter, kernel, init_adapters(adapter, kernel,
                                                                jax.random.fold_in(key, i)))
     else:
       layer = AdaptedLinear(linear, Method(), kernel, {})
