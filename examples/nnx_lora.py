@@ -1,6 +1,6 @@
 """Fine-tune your own Flax NNX model with jaxft: QLoRA on a small byte-level transformer.
 
-  python examples/nnx_lora.py --steps=100 --quant=nf4 --workdir=/tmp/nnx_lora
+  python examples/nnx_lora.py --steps=100 --quant=nf4 --workdir=runs/nnx_lora
 
 The model below stands for yours: any `nnx.Module` whose projections are `nnx.Linear`. jaxft
 swaps the targeted linears for LoRA (or DoRA) layers over a frozen, optionally NF4, base
