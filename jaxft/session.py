@@ -77,7 +77,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   aux = base.router_aux_coef if m.router_aux_coef < 0 else float(m.router_aux_coef)
   dtype, param_dtype = _resolved_dtypes(m)
   return base.replace(dtype=dtype, param_dtype=param_dtype, remat=m.remat,
-                      attention=m.attention, router_aux_coef=aux)
+                      attention=m.attention, mlp_tile=m.mlp_tile, router_aux_coef=aux)
 
 
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -1,10 +1,12 @@
-"""Device mesh (`data`, `fsdp`, `tensor`, `expert`), the logical-to-mesh rules table, and the shardings of
-everything the train step touches: params (trainable, frozen, quantized), optimizer state, batches.
+"""Device mesh (`data`, `fsdp`, `tensor`, `expert`, `context`), the logical-to-mesh rules table, and
+the shardings of everything the train step touches: params (trainable, frozen, quantized),
+optimizer state, batches.
 
 Parameters name logical axes (see models/llama.py `param_specs`); a rules table maps each to a mesh
 axis (or None = replicated); `config.mesh.rules` overrides entries ("embed=fsdp,vocab=none").
-Batches are sharded on their row axis over (`data`, `fsdp`); each process builds only the rows its
-own devices hold (`local_rows`).
+Batches are sharded on their row axis over (`data`, `fsdp`), and on their token axis over `context`
+(context parallelism: a row's tokens split over chips, models/long_context.py); each process
+builds only the rows its own devices hold (`local_rows`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.errors import ConfigError
 
-AXES = ("data", "fsdp", "tensor", "expert")
+# (context last: the fastest-varying axis of a TPU slice's device order, nearest neighbours, for
+# the all-gather of keys and values that every layer does over it)
+AXES = ("data", "fsdp", "tensor", "expert", "context")
 # Logical axis -> mesh axis (None = replicated). fsdp shards the model dimension of every matrix
 # (ZeRO-3 style: gathered per layer inside the scan, since the decoder pins activations to the batch
 # axes, jaxft.target); tensor shards heads, MLP and vocabulary
@@ -75,7 +79,7 @@ def rules_from_config(mesh_cfg) -> Rules:
 
 def mesh_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
   """{axis: size} from config.mesh with -1 resolved; ConfigError when they do not fit the devices."""
-  sizes = {a: int(getattr(mesh_cfg, a, 1)) for a in AXES}  # (expert: 1 when a caller omits it)
+  sizes = {a: int(getattr(mesh_cfg, a, 1)) for a in AXES}  # (expert, context: 1 when omitted)
   free = [a for a, s in sizes.items() if s == -1]
   shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
   if len(free) > 1:
@@ -130,6 +134,7 @@ def checked_mesh(config, model_cfg, mesh: Mesh | None = None,
   mesh = mesh or make_mesh(config.mesh)
   if batch:
     check_batch(mesh, config.data.batch_size, config.optim.accum_steps)
+    check_context(mesh, config.data.max_len)
   check_model_fits(mesh, model_cfg)
   return mesh, rules_from_config(config.mesh)
 
@@ -145,6 +150,15 @@ def check_batch(mesh: Mesh, rows: int, accum: int = 1) -> None:
   if (rows // accum) % ways:
     raise ConfigError(f"data.batch_size={rows} (/ optim.accum_steps={accum}) must be a multiple of "
                       f"config.mesh data*fsdp={ways}: every device takes whole rows")
+
+
+def check_context(mesh: Mesh, max_len: int) -> None:
+  """ConfigError unless rows of data.max_len tokens split into 2 * mesh.context equal chunks (the
+  zigzag order of context parallelism, models/long_context.py)."""
+  n = dict(mesh.shape).get("context", 1)
+  if n > 1 and max_len % (2 * n):
+    raise ConfigError(f"config.mesh.context={n}: data.max_len={max_len} must be a multiple of "
+                      f"2 * context = {2 * n} (each chip holds two equal chunks of every row)")
 
 
 # -- parameter shardings ----------------------------------------------------------------------------
@@ -249,9 +263,12 @@ def optimizer_shardings(tx, trainable_shardings, mesh: Mesh):
 # -- batches ----------------------------------------------------------------------------------------
 
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
-  """Sharding of a batch array whose row axis is at position `leading`."""
+  """Sharding of a batch array whose row axis is at position `leading` (over data and fsdp) and
+  token axis after it (over context, when mesh.context > 1)."""
   parts = [None] * ndim
   parts[leading] = BATCH
+  if dict(mesh.shape).get("context", 1) > 1 and leading + 1 < ndim:
+    parts[leading + 1] = "context"
   return NamedSharding(mesh, P(*parts))
 
 
@@ -272,14 +289,13 @@ def put_local_batch(local: dict, row_ids: np.ndarray, mesh: Mesh, rows: int, acc
   """Device arrays [accum, rows/accum, ...] sharded over their rows, from this process's rows.
 
   local: {name: array [len(row_ids), ...]} holding global rows `row_ids` (from `local_rows`)."""
-  sh = batch_sharding(mesh, 2, leading=1)
   grid = np.arange(rows).reshape(accum, rows // accum)
   where = np.full(rows, -1)
   where[row_ids] = np.arange(len(row_ids))
   out = {}
   for k, v in local.items():
     shape = (accum, rows // accum, *v.shape[1:])
-    spec = P(*sh.spec, *([None] * (v.ndim - 1)))
+    spec = batch_sharding(mesh, len(shape), leading=1).spec  # (tokens over context)
 
     def fetch(index, v=v):
       pick = where[grid[index[0], index[1]]]

@@ -23,8 +23,9 @@ _MESH: contextvars.ContextVar = contextvars.ContextVar("jaxft_activation_mesh", 
 
 # Logical axes of activations -> mesh axes. Rows are split over the batch axes (data, fsdp), so
 # that every chip keeps the activations of its own rows only and the fsdp-sharded weights are
-# gathered per layer instead (FSDP / ZeRO-3); heads and the MLP width follow the tensor axis.
-ACTIVATION_RULES = {"batch": ("data", "fsdp"), "length": None, "embed": None,
+# gathered per layer instead (FSDP / ZeRO-3); heads and the MLP width follow the tensor axis, and
+# the tokens of a row the context axis (context parallelism, models/long_context.py).
+ACTIVATION_RULES = {"batch": ("data", "fsdp"), "length": "context", "embed": None,
                     "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "head_dim": None}
 
 
@@ -61,7 +62,7 @@ def current_mesh() -> Mesh | None:
 
 
 def _size(mesh: Mesh, axes) -> int:
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(dict(mesh.shape).get(a, 1) for a in axes)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -74,7 +75,8 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   parts, used = [], set()
   for name, dim in zip(axes, x.shape):
     m = ACTIVATION_RULES.get(name) if name else None
-    names = tuple(a for a in ((m,) if isinstance(m, str) else (m or ())) if mesh.shape[a] > 1)
+    names = tuple(a for a in ((m,) if isinstance(m, str) else (m or ()))
+                  if dict(mesh.shape).get(a, 1) > 1)
     if not names or used & set(names) or dim % _size(mesh, names):
       parts.append(None)
       continue

@@ -31,7 +31,7 @@ def test_rules_override_from_config_string():
   rules = sharding.parse_rules("embed=data+fsdp, vocab=none,mlp=fsdp")
   assert rules["embed"] == ("data", "fsdp") and rules["vocab"] is None and rules["mlp"] == "fsdp"
   assert rules["heads"] == sharding.RULES["heads"]  # untouched entries keep the default
-  mesh = AbstractMesh((2, 4, 1, 1), sharding.AXES)
+  mesh = AbstractMesh((2, 4, 1, 1, 1), sharding.AXES)
   assert sharding.spec_for(("vocab", "embed"), (32000, 64), mesh, rules) == P(None, ("data", "fsdp"))
   # mlp and embed both ask for fsdp: the second use is replicated rather than an invalid spec
   assert sharding.spec_for(("layers", "embed", "mlp"), (2, 64, 128), mesh, rules) == \
@@ -96,7 +96,7 @@ def test_batch_rows_must_split_over_data_and_fsdp():
   mesh = sharding.make_mesh(type("Cfg", (), {"data": -1, "fsdp": 1, "tensor": 1}))
   sharding.check_batch(mesh, 8, 2)
   assert list(sharding.local_rows(mesh, 8, 2)) == list(range(8))  # one process builds every row
-  big = AbstractMesh((2, 2, 1, 1), sharding.AXES)
+  big = AbstractMesh((2, 2, 1, 1, 1), sharding.AXES)
   with pytest.raises(ConfigError, match="data.batch_size=6 .* data\\*fsdp=4"):
     sharding.check_batch(big, 6, 1)
 

@@ -39,6 +39,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | offload | auto (see llama._remat)
   attention: str = "auto"  # auto | einsum | xla | cudnn | splash (see llama.attention_impl)
+  # > 0: the MLP runs over slices of this many tokens, each recomputed in the backward, so the
+  # [tokens, intermediate] activations never exist whole (long_context.tiled_mlp; docs/long_context.md).
+  mlp_tile: int = 0
   # Family features (Qwen3, Gemma 2/3); the defaults are Llama's. Read by the one decoder.
   qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, Gemma 3)
   norm_plus_one: bool = False  # norms scale by (1 + weight) and weights start at 0 (Gemma)
@@ -69,6 +72,8 @@ class ModelConfig:
     if self.attention not in ("auto", "einsum", "xla", "cudnn", "splash"):
       raise ConfigError(f"model.attention={self.attention!r}: expected auto, einsum, xla, cudnn "
                         "or splash")
+    if self.mlp_tile < 0:
+      raise ConfigError(f"model.mlp_tile={self.mlp_tile}: expected 0 (off) or a token count")
     if self.hidden_act not in ("silu", "gelu_tanh"):
       raise ConfigError(f"hidden_act={self.hidden_act!r}: expected silu or gelu_tanh")
     if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:

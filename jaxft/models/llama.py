@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import target
 from jaxft.models import attention_kernels
-from jaxft.models import families, moe
+from jaxft.models import families, long_context, moe
 from jaxft.models.config import ModelConfig
 from jaxft.models.ops import rms_norm, softmax_attention, swiglu, unpack_16bit
 from jaxft.models.rope import apply_rope, inverse_frequencies
@@ -220,8 +220,10 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
     cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
     new_cache = {"k": ck, "v": cv}
     k, v = ck, cv
-  mask = ctx["mask"]
   prefix = adapter.kv_prefix(p, B, dtype)
+  mask = ctx["mask"]
+  if mask is None and (prefix is not None or ctx["cache"] is not None):  # whole, for this path
+    mask = attention_mask(cfg, ctx["index"], ctx["segment_ids"], ctx["index"], ctx["segment_ids"])
   if prefix is not None:  # prefix keys/values: visible to every position, no rotation
     pk, pv = prefix
     k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
@@ -230,11 +232,18 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
   plain = ctx["cache"] is None and prefix is None
   if cfg.attn_softcap:
     attn = families.softcap_attention(q, k, v, mask, dtype, cfg.attn_softcap)
+  elif ctx["mask"] is None and plain:  # long rows, or context parallelism (models/long_context)
+    core = lambda q, k, v, m: _attend(q, k, v, m, dtype)
+    mask_of = lambda qi, qs, ki, ks: attention_mask(cfg, qi, qs, ki, ks)
+    attn = long_context.attention(core, mask_of, q, k, v, ctx["index"], ctx["segment_ids"])
   else:
     impl = attention_impl(cfg, plain=plain, length=T)
     if impl == "splash" and cfg.sliding_layers is not None:
       impl = "einsum"  # the splash kernel takes one window for every layer
-    attn = _attend(q, k, v, mask, dtype, impl, _causal_blocks(T) if plain else 1,
+    blocks = _causal_blocks(T) if plain else 1
+    if long_context.context_size() > 1:  # zigzag order: only the mask knows what is causal
+      impl, blocks = "einsum", 1
+    attn = _attend(q, k, v, mask, dtype, impl, blocks,
                    ctx["segment_ids"], cfg.sliding_window)
   attn = lin("o_proj", attn)
   if cfg.post_norms:
@@ -248,9 +257,15 @@ def _layer(cfg: ModelConfig, adapter, inv_freq, x, p, ctx):
     router = {"stats": stats, "logits": logits if ctx["router_logits"] else None}
   else:
     act_fn = families.geglu if cfg.hidden_act == "gelu_tanh" else swiglu
-    act = target.constrain(act_fn(lin("gate_proj", h), lin("up_proj", h)),
-                           ("batch", "length", "mlp"))
-    mlp = lin("down_proj", act)
+
+    def dense(h, rng):
+      lin_r = lambda name, a: adapter.linear(name, p[name], a, dtype, rng)
+      act = target.constrain(act_fn(lin_r("gate_proj", h), lin_r("up_proj", h)),
+                             ("batch", "length", "mlp"))
+      return lin_r("down_proj", act)
+
+    mlp = (long_context.tiled_mlp(dense, h, cfg.mlp_tile, ctx["rng"]) if cfg.mlp_tile
+           else dense(h, ctx["rng"]))
   if cfg.post_norms:
     mlp = norm(cfg, mlp, p["mlp_post_norm"]["scale"])
   x = x + adapter.block_output("mlp", p, mlp, dtype)
@@ -317,18 +332,29 @@ def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jnp.ndarr
   positions = positions + adapter.position_offset
   if segment_ids is None:
     segment_ids = jnp.ones((B, T), jnp.int32)
+  n = long_context.context_size() if cache is None else 1
+  if n > 1:  # context parallelism: the row's tokens in zigzag order (models/long_context.py)
+    long_context.check_length(T, n)
+    tokens, positions, segment_ids = (long_context.to_zigzag(a)
+                                      for a in (tokens, positions, segment_ids))
   # (unpack: the trainer's frozen tree holds 16-bit tables bit-cast to integers, ops.pack_frozen)
   x = unpack_16bit(jnp.take(params["embed"]["embedding"], tokens, axis=0)).astype(dtype)
   if cfg.scale_embeddings:  # Gemma: times sqrt(hidden) rounded to the compute dtype, as HF does
     x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
   x = target.constrain(x, _ACTS)  # rows stay on their chips through every layer (FSDP)
   q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  if n > 1:  # each token's index in the row, which causal attention compares
+    q_idx = target.constrain(jnp.broadcast_to(jnp.asarray(long_context.zigzag_order(T, n)),
+                                              (B, T)), ("batch", "length"))
   kv_seg = segment_ids
   if cache is not None:
     q_idx = q_idx + cache_index
     kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], segment_ids, cache_index, 1)
   kv_idx = jnp.broadcast_to(jnp.arange(kv_seg.shape[1], dtype=jnp.int32), kv_seg.shape)
-  mask = attention_mask(cfg, q_idx, segment_ids, kv_idx, kv_seg)
+  # Long rows and context parallelism: each layer builds the mask of a chunk of queries at a time.
+  long = (cache is None and cfg.layer_types is None and not cfg.attn_softcap and
+          (n > 1 or T >= long_context.LONG_ROW and attention_impl(cfg, True, T) == "einsum"))
+  mask = None if long else attention_mask(cfg, q_idx, segment_ids, kv_idx, kv_seg)
   inv_freq = inverse_frequencies(cfg)
   flags = local = None
   if cfg.layer_types is not None:  # Gemma 2/3: sliding and global layers
@@ -345,7 +371,7 @@ def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jnp.ndarr
     if sliding is not None:  # Gemma 2/3: this layer's mask (and RoPE base, rope_local_theta)
       m = jnp.where(sliding, local[0], mask)
       freq = jnp.where(sliding, jnp.asarray(local[1]), jnp.asarray(inv_freq))
-    ctx = {"positions": positions, "mask": m, "segment_ids": segment_ids,
+    ctx = {"positions": positions, "mask": m, "segment_ids": segment_ids, "index": q_idx,
            "rng": None if rng is None else layer_rng, "cache": layer_cache,
            "cache_index": cache_index, "router_logits": router_logits}
     x, out = _layer(cfg, adapter, freq, x, p, ctx)
@@ -354,6 +380,8 @@ def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jnp.ndarr
   layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
   layers = adapter.layer_params(cfg, params)  # params["layers"], or derived by the method
   x, (new_kv, router) = jax.lax.scan(_remat(cfg, body), x, (layers, rngs, layer_caches, flags))
+  if n > 1:
+    x = long_context.from_zigzag(x)
   x = norm(cfg, x, params["final_norm"]["scale"])
   new_cache = None if cache is None else {"k": new_kv["k"], "v": new_kv["v"], "seg": kv_seg}
   return x, new_cache, router

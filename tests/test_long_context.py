@@ -1,0 +1,99 @@
+"""Long rows: the tiled MLP (model.mlp_tile) against the whole MLP, and context parallelism
+(mesh.context) on 8 forced CPU devices against one device (tests/long_context_helper.py, in a
+subprocess started first so that it runs beside the in-process tests)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+from conftest import ROOT
+from jaxft import sharding
+from jaxft.errors import ConfigError
+from jaxft.models import config as mc
+from jaxft.models import llama, long_context
+from jaxft.models.loss import token_losses
+from jaxft.peft.base import Method
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def context_runs(tmp_path_factory):
+  """The helper's {"METHOD:MESH": losses}, started when the first test of the module asks."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "long_context_helper.py")],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  yield proc
+  proc.kill()
+
+
+def _result(proc):
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-3000:]
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _loss_and_grads(cfg, params, batch):
+  def loss(p):
+    h, _ = llama.hidden_states(cfg, p, batch["inputs"], adapter=Method(),
+                               positions=batch["positions"], segment_ids=batch["segment_ids"])
+    w = batch["weights"]
+    return jnp.sum(token_losses(cfg, p, h, batch["targets"]) * w) / jnp.sum(w)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_tiled_mlp_gives_the_losses_and_gradients_of_the_whole_mlp(context_runs):
+  del context_runs  # (started: it runs while this test does)
+  cfg = mc.PRESETS["tiny"].replace(vocab_size=512)
+  params = llama.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  B, T = 2, 192
+  seg = np.repeat(np.array([[1] * 80 + [2] * 100 + [0] * 12]), B, 0).astype(np.int32)
+  pos = np.concatenate([np.arange(80), np.arange(100), np.zeros(12, int)])[None].repeat(B, 0)
+  batch = {"inputs": rng.integers(0, 512, (B, T)), "targets": rng.integers(0, 512, (B, T)),
+           "weights": (seg > 0).astype(np.float32), "positions": pos, "segment_ids": seg}
+  whole_loss, whole = _loss_and_grads(cfg, params, batch)
+  for tile in (64, 50):  # 50: slices of 48 tokens, the largest divisor of 192 below it
+    loss, grads = _loss_and_grads(cfg.replace(mlp_tile=tile), params, batch)
+    np.testing.assert_allclose(loss, whole_loss, rtol=RTOL)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(whole)):
+      np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6 * float(jnp.max(jnp.abs(w))),
+                                 err_msg=jax.tree_util.keystr(path))
+  # The tiled program slices the MLP: its [tokens, intermediate] activations are a slice's.
+  tiled = jax.jit(lambda p: llama.hidden_states(cfg.replace(mlp_tile=64), p, batch["inputs"],
+                                                adapter=Method())[0])
+  assert "while" in tiled.lower(params).as_text()
+
+
+def test_zigzag_order_gives_every_chip_the_same_causal_work():
+  order = long_context.zigzag_order(16, 4)
+  assert order.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+  work = (order + 1).reshape(4, 4).sum(axis=1)  # keys each chip's queries see
+  assert len(set(work.tolist())) == 1
+
+
+def test_context_must_split_rows_into_equal_chunks():
+  mesh = AbstractMesh((1, 1, 1, 1, 8), sharding.AXES)
+  sharding.check_context(mesh, 8192)
+  with pytest.raises(ConfigError, match=r"mesh.context=8: data.max_len=1000 .* 16"):
+    sharding.check_context(mesh, 1000)
+
+
+def test_context_parallel_training_gives_the_losses_of_one_device(context_runs):
+  """One packed 8,192-token row: mesh.context=8 (and tensor=2 x context=4 for LoRA) trains to
+  the losses of one device, step after step, with LoRA and with full fine-tuning."""
+  runs = _result(context_runs)
+  for method in ("lora", "full"):
+    one = np.asarray(runs[f"{method}:1"])
+    assert len(one) == 3 and len(set(one.tolist())) == 3  # it trains: every step's loss differs
+    meshes = ("context=8", "tensor=2,context=4") if method == "lora" else ("context=8",)
+    for mesh in meshes:
+      np.testing.assert_allclose(runs[f"{method}:{mesh}"], one, rtol=RTOL, err_msg=mesh)
