@@ -1,6 +1,7 @@
-"""GGUF out and in for every family jaxft trains beyond Llama/Mistral: Qwen2, Qwen3, Gemma 2,
-Gemma 3 (text), Mixtral and Qwen3-MoE. For a tiny random checkpoint of each (odd head counts,
-GQA and multi-query, tied and untied heads, Gemma's sliding/global mix, top-1 and top-2 experts)
+"""GGUF out and in for every family jaxft trains beyond the quickstart's Llama/Mistral: Llama 3.1's
+RoPE scaling (rope_freqs), Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Mixtral and Qwen3-MoE. For a
+tiny random checkpoint of each (odd head counts, GQA and multi-query, tied and untied heads,
+llama3 RoPE scaling, Gemma's sliding/global mix, top-1 and top-2 experts)
 with the family's own chat template (ChatML, Gemma's turns, Mixtral-Instruct; their turn tokens
 added to the quickstart's SentencePiece vocabulary), a 2-step LoRA run on all linear layers is
 exported (export_gguf in process) as f32, then q8_0, q4_k_m and f16 or bf16: llama.cpp
@@ -28,6 +29,12 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 # family -> make_tiny overrides (beside chat_base's 32000-token vocabulary)
 VARIANTS = {
+    # Llama 3.1's RoPE scaling with wavelength cut-offs among these 8 frequencies (6.3, 19.9, 62.8,
+    # ...): factor 1, smoothed (2.48) and 4; SEQ is longer than the original 16 positions.
+    # low/high other than the published 1/4: read back exactly only through jaxft's own keys.
+    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5,
+                                "high_freq_factor": 2.0, "original_max_position_embeddings": 16},
+                  max_position_embeddings=128),
     "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),  # tied (Qwen2's default), GQA
     "qwen3": dict(num_attention_heads=3, num_key_value_heads=1, head_dim=24,
                   tie_word_embeddings=True),  # odd heads, head_dim free of hidden/heads
@@ -39,7 +46,7 @@ VARIANTS = {
                     num_local_experts=3, num_experts_per_tok=1),  # top-1 of 3, untied
     "qwen3_moe": dict(num_attention_heads=5, num_key_value_heads=5, head_dim=8),  # top-2 of 4
 }
-ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
+ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
         "mixtral": "llama", "qwen3_moe": "qwen3moe"}
 # Each family's own chat template (Qwen's ChatML and Mixtral-Instruct's are the strings
 # llama-cpp-python recognises and renders with its built-in formatters; Gemma's is rendered from
@@ -62,13 +69,18 @@ MIXTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] =
            "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
            "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only "
            "user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
+          "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
 _QWEN = (CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")
 _GEMMA = (GEMMA, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>")
-CHAT = {"qwen2": _QWEN, "qwen3": _QWEN, "qwen3_moe": _QWEN, "gemma2": _GEMMA, "gemma3": _GEMMA,
+CHAT = {"llama": (LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+        "qwen2": _QWEN, "qwen3": _QWEN, "qwen3_moe": _QWEN, "gemma2": _GEMMA, "gemma3": _GEMMA,
         "mixtral": (MIXTRAL, [], "</s>")}
 QUANTS = ("f32", "q8_0", "q4_k_m")
 # and one 16-bit type per family, alternating (test_deploy.py loads both for Llama)
-SIXTEEN = {"qwen2": "f16", "qwen3": "bf16", "gemma2": "f16", "gemma3": "bf16", "mixtral": "f16",
+SIXTEEN = {"llama": "bf16", "qwen2": "f16", "qwen3": "bf16", "gemma2": "f16", "gemma3": "bf16", "mixtral": "f16",
            "qwen3_moe": "bf16"}
 SEQ = np.random.RandomState(3).randint(3, 32000, (1, 20))  # longer than Gemma's window of 4
 # (no runs of spaces: the quickstart's tokenizer.json splits those unlike SentencePiece, whose ids
@@ -234,10 +246,80 @@ def test_read_back_gives_the_same_logits_and_tokenizer(fam, tmp_path):
   assert back.tok(text)["input_ids"] == enc.tok(text)["input_ids"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", ["llama"], indirect=True)
+def test_llama3_rope_scaling_goes_out_as_rope_freqs(fam):
+  """Llama 3.1's RoPE scaling is written as llama.cpp's converter writes it: rope_freqs.weight,
+  F32 (also in the quantized files), the ratio of jaxft's unscaled to scaled inverse frequencies
+  (here 1, the smoothed 2.48 and the factor 4), and no rope.scaling.* key. The factors matter at
+  SEQ's positions: jaxft's logits without them move far beyond the 1e-3 the llama.cpp test allows."""
+  from jaxft.models import gguf, gguf_rope, rope
+  t = fam["trained"]
+  cfg = t.model.cfg
+  assert gguf_rope.is_llama3(cfg)
+  want = rope.inverse_frequencies(cfg.replace(rope_scaling=None)) / rope.inverse_frequencies(cfg)
+  for q, path in fam["files"].items():
+    r = gguf._reader(path)
+    (freqs,) = [x for x in r.tensors if x.name == "rope_freqs.weight"]
+    assert freqs.tensor_type.name == "F32", q
+    np.testing.assert_allclose(np.asarray(freqs.data), want, rtol=1e-6)
+    assert not [k for k in r.fields if ".rope.scaling." in k and not k.startswith("jaxft.")], q
+  assert np.asarray(freqs.data)[[0, 2]].tolist() == [1.0, 4.0] and 1 < freqs.data[1] < 4
+  unscaled = jaxft_logits(cfg.replace(rope_scaling=None), t.params, SEQ, t.model.method)[0]
+  moved = float(np.abs(unscaled - fam["logits"]).max())
+  print(f"llama: max logit change without the llama3 RoPE factors {moved:.2e}")
+  assert moved > 1e-2, moved
+
+
+def _converter_rope_freqs(theta, dim, s):
+  """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py (LlamaModel, llama-cpp-python 0.3.36)
+  computes it: torch float32 frequencies, Python float factors."""
+  import math
+  import torch
+  freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+  old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+  out = []
+  for freq in freqs:
+    wavelen = 2 * math.pi / freq
+    if wavelen < old / high:
+      out.append(1)
+    elif wavelen > old / low:
+      out.append(s["factor"])
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+  return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+@pytest.mark.parametrize("preset", ["llama3-1b", "llama3-8b"])
+def test_third_party_rope_freqs_read_as_llama_3_1(preset):
+  """A file without jaxft's keys (llama.cpp's converter's) is read with Llama 3.1/3.2's published
+  low 1, high 4, original 8192 and the largest factor (32 for 3.2, 8 for 3.1): the converter's
+  float32 factors give the published config back, jaxft's own factors equal them within 1e-6
+  (relative), and a tensor no llama3 config with those values reproduces is refused by name."""
+  from jaxft.models import gguf_rope
+  from jaxft.models.config import PRESETS
+  cfg = PRESETS[preset]
+  s = dict(cfg.rope_scaling)
+  theirs = _converter_rope_freqs(cfg.rope_theta, cfg.head_dim, s)
+  np.testing.assert_allclose(gguf_rope.factors(cfg), theirs, rtol=1e-6)
+  got = gguf_rope.scaling_from_file("x.gguf", theirs, cfg.rope_theta, cfg.head_dim, lambda k: None)
+  assert got == tuple(sorted(s.items()))
+  other = _converter_rope_freqs(cfg.rope_theta, cfg.head_dim, dict(
+      s, original_max_position_embeddings=4096))
+  with pytest.raises(ConfigError, match=r"x\.gguf: tensor rope_freqs\.weight \(per-frequency "
+                     r"RoPE factors\) is not llama3 RoPE scaling .*: entry \d+ is"):
+    gguf_rope.scaling_from_file("x.gguf", other, cfg.rope_theta, cfg.head_dim, lambda k: None)
+
+
 # What a damaged or foreign file of a family lacks or adds is refused naming file and key:
 # family -> (metadata key dropped or replaced, its new value or None, message). (A missing or
 # unexpected tensor is named the same way for every family: tests/test_gguf.py.)
 BAD = {
+    # without jaxft's key, Llama 3.1's published original_max_position_embeddings (8192) is tried
+    "llama": ("jaxft.rope.scaling.original_max_position_embeddings", None,
+              r"tensor rope_freqs\.weight \(per-frequency RoPE factors\) is not llama3 RoPE "
+              r"scaling .*'original_max_position_embeddings': 8192.*entry 1 is 2\.48"),
     "gemma2": ("gemma2.rope.freq_base_swa", 500.0, r"gemma2\.rope\.freq_base_swa=500\.0"),
     "gemma3": ("gemma3.rope.scaling.type", "yarn", r"gemma3\.rope\.scaling\.type='yarn'"),
     "mixtral": ("llama.expert_used_count", None, r"llama\.expert_used_count is missing"),
@@ -292,7 +374,10 @@ def test_refusals_name_what_llama_cpp_cannot_express():
       (PRESETS["gemma3-12b"].replace(attn_softcap=20.0), "Gemma3ForCausalLM.*attention soft"),
       (PRESETS["qwen3-30b-a3b"].replace(norm_topk_prob=False), "norm_topk_prob=false"),
       (PRESETS["qwen3-8b"].replace(qkv_bias=True), "Qwen3ForCausalLM with q/k/v biases"),
-      (PRESETS["llama3-8b"], "rope_scaling"),
+      (PRESETS["llama3-8b"].replace(rope_scaling=(("factor", 8.0), ("rope_type", "yarn"))),
+       r"LlamaForCausalLM with rope_scaling .*yarn.* \(only default, linear, llama3 are"),
+      (PRESETS["qwen3-8b"].replace(rope_scaling=PRESETS["llama3-8b"].rope_scaling),
+       r"Qwen3ForCausalLM with rope_scaling .*llama3.* \(only default, linear are"),
       (PRESETS["qwen3-8b"].replace(architecture="Qwen2ForCausalLM", qkv_bias=True, qk_norm=False,
                                    head_dim=64), "32 heads of 64 != hidden size 4096"),
       (PRESETS["qwen3-8b"].replace(architecture="PhiForCausalLM"), "PhiForCausalLM has no GGUF"),
@@ -300,7 +385,7 @@ def test_refusals_name_what_llama_cpp_cannot_express():
   for cfg, match in cases:
     with pytest.raises(ConfigError, match=match):
       check_model(cfg)
-  for name in ("qwen3-8b", "gemma2-9b", "gemma3-12b", "mixtral-8x7b", "qwen3-30b-a3b"):
+  for name in ("llama3-1b", "llama3-8b", "qwen3-8b", "gemma2-9b", "gemma3-12b", "mixtral-8x7b", "qwen3-30b-a3b"):
     check_model(PRESETS[name])  # the published shapes are expressible
 
 

@@ -4,7 +4,8 @@ Written with the `gguf` package (no llama.cpp build). Weights are in llama.cpp's
 family's architecture (models/gguf_arch.py: llama for Llama, Mistral and Mixtral, qwen2, qwen3,
 qwen3moe, gemma2, gemma3): HF tensor names mapped to GGUF's (`blk.N.attn_q.weight`, ...), the
 llama architecture's Q and K rows permuted from HF's rotate-half RoPE order to llama.cpp's
-interleaved pairs, Gemma's norms stored as 1 + w, experts stacked per layer.
+interleaved pairs, Gemma's norms stored as 1 + w, experts stacked per layer, Llama 3.1/3.2's RoPE
+scaling as llama.cpp's `rope_freqs.weight` (float32 per-frequency factors: models/gguf_rope.py).
 Tensors are streamed one at a time (header first, with every tensor's size computed up front), so
 the model never sits whole in host memory.
 
@@ -12,8 +13,8 @@ Quant types (--quant): f32, f16, bf16, q8_0, and q4_k_m: Q4_K for most matrices,
 output head and for attn_v / ffn_down of the layers llama.cpp gives more bits (the first and last
 eighth, and every third between). A matrix whose rows are not a multiple of 256 values cannot hold
 K-quants: it gets llama.cpp's fallback (Q4_K -> Q5_0, Q6_K -> Q8_0); one whose rows are not a
-multiple of 32 values holds no block type and gets F16. Norms, biases and a mixture of experts'
-router stay float32.
+multiple of 32 values holds no block type and gets F16. Norms, biases, a mixture of experts'
+router and rope_freqs stay float32.
 
 The tokenizer and chat template are gguf_tokenizer.py's.
 """
@@ -30,7 +31,7 @@ from jaxft import session
 from jaxft.errors import ConfigError
 from jaxft.export.gguf_tokenizer import add_tokenizer
 from jaxft.export.output import check_out, merged_params
-from jaxft.models import gguf_arch, hf
+from jaxft.models import gguf_arch, gguf_rope, hf
 from jaxft.quant import gguf_quants
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -145,7 +146,10 @@ def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
   entries = [(gname, p, layer, shape,
               tensor_type(quant, gname, shape, cfg.num_layers, cfg.tie_embeddings))
              for gname, p, layer, shape in gguf_arch.tensors(cfg)]
-  counts: dict[str, int] = {}
+  # Llama 3.1's RoPE scaling: llama.cpp's per-frequency factors, float32 (its rope op reads them
+  # as such), first in the file as llama.cpp's converter writes them.
+  extra = [(gguf_rope.TENSOR, gguf_rope.factors(cfg))] if gguf_rope.is_llama3(cfg) else []
+  counts: dict[str, int] = {"F32": len(extra)} if extra else {}
   for e in entries:
     counts[e[4].name] = counts.get(e[4].name, 0) + 1
 
@@ -166,11 +170,15 @@ def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
   try:
     _add_metadata(w, cfg, quant, name)
     add_tokenizer(w, tok_dir, enc, cfg)
+    for gname, x in extra:
+      w.add_tensor_info(gname, x.shape, x.dtype, x.nbytes)
     for gname, _, _, shape, qtype in entries:
       w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    for _, x in extra:
+      w.write_tensor_data(x)
     for gname, p, layer, shape, qtype in entries:
       w.write_tensor_data(encode(tensor(p, layer, shape), qtype))
     w.close()

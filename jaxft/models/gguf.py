@@ -7,7 +7,8 @@ dequantized to float32 on the host, then cast, and quantized again if `model.qua
 devices by the same streaming code as safetensors: `hf.stream_params`), so host memory peaks near
 the largest tensor (a layer's stacked experts). The family's layout in the file is undone
 (models/gguf_arch.py, shared with the writer): the llama architecture's Q/K rows put back in HF's
-rotate-half order, Gemma's stored 1 + w norms back to w, stacked experts split per expert.
+rotate-half order, Gemma's stored 1 + w norms back to w, stacked experts split per expert, and
+a llama file's `rope_freqs.weight` read as Llama 3.1/3.2's RoPE scaling (models/gguf_rope.py).
 
 GGUF names and HF names (the others in gguf_arch.py):
   token_embd.weight        model.embed_tokens.weight      output_norm.weight  model.norm.weight
@@ -32,7 +33,7 @@ import numpy as np
 
 from jaxft import files
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import gguf_arch, hf
+from jaxft.models import gguf_arch, gguf_rope, hf
 from jaxft.models.config import ModelConfig
 
 __all__ = ["is_gguf", "read_config", "load_params", "build_tokenizer", "write_tokenizer",
@@ -119,14 +120,7 @@ def read_config(path: str) -> ModelConfig:
   arch = _architecture(path, r)
   need = lambda k: _field(path, r, f"{arch}.{k}", required=True)
   opt = lambda k, d=None: _field(path, r, f"{arch}.{k}", d)
-  scaling = opt("rope.scaling.type", "none")
-  factor = opt("rope.scaling.factor")
-  if scaling not in ("none", "linear"):
-    raise ConfigError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported (none, linear)")
   names = {t.name for t in r.tensors}
-  if "rope_freqs.weight" in names:
-    raise ConfigError(f"{path}: tensor rope_freqs.weight (per-frequency RoPE factors, as Llama 3.1 "
-                      "files carry) is not supported")
   hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
   tokens = r.fields.get("tokenizer.ggml.tokens")
   vocab = opt("vocab_size") or (len(tokens.data) if tokens is not None else None)
@@ -136,7 +130,6 @@ def read_config(path: str) -> ModelConfig:
   if int(opt("rope.dimension_count") or head_dim) != head_dim:
     raise ConfigError(f"{path}: {arch}.rope.dimension_count={opt('rope.dimension_count')} (partial "
                       f"rotary embedding) is not supported; head dim is {head_dim}")
-  linear = scaling == "linear" and factor not in (None, 1.0)
   shape = dict(hidden=hidden, heads=heads, head_dim=head_dim, layers=int(need("block_count")),
                ff=int(need("feed_forward_length")),
                rope_theta=float(opt("rope.freq_base", 10000.0)))
@@ -146,7 +139,7 @@ def read_config(path: str) -> ModelConfig:
       num_layers=shape["layers"], num_heads=heads,
       num_kv_heads=int(opt("attention.head_count_kv") or heads), head_dim=head_dim,
       rope_theta=shape["rope_theta"],
-      rope_scaling=(("factor", float(factor)), ("rope_type", "linear")) if linear else None,
+      rope_scaling=_rope_scaling(path, r, arch, opt, head_dim, shape["rope_theta"]),
       rms_norm_eps=float(opt("attention.layer_norm_rms_epsilon", 1e-5)),
       max_position_embeddings=int(opt("context_length", 4096)),
       tie_embeddings="output.weight" not in names,
@@ -157,6 +150,27 @@ def read_config(path: str) -> ModelConfig:
     return ModelConfig(**fields)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}") from None
+
+
+def _rope_scaling(path: str, r, arch: str, opt, head_dim: int, theta: float) -> tuple | None:
+  """The file's rope_scaling pairs: linear from `{arch}.rope.scaling.*`; Llama 3.1's llama3 from
+  the llama architecture's `rope_freqs.weight` (gguf_rope.scaling_from_file)."""
+  kind, factor = opt("rope.scaling.type", "none"), opt("rope.scaling.factor")
+  if kind not in ("none", "linear"):
+    raise ConfigError(f"{path}: {arch}.rope.scaling.type={kind!r} is not supported (none, linear)")
+  freqs = next((t for t in r.tensors if t.name == gguf_rope.TENSOR), None)
+  if freqs is None:
+    linear = kind == "linear" and factor not in (None, 1.0)
+    return (("factor", float(factor)), ("rope_type", "linear")) if linear else None
+  if arch != "llama" or kind != "none":
+    raise ConfigError(f"{path}: tensor {gguf_rope.TENSOR} (per-frequency RoPE factors) is read "
+                      f"as Llama 3.1's RoPE scaling, for the llama architecture without "
+                      f"rope.scaling.type; this file is {arch} with rope.scaling.type={kind!r}")
+  if freqs.tensor_type.name != "F32":
+    raise CheckpointError(f"{path}: tensor {gguf_rope.TENSOR} has type "
+                          f"{freqs.tensor_type.name}; llama.cpp reads it as F32")
+  return gguf_rope.scaling_from_file(path, np.asarray(freqs.data), theta, head_dim,
+                                     lambda key: _field(path, r, key))
 
 
 def _gguf_tensors(path: str, reader, cfg: ModelConfig) -> dict[str, tuple[object, int | None]]:
@@ -178,6 +192,7 @@ def _gguf_tensors(path: str, reader, cfg: ModelConfig) -> dict[str, tuple[object
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                           + f"; the metadata describes {cfg.architecture} with "
                           f"{cfg.num_layers} layers")
+  used.add(gguf_rope.TENSOR)  # (not a parameter: read_config read it as the RoPE scaling)
   extra = [t.name for t in reader.tensors if t.name not in used]
   if extra:
     raise CheckpointError(f"{path}: unexpected tensor {extra[0]} ({cfg.architecture} with "

@@ -3,7 +3,8 @@ metadata keys and the layout of the weights in the file. The writer (export/gguf
 reader (models/gguf.py) share these tables, so a file read back is the model written.
 
   family (HF architecture)            general.architecture   what the file does differently
-  Llama 3, Mistral                    llama      Q/K rows permuted to llama.cpp's RoPE pairs
+  Llama 3, Mistral                    llama      Q/K rows permuted to llama.cpp's RoPE pairs;
+                                                 Llama 3.1's RoPE scaling as rope_freqs
   Mixtral                             llama      + router ffn_gate_inp, experts stacked [E, out, in]
   Qwen2                               qwen2      q/k/v biases; HF's rotate-half (NEOX) RoPE kept
   Qwen3                               qwen3      attn_q_norm / attn_k_norm per head
@@ -20,7 +21,8 @@ and qwen3moe graphs attend to every earlier token, so a sliding window is droppe
 refused by `check` with the reason: Gemma 2 without both soft-caps or with an untied output
 head, Gemma 3 with attention soft-capping, Qwen3-MoE without renormalised top-k weights, q/k/v
 biases outside Qwen2, a Qwen2 whose heads do not span the hidden size, RoPE scaling other than
-linear.
+linear (and, for the llama architecture, Llama 3.1's llama3 scaling: the `rope_freqs` tensor of
+gguf_rope.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import llama, moe
+from jaxft.models import gguf_rope, llama, moe
 from jaxft.models.config import FAMILIES
 
 __all__ = ["ARCHS", "READS", "check", "gguf_name", "tensors", "to_file", "from_file",
@@ -77,9 +79,12 @@ def check(cfg) -> None:
     raise ConfigError(f"--format=gguf: architecture {cfg.architecture} has no GGUF mapping "
                       f"(supported: {', '.join(ARCHS)})")
   scaling = dict(cfg.rope_scaling or {}).get("rope_type", "default")
-  if scaling not in ("default", "linear"):
-    _refuse(cfg, f"with rope_scaling {dict(cfg.rope_scaling)} (only default and linear are "
-            "written)")
+  written = ("default", "linear", "llama3") if arch == "llama" else ("default", "linear")
+  if scaling not in written:
+    _refuse(cfg, f"with rope_scaling {dict(cfg.rope_scaling)} (only {', '.join(written)} "
+            "are written)")
+  if scaling == "llama3":
+    gguf_rope.factors(cfg)  # (names a missing key before anything is written)
   if cfg.qkv_bias and arch != "qwen2":
     _refuse(cfg, "with q/k/v biases")
   if arch == "qwen2" and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
@@ -214,8 +219,11 @@ def _local_theta(cfg) -> float | None:
 
 def add_metadata(w, cfg) -> None:
   """The `{arch}.*` keys of cfg's architecture beyond the shape every one has: experts,
-  soft-caps, the sliding window and which layers use it, the sliding layers' RoPE base."""
+  soft-caps, the sliding window and which layers use it, the sliding layers' RoPE base; and
+  jaxft's own keys of llama3 RoPE scaling (gguf_rope: llama.cpp reads its `rope_freqs` tensor)."""
   arch = ARCHS[cfg.architecture]
+  if gguf_rope.is_llama3(cfg):
+    gguf_rope.add_keys(w, cfg)
   if cfg.num_experts:
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.experts_per_token)
