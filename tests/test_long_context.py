@@ -61,14 +61,14 @@ def test_tiled_mlp_gives_the_losses_and_gradients_of_the_whole_mlp(context_runs)
   batch = {"inputs": rng.integers(0, 512, (B, T)), "targets": rng.integers(0, 512, (B, T)),
            "weights": (seg > 0).astype(np.float32), "positions": pos, "segment_ids": seg}
   whole_loss, whole = _loss_and_grads(cfg, params, batch)
-  for tile in (64, 50):  # 50: slices of 48 tokens, the largest divisor of 192 below it
+  for tile in (50,):  # slices of 48 tokens, the largest divisor of 192 up to 50
     loss, grads = _loss_and_grads(cfg.replace(mlp_tile=tile), params, batch)
     np.testing.assert_allclose(loss, whole_loss, rtol=RTOL)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(whole)):
       np.testing.assert_allclose(g, w, rtol=RTOL, atol=1e-6 * float(jnp.max(jnp.abs(w))),
                                  err_msg=jax.tree_util.keystr(path))
   # The tiled program slices the MLP: its [tokens, intermediate] activations are a slice's.
-  tiled = jax.jit(lambda p: llama.hidden_states(cfg.replace(mlp_tile=64), p, batch["inputs"],
+  tiled = jax.jit(lambda p: llama.hidden_states(cfg.replace(mlp_tile=50), p, batch["inputs"],
                                                 adapter=Method())[0])
   assert "while" in tiled.lower(params).as_text()
 
@@ -88,12 +88,11 @@ def test_context_must_split_rows_into_equal_chunks():
 
 
 def test_context_parallel_training_gives_the_losses_of_one_device(context_runs):
-  """One packed 8,192-token row: mesh.context=8 (and tensor=2 x context=4 for LoRA) trains to
-  the losses of one device, step after step, with LoRA and with full fine-tuning."""
+  """One packed 8,192-token row: mesh.context=8 trains to the losses of one device, step after
+  step, with LoRA and with full fine-tuning (tensor=2 x context=4: long_context_helper.py
+  --mixed)."""
   runs = _result(context_runs)
   for method in ("lora", "full"):
     one = np.asarray(runs[f"{method}:1"])
     assert len(one) == 3 and len(set(one.tolist())) == 3  # it trains: every step's loss differs
-    meshes = ("context=8", "tensor=2,context=4") if method == "lora" else ("context=8",)
-    for mesh in meshes:
-      np.testing.assert_allclose(runs[f"{method}:{mesh}"], one, rtol=RTOL, err_msg=mesh)
+    np.testing.assert_allclose(runs[f"{method}:context=8"], one, rtol=RTOL)
