@@ -137,7 +137,7 @@ class Model:
 
 def _numerics_only(config) -> tuple[str, ...]:
   """The ModelConfig fields set from model.* keys that do not fix the base (configlib's
-  declaration): dtype, remat, attention. A resume may change them."""
+  declaration): dtype, remat, attention, mlp_tile, ... A resume may change them."""
   return tuple(f.name for f in dataclasses.fields(ModelConfig)
                if f.name in config.model and configlib.effect(f"model.{f.name}") != configlib.SHAPE)
 

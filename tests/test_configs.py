@@ -120,7 +120,8 @@ def test_every_declared_key_effect_names_a_key_of_the_schema():
   assert configlib.effect("optim.lr") == configlib.NUMERICS
   assert configlib.effect("mesh.data") == configlib.NOTHING
   from jaxft import session
-  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention", "router_aux_coef")
+  assert session._numerics_only(load("base")) == ("dtype", "remat", "attention", "mlp_tile",
+                                                 "router_aux_coef")
 
 
 def test_auto_dtype_is_bf16_where_bf16_matmuls_are_fast_and_float32_elsewhere(tmp_path):
