@@ -34,7 +34,7 @@ from jaxft.models import config as mc  # noqa: E402
 from multidevice_helper import base_config, losses_on  # noqa: E402
 
 ROW = 8192
-STEPS = 3
+STEPS = 2
 # (data, fsdp, tensor, context): one device, the row over 8 chips, and context beside the others.
 MESHES = {"1": (1, 1, 1, 1), "context=8": (1, 1, 1, 8), "tensor=2,context=4": (1, 1, 2, 4)}
 
