@@ -127,8 +127,11 @@ def _optim_and_train(c):
 
 def _mesh_eval_checkpoint(c):
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                # -1 = the devices the other axes leave
-  c.mesh.fsdp = 1
+  # data=-1 with fsdp=0 (the defaults): jaxft chooses (jaxft/mesh_choice.py): data parallelism when
+  # a chip holds a replica of the step, else fsdp over the chips; train and plan say which and why.
+  # Set either to fix the mesh yourself (-1 = the devices the other axes leave; fsdp=1 replicates)
+  c.mesh.data = -1
+  c.mesh.fsdp = 0                 # 0 = chosen by jaxft (with mesh.data=-1; else what data leaves)
   c.mesh.tensor = 1
   c.mesh.expert = 1               # splits the experts of a mixture of experts (expert parallelism)
   c.mesh.context = 1              # splits each row's tokens over chips (context parallelism;

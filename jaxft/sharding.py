@@ -78,8 +78,12 @@ def rules_from_config(mesh_cfg) -> Rules:
 # -- the mesh ---------------------------------------------------------------------------------------
 
 def mesh_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
-  """{axis: size} from config.mesh with -1 resolved; ConfigError when they do not fit the devices."""
+  """{axis: size} from config.mesh with -1 (and fsdp=0) resolved; ConfigError when they do not
+  fit the devices."""
   sizes = {a: int(getattr(mesh_cfg, a, 1)) for a in AXES}  # (expert, context: 1 when omitted)
+  if sizes["fsdp"] == 0:  # left to jaxft: train and plan choose it first (jaxft/mesh_choice.py);
+    # elsewhere the weights stay replicated, or fsdp takes the devices an explicit mesh.data leaves
+    sizes["fsdp"] = -1 if sizes["data"] > 0 and -1 not in sizes.values() else 1
   free = [a for a, s in sizes.items() if s == -1]
   shown = ", ".join(f"{a}={s}" for a, s in sizes.items())
   if len(free) > 1:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
-                   objectives, optim, peft, session, sharding, target, trackers,
+                   mesh_choice, objectives, optim, peft, session, sharding, target, trackers,
                    workdir as workdir_lib)
 from jaxft.data import pipeline, sources
 from jaxft.data import stream as data_stream
@@ -224,6 +224,8 @@ def train(config, workdir: str, hooks: tuple = ()) -> dict:
   configs, data and checkpoints, before anything is written."""
   check_config(config)
   trackers.check(config)  # a missing tracker package is named before anything is read
+  config, choice = mesh_choice.resolve(config, jax.devices())  # (mesh.fsdp=0: jaxft chooses)
+  logging.info("%s", choice.reason)
   mesh = sharding.make_mesh(config.mesh)  # a bad mesh fails before any file is read
   model_cfg = session.model_config(config)
   mesh, _ = sharding.checked_mesh(config, model_cfg, mesh, batch=True)  # before any data

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxft import flops, memory, peft, quant, session, sharding, target, trainer
+from jaxft import flops, memory, mesh_choice, peft, quant, session, sharding, target, trainer
 from jaxft.errors import ConfigError
 from jaxft.models import llama, quantized
 from jaxft.models.ops import pack_frozen
@@ -375,6 +375,8 @@ def format_report(r: dict) -> str:
                 f"{f['available_gib']:.2f} GiB it may use; with the parameters and optimizer "
                 f"state at least {f['short_gib']:.2f} GiB short)")
     lines[7] = "  largest buffers:  unknown (XLA lists none for a program it refuses)"
+  if r.get("mesh_choice"):
+    lines.insert(2, f"  {r['mesh_choice']}")
   lines += run_phases.format_lines(r)
   if r.get("remat_note"):
     lines.insert(2, f"  {r['remat_note']}")
@@ -413,6 +415,7 @@ def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
   Raises ConfigError for a bad topology, chip count or memory_gib."""
   check_memory_gib(memory_gib)  # (before libtpu loads)
   devices = topology_devices(topology, chips)
+  config, choice = mesh_choice.resolve(config, devices, memory_gib or None)  # (mesh.fsdp=0)
   ab = build(config, devices)
   built = {None: (config, ab)}
 
@@ -444,4 +447,5 @@ def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
   if extra:
     r = run_phases.combine(r, extra)
   r["topology"] = topology if not chips else f"{topology} (first {chips} chips)"
+  r["mesh_choice"] = choice.reason
   return r
