@@ -94,5 +94,5 @@ def test_context_parallel_training_gives_the_losses_of_one_device(context_runs):
   runs = _result(context_runs)
   for method in ("lora", "full"):
     one = np.asarray(runs[f"{method}:1"])
-    assert len(one) == 3 and len(set(one.tolist())) == 3  # it trains: every step's loss differs
+    assert len(one) == 2 and one[1] != one[0]  # it trains: the second step's loss differs
     np.testing.assert_allclose(runs[f"{method}:context=8"], one, rtol=RTOL)

@@ -70,7 +70,8 @@ def test_mesh_sizes_that_do_not_fit_are_config_errors(sizes, devices, needle):
 def test_mesh_sizes_fill_the_free_axis():
   class Cfg:
     data, fsdp, tensor = -1, 2, 2
-  assert sharding.mesh_sizes(Cfg, 16) == {"data": 4, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert sharding.mesh_sizes(Cfg, 16) == {"data": 4, "fsdp": 2, "tensor": 2, "expert": 1,
+                                            "context": 1}
 
 
 def test_distributed_settings(monkeypatch):
