@@ -145,13 +145,18 @@ def choose(mesh_cfg, devices: int, chip_gib: float | None, need: Need, rows: int
 
 def resolve(config, devices, chip_gib: float | None = None) -> tuple:
   """(config, Choice): `config` with mesh.data and mesh.fsdp set to the sizes chosen for
-  `devices` (a copy; `config` itself when its mesh is explicit), and the choice with its reason.
+  `devices` (a copy; `config` itself when its mesh is explicit: then Choice holds the sizes as
+  typed, -1 included), and the choice with its reason.
   `chip_gib` replaces the chips' own memory (jaxft.plan's --memory_gib). The estimate
   (jax.eval_shape of the model) runs only when there is a choice to make. Raises ConfigError as
   `choose` does."""
   devices = list(devices)
+  if not is_auto(config.mesh):  # (its sizes are checked where the mesh is made, as before)
+    typed = {a: int(getattr(config.mesh, a, 1)) for a in sharding.AXES}
+    return config, Choice(typed["data"], typed["fsdp"], False,
+                          f"mesh {_shown(typed)}, as config.mesh sets it (-1: the rest)")
   need, chip = Need(0, 0, 0), chip_gib
-  if is_auto(config.mesh) and len(devices) > 1:
+  if len(devices) > 1:
     local = [d for d in devices if d.process_index == jax.process_index()] or devices
     chip = chip or memory.chip_memory_gib(local[0])
     need = estimate(config, devices[0].platform)

@@ -60,10 +60,11 @@ def test_a_tiny_model_gets_data_parallelism_on_eight_chips():
 def test_a_mesh_the_config_sets_is_never_changed(mesh, expected):
   given = _llama8b("lora", **mesh)
   config, choice = mesh_choice.resolve(given, _v5e(4))
-  assert config is given and (choice.data, choice.fsdp) == expected
+  assert config is given and not choice.chosen and "as config.mesh sets it" in choice.reason
   assert sharding.mesh_sizes(config.mesh, 4)["data"] == expected[0]
   assert sharding.mesh_sizes(config.mesh, 4)["fsdp"] == expected[1]
-  assert not choice.chosen and "as config.mesh sets it" in choice.reason
+  choice = mesh_choice.choose(given.mesh, 4, 15.75, mesh_choice.Need(0, 0, 0), rows=16)
+  assert (choice.data, choice.fsdp, choice.chosen) == (*expected, False)
 
 
 def test_a_batch_the_chosen_mesh_cannot_split_names_the_keys():
