@@ -11,9 +11,15 @@ and 1 x 131,072 on v5p, the estimate is 10% and 2% under what XLA allocates). Wh
 `1 - MARGIN` of a chip's memory the weights are replicated (`data` = the chips); otherwise they are
 sharded over all of them (`fsdp` = the chips, `data=1`: ZeRO-3 style, gathered per layer). The
 margin stands for what the estimate leaves out: the logits' chunks, a layer's gathered weights,
-the program, attention scores where no flash kernel runs. A mesh the config sets (any `mesh.fsdp`
-other than 0, or a `mesh.data` other than -1) is used as it is. `mesh.context` is never chosen:
-rows longer than a chip holds need it set (docs/long_context.md).
+the program, attention scores where no flash kernel runs. With the weights replicated, jaxft's
+loss head today holds the final hidden states of the whole micro-batch on every chip, not of its
+own rows (its chunk loop runs over the row-sharded token axis, models/loss.py): `_HEAD_BYTES` per
+token per hidden unit of the whole micro-batch are added to a data-parallel replica (float32
+hidden states and their gradient, the bfloat16 all-gathered copy: the f32[64,8192,4096] and
+bf16[64,8192,4096] buffers of 8B QLoRA on v6e:8x8 with data=64, whose step XLA planned at 29.06
+GiB per chip against 5.67 with fsdp=64; 8B LoRA there did not fit at all, 46.66 GiB). A mesh
+the config sets (any `mesh.fsdp` other than 0, or a `mesh.data` other than -1) is used as it is.
+`mesh.context` is never chosen: rows longer than a chip holds need it set (docs/long_context.md).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from jaxft.quant import quantize
 
 MARGIN = 0.2  # share of a chip's memory kept for what the estimate leaves out (module doc)
 _WORK_BYTES = 32  # per token and intermediate unit: the recomputed layer's MLP (module doc)
+_HEAD_BYTES = 10  # per token of the whole micro-batch and hidden unit, data parallel (module doc)
 _GIB = memory.GIB
 
 
@@ -42,6 +49,7 @@ class Need:
   optimizer: int  # optimizer state and the trainable leaves' gradients
   per_row: int    # per row of the micro-batch: the layer inputs full remat saves for the
                   # backward, and the working set of the one layer being recomputed
+  head_row: int = 0  # per row of the whole micro-batch, on every chip when weights are replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +104,7 @@ def estimate(config, platform: str = "cpu") -> Need:
   per_token = saved * np.dtype(cfg.dtype).itemsize + cfg.intermediate_size * _WORK_BYTES
   per_row = config.data.max_len * per_token
   return Need(params=frozen + _nbytes(trainable), optimizer=opt + _nbytes(trainable),
-              per_row=per_row)
+              per_row=per_row, head_row=config.data.max_len * cfg.hidden_size * _HEAD_BYTES)
 
 
 def _shown(sizes: dict) -> str:
@@ -112,7 +120,8 @@ def choose(mesh_cfg, devices: int, chip_gib: float | None, need: Need, rows: int
   data.batch_size and the keys that would set the mesh by hand)."""
   if not is_auto(mesh_cfg):
     sizes = sharding.mesh_sizes(mesh_cfg, devices)
-    return Choice(sizes["data"], sizes["fsdp"], False, f"mesh {_shown(sizes)}, as config.mesh sets it")
+    return Choice(sizes["data"], sizes["fsdp"], False,
+                  f"mesh {_shown(sizes)}, as config.mesh sets it")
   fixed = {a: int(getattr(mesh_cfg, a, 1)) for a in ("tensor", "expert", "context")}
   # (checks the other axes against the devices: the errors config.mesh gives today)
   free = 1 if -1 in fixed.values() else -1  # (another axis already takes what is left)
@@ -121,19 +130,21 @@ def choose(mesh_cfg, devices: int, chip_gib: float | None, need: Need, rows: int
   if n == 1:
     return Choice(1, 1, True, f"mesh {_shown(sizes)}: one device left for data and fsdp")
   per_chip = ((need.params + need.optimizer) / (fixed["tensor"] * fixed["expert"])
-              + need.per_row / sizes["context"] * math.ceil(rows / n)) / _GIB
+              + (need.per_row * math.ceil(rows / n) + need.head_row * rows) / sizes["context"]
+              ) / _GIB
   if chip_gib is None:
     sizes, why = dict(sizes, data=n), ("chip memory unknown, so weights replicated (set "
                                        "--config.mesh.data=1 --config.mesh.fsdp=-1 to shard them)")
-  elif per_chip <= (1 - MARGIN) * chip_gib:
-    sizes, why = dict(sizes, data=n), (
-        f"a replica of the step (weights, optimizer state, activations: {per_chip:.2f} GiB, "
-        f"estimated) fits {1 - MARGIN:.0%} of a chip's {chip_gib:.2f} GiB, so data parallelism")
   else:
-    sizes, why = dict(sizes, data=1, fsdp=n), (
-        f"a replica of the step (weights, optimizer state, activations: {per_chip:.2f} GiB, "
-        f"estimated) exceeds {1 - MARGIN:.0%} of a chip's {chip_gib:.2f} GiB, so the weights and "
-        f"optimizer state are sharded over the {n} chips")
+    replica = (f"a replica of the step (weights, optimizer state, activations, the loss head's "
+               f"input: {per_chip:.2f} GiB, estimated)")
+    budget = f"{1 - MARGIN:.0%} of a chip's {chip_gib:.2f} GiB"
+    if per_chip <= (1 - MARGIN) * chip_gib:
+      sizes, why = dict(sizes, data=n), f"{replica} fits {budget}, so data parallelism"
+    else:
+      sizes, why = dict(sizes, data=1, fsdp=n), (
+          f"{replica} exceeds {budget}, so the weights and optimizer state are sharded over the "
+          f"{n} chips")
   if rows % n:
     raise ConfigError(
         f"data.batch_size / optim.accum_steps = {rows} rows must be a multiple of {n}: the mesh "
