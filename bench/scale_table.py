@@ -14,6 +14,8 @@ per chip as XLA allocates it, not measured on hardware.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import os
 import subprocess
@@ -22,13 +24,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxft import files, plan  # noqa: E402  (after the path: run from a checkout)
+from jaxft import files, mesh_choice, plan  # noqa: E402  (after the path: run from a checkout)
 
 RESULTS = os.path.join(ROOT, "bench", "scale.json")
 DOC = os.path.join(ROOT, "docs", "scale.md")
-_FSDP = ["mesh.data=1", "mesh.fsdp=-1"]
 
-# name -> (config, topology, chips, overrides)
+# name -> (config, topology, chips, overrides). No target sets config.mesh: jaxft chooses it
+# (data parallelism when a replica of the step fits a chip, else fsdp over the chips;
+# jaxft/mesh_choice.py) and the plan's `mesh_choice` says which and why.
 TARGETS = {
     "8b-qlora-v5e1": ("llama3.py:size=8b,method=qlora", "v5e:2x2", 1, ["data.batch_size=4"]),
     "8b-lora-v5e4-b16": ("llama3.py:size=8b,method=lora", "v5e:2x2", 0, ["data.batch_size=16"]),
@@ -64,7 +67,7 @@ def command(name: str, time: bool) -> list[str]:
   config, topology, chips, over = TARGETS[name]
   args = [sys.executable, "-m", "jaxft.plan", f"--config=configs/{config}",
           f"--topology={topology}", f"--chips={chips}", "--json", f"--time={str(time).lower()}"]
-  return args + [f"--config.{kv}" for kv in (_FSDP if chips != 1 else []) + over]
+  return args + [f"--config.{kv}" for kv in over]
 
 
 def run(name: str, time: bool) -> dict:
@@ -94,6 +97,34 @@ def _cell(x, spec):
   return "unknown" if x is None else spec.format(x)
 
 
+def target_config(name: str):
+  """The config of target `name` as jaxft.plan builds it: its file, variant and overrides."""
+  config, _, _, over = TARGETS[name]
+  file, _, arg = config.partition(":")
+  c = importlib.import_module(f"configs.{file[:-3]}").get_config(arg or None)
+  for kv in over:
+    key, _, value = kv.partition("=")
+    group, leaf = key.rsplit(".", 1)
+    node = functools.reduce(getattr, group.split("."), c)
+    old = node[leaf]
+    node[leaf] = value.lower() == "true" if isinstance(old, bool) else type(old)(value)
+  return c
+
+
+def _stale_mesh(name: str, r: dict) -> str:
+  """'' when the stored plan `r` has the mesh the defaults choose today for `name` on its chips,
+  else that mesh (a row planned with the mesh typed by hand, before the defaults chose it)."""
+  c = target_config(name)
+  rows = c.data.batch_size // c.optim.accum_steps
+  try:
+    need = mesh_choice.estimate(c, "tpu")
+    now = mesh_choice.choose(c.mesh, r["chips"], r["chip_gib"], need, rows)
+  except Exception as e:  # noqa: BLE001 (shown in the table)
+    return str(e)[:80]
+  same = (r["mesh"].get("data", 1), r["mesh"].get("fsdp", 1)) == (now.data, now.fsdp)
+  return "" if same else f"data={now.data},fsdp={now.fsdp}"
+
+
 def render(results: dict) -> str:
   rows = ["| target | model | method | batch x seq | remat | topology (mesh) | GiB per chip | fits | "
           "largest buffer | est. tokens/s per chip | est. MFU |", "|" + "---|" * 11]
@@ -111,6 +142,9 @@ def render(results: dict) -> str:
     model = {32: "Llama-3-8B", 80: "Llama-3-70B"}.get(r["model"]["layers"], r["model"]["layers"])
     method = "qlora" if r["quant"] == "nf4" else r["method"]
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "1 chip"
+    stale = _stale_mesh(name, r)  # planned with a mesh typed by hand the defaults no longer choose
+    if stale:
+      mesh += f"; typed, the defaults now choose {stale}: not re-planned"
     big = r["largest_buffers"][0] if r["largest_buffers"] else None
     gib = f"{r['total_gib']:.2f} of {r['chip_gib']:.2f}" + (
         f" (+{r['host_gib']:.2f} in host memory)" if r.get("host_gib") else "")
