@@ -6,7 +6,7 @@
 #   launch/tpu_vm.sh TPU_NAME ZONE [GCLOUD_FLAGS...] -- TRAIN_ARGS...
 #
 # e.g. launch/tpu_vm.sh my-v4-16 us-central2-b --project=my-proj -- \
-#        --config=configs/quickstart.py --workdir=/mnt/shared/runs/q --config.mesh.fsdp=-1
+#        --config=configs/quickstart.py --workdir=/mnt/shared/runs/q --config.mesh.data=1 --config.mesh.fsdp=-1
 #
 # The workdir must be storage every worker sees (a Filestore NFS mount, or a bucket mounted with
 # gcsfuse). JAXFT_STEPS=run skips the copy and install (re-runs, resumption); JAXFT_DRY_RUN=1 prints

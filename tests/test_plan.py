@@ -70,7 +70,7 @@ def test_plan_for_v5e_2x2_without_a_tpu_or_weights(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   plan = json.loads(r.stdout[r.stdout.index("{"):])
   assert plan["chips"] == 4 and "v5 lite" in plan["device_kind"].lower()
-  assert plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+  assert plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1, "context": 1}
   assert plan["fits"] is True and plan["chip_gib"] == 15.75  # what XLA may use of 16 GiB
   assert 0 < plan["total_gib"] < 1
   g = plan["gib"]
