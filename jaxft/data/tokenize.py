@@ -66,6 +66,10 @@ def write_quickstart_tokenizer(directory: str) -> str:
     files.write_text(config_path, text)
   tj = os.path.join(directory, "tokenizer.json")
   if not _quickstart_json_ok(tj):
+    cached = _cached_quickstart_json(src, text)
+    if cached:
+      files.write_with(tj, lambda tmp: shutil.copyfile(cached, tmp))
+      return directory
     # transformers converts tokenizer.model (with `legacy` from the config) when no
     # tokenizer.json is beside it: do that in a scratch directory, then ship the result.
     from transformers import AutoTokenizer
@@ -74,7 +78,50 @@ def write_quickstart_tokenizer(directory: str) -> str:
       shutil.copyfile(config_path, os.path.join(scratch, "tokenizer_config.json"))
       tok = AutoTokenizer.from_pretrained(scratch, local_files_only=True)
       files.write_with(tj, tok.backend_tokenizer.save)
+    _cache_quickstart_json(src, text, tj)
   return directory
+
+
+def cache_dir() -> str:
+  """Where jaxft keeps what it can rebuild (the quickstart tokenizer.json): $JAXFT_CACHE_DIR,
+  else $XDG_CACHE_HOME/jaxft, else ~/.cache/jaxft."""
+  if os.environ.get("JAXFT_CACHE_DIR"):
+    return os.environ["JAXFT_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxft")
+
+
+def _quickstart_json_key(src: str, config_text: str) -> str:
+  """The cache name of the tokenizer.json converted from `src` with `config_text`: it changes with
+  either file and with the transformers and tokenizers versions that convert."""
+  import hashlib
+  import importlib.metadata
+  h = hashlib.sha256()
+  with open(src, "rb") as f:
+    h.update(f.read())
+  h.update(config_text.encode())
+  for package in ("transformers", "tokenizers"):
+    h.update(importlib.metadata.version(package).encode())
+  return os.path.join(cache_dir(), f"quickstart-tokenizer-{h.hexdigest()[:20]}.json")
+
+
+def _cached_quickstart_json(src: str, config_text: str) -> str | None:
+  """The cached conversion (converting takes ~2 s: every new workdir would pay it), if usable."""
+  try:
+    path = _quickstart_json_key(src, config_text)
+  except OSError:
+    return None
+  return path if _quickstart_json_ok(path) else None
+
+
+def _cache_quickstart_json(src: str, config_text: str, converted: str) -> None:
+  """Keeps a copy of `converted` in the cache; a cache that cannot be written is skipped."""
+  try:
+    path = _quickstart_json_key(src, config_text)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_with(path, lambda tmp: shutil.copyfile(converted, tmp))
+  except OSError:
+    pass
 
 
 def _read_text(path: str) -> str | None:
