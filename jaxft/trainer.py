@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from jaxft import (checkpoint, compile_cache, configlib, curves, files, hooks as hooks_lib, memory,
@@ -55,24 +56,43 @@ def init_state(tx, trainable, seed: int, shardings: dict) -> dict:
   return dict(fresh(trainable), trainable=trainable)
 
 
-def jit_train_step(steps, mesh, state_sh: dict, frozen_sh):
+def jit_train_step(steps, mesh, state_sh: dict, frozen_sh, schedule=None):
   """`steps.train` jitted once with explicit shardings: (state, batch, frozen) -> (state, metrics).
 
   The state is donated; batches [accum, rows, T] are sharded on rows over (data, fsdp); metrics
   (with `tokens`, the non-padding tokens of the global batch, and the `skipped` count) come back
-  replicated."""
+  replicated. The learning-rate schedule's numbers (`optim.Schedule`) are an argument of the
+  compiled step, not constants in it."""
 
-  def _train_step(state, batch, frozen):
-    with target.activation_mesh(mesh):  # activations pinned to the batch axes as it traces
+  def _train_step(state, batch, frozen, lr_numbers):
+    bind = schedule.given(lr_numbers) if schedule is not None else contextlib.nullcontext()
+    with bind, target.activation_mesh(mesh):  # activations pinned to the batch axes as it traces
       s, m = steps.train(dict(state, rng=jax.random.wrap_key_data(state["rng"])), batch, frozen)
     # Read from the metrics, never from the (donated) state after the next step was dispatched.
     m = dict(m, tokens=jnp.sum(batch["segment_ids"] > 0), skipped=s["skipped"])
     return dict(s, rng=jax.random.key_data(s["rng"])), m
 
   rep = sharding.replicated(mesh)
-  return jax.jit(_train_step, donate_argnums=0,
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh, 3, leading=1), frozen_sh),
-                 out_shardings=(state_sh, rep))
+  jitted = jax.jit(_train_step, donate_argnums=0,
+                   in_shardings=(state_sh, sharding.batch_sharding(mesh, 3, leading=1), frozen_sh,
+                                 rep),
+                   out_shardings=(state_sh, rep))
+  numbers = schedule.numbers if schedule is not None else np.zeros(5, np.float32)
+  return _TrainStep(jitted, jax.device_put(numbers, rep))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainStep:
+  """The jitted step with its schedule numbers: called, and lowered (jaxft.plan), as
+  (state, batch, frozen)."""
+  jitted: Any
+  lr_numbers: Any
+
+  def __call__(self, state, batch, frozen):
+    return self.jitted(state, batch, frozen, self.lr_numbers)
+
+  def lower(self, state, batch, frozen):
+    return self.jitted.lower(state, batch, frozen, self.lr_numbers)
 
 
 @dataclasses.dataclass
@@ -158,7 +178,7 @@ def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):
                      dropout=getattr(method, "dropout", 0.0) > 0,
                      objective=objectives.from_config(config, method.trains_base))
   state_sh = state_shardings(tx, trainable_sh, mesh)
-  return tx, steps, state_sh, jit_train_step(steps, mesh, state_sh, frozen_sh)
+  return tx, steps, state_sh, jit_train_step(steps, mesh, state_sh, frozen_sh, schedule)
 
 
 def resume(saver: checkpoint.Saver, state, config, model, workdir: str, writer_rows: list):

@@ -258,3 +258,34 @@ def test_remat_offload_gives_the_gradients_of_full():
         0.1 * jnp.ones((3, 8, 8)), jnp.ones((4, 8)))
 
   np.testing.assert_allclose(grads("offload"), grads("full"), rtol=1e-6)
+
+
+def test_learning_rate_warmup_and_steps_are_arguments_of_the_compiled_step():
+  """Runs that differ only in optim.lr, optim.warmup_steps, optim.schedule or train.steps lower
+  to the same program (an lr sweep, or a resume with more steps, compiles once; the persistent
+  compilation cache serves the rest), and the schedule it follows is optax's."""
+  import optax
+  from jaxft import session, sharding, trainer
+
+  def lowered(**over):
+    config = make_config("quickstart", **{"model.preset": "tiny", **over})
+    model = session.load_model(config, sharding.make_mesh(config.mesh))
+    run = trainer.prepare(config, model)
+    batch = run.steps.objective.abstract_batch(config)
+    return run.train_step.lower(run.state, batch, run.frozen).as_text()
+
+  a = lowered(**{"optim.lr": 1e-3, "train.steps": 3})
+  assert a == lowered(**{"optim.lr": 3e-2, "train.steps": 40, "optim.warmup_steps": 7,
+                         "optim.schedule": "constant"})
+  assert a != lowered(**{"optim.lr": 1e-3, "train.steps": 3, "optim.weight_decay": 0.5})
+  for kind, warm, steps, ratio in (("cosine", 10, 100, 0.1), ("cosine", 0, 7, 0.0),
+                                   ("constant", 5, 60, 0.1)):
+    c = ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=warm, schedule=kind,
+                                       min_lr_ratio=ratio))
+    ours = [float(optim.schedule(c, steps)(i)) for i in range(steps + 3)]
+    ref = (optax.warmup_cosine_decay_schedule(0.0 if warm else 3e-3, 3e-3, warm, steps, 3e-3 * ratio)
+           if kind == "cosine" else
+           optax.join_schedules([optax.linear_schedule(0.0, 3e-3, warm),
+                                 optax.constant_schedule(3e-3)], [warm]))
+    np.testing.assert_allclose(ours, [float(ref(i)) for i in range(steps + 3)], rtol=1e-6,
+                               atol=1e-12)
