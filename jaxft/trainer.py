@@ -78,21 +78,25 @@ def jit_train_step(steps, mesh, state_sh: dict, frozen_sh, schedule=None):
                                  rep),
                    out_shardings=(state_sh, rep))
   numbers = schedule.numbers if schedule is not None else np.zeros(5, np.float32)
-  return _TrainStep(jitted, jax.device_put(numbers, rep))
+  return _TrainStep(jitted, numbers, rep)
 
 
-@dataclasses.dataclass(frozen=True)
 class _TrainStep:
-  """The jitted step with its schedule numbers: called, and lowered (jaxft.plan), as
-  (state, batch, frozen)."""
-  jitted: Any
-  lr_numbers: Any
+  """The jitted step with its schedule numbers: called, and lowered (jaxft.plan, where the mesh
+  may be a deviceless TPU topology: abstract numbers), as (state, batch, frozen)."""
+
+  def __init__(self, jitted, numbers: np.ndarray, sharding):
+    self.jitted, self._numbers, self._sharding, self._on_device = jitted, numbers, sharding, None
 
   def __call__(self, state, batch, frozen):
-    return self.jitted(state, batch, frozen, self.lr_numbers)
+    if self._on_device is None:
+      self._on_device = jax.make_array_from_callback(  # (every process: the same numbers)
+          self._numbers.shape, self._sharding, lambda index: self._numbers[index])
+    return self.jitted(state, batch, frozen, self._on_device)
 
   def lower(self, state, batch, frozen):
-    return self.jitted.lower(state, batch, frozen, self.lr_numbers)
+    numbers = jax.ShapeDtypeStruct(self._numbers.shape, self._numbers.dtype)
+    return self.jitted.lower(state, batch, frozen, numbers)
 
 
 @dataclasses.dataclass
