@@ -138,40 +138,69 @@ def prepare(config, model: session.Model) -> Prepared:
   state = init_state(tx, trainable, config.train.seed, state_sh)
   batch = steps.objective.abstract_batch(config)
 
-  def measure_with(policy):
-    step = train_step if policy is None else build_step(
-        config, model.cfg.replace(remat=policy), method, mesh, trainable_sh, frozen_sh)[3]
+  def measure_with(choice):
+    step = train_step if choice is None else build_step(
+        config, with_choice(model.cfg, choice), method, mesh, trainable_sh, frozen_sh)[3]
     return memory.measure(lambda: step.lower(state, batch, frozen).compile(),
                           mesh.local_devices[0])
 
-  policy, _, note = fitting_remat(model.cfg, measure_with)
+  row_tokens = batch["inputs"].shape[-1] // max(int(mesh.shape.get("context", 1)), 1)
+  choice, _, note = fitting_remat(model.cfg, measure_with, row_tokens)
   if note:
     logging.warning("%s", note)
-  if policy == "offload" and model.cfg.remat == "auto":
-    tx, steps, state_sh, train_step = build_step(config, model.cfg.replace(remat=policy), method,
+  if model.cfg.remat == "auto" and choice not in (None, "full", "auto"):
+    tx, steps, state_sh, train_step = build_step(config, with_choice(model.cfg, choice), method,
                                                  mesh, trainable_sh, frozen_sh)
   return Prepared(frozen, state, state_sh, frozen_sh, steps, train_step)
 
 
-def fitting_remat(cfg, measure_with: Callable[[str | None], memory.Measured]):
+# The MLP slice model.remat=auto tries when a chip's part of a row is longer (model.mlp_tile).
+AUTO_MLP_TILE = 8192
+
+
+def remat_choices(cfg, row_tokens: int = 0) -> list[str | None]:
+  """What model.remat=auto compiles, in order of speed, until one fits: None (full, as
+  configured), then, for rows longer than AUTO_MLP_TILE tokens per chip and no model.mlp_tile set,
+  full with the MLP tiled, then offload, then offload with the MLP tiled."""
+  tile = row_tokens > AUTO_MLP_TILE and not cfg.mlp_tile
+  return [None] + (["full+mlp_tile"] if tile else []) + ["offload"] + \
+      (["offload+mlp_tile"] if tile else [])
+
+
+def with_choice(cfg, choice: str | None):
+  """The model config a `remat_choices` entry compiles."""
+  if choice is None:
+    return cfg
+  policy, _, tile = choice.partition("+")
+  return cfg.replace(remat=policy, mlp_tile=AUTO_MLP_TILE if tile else cfg.mlp_tile)
+
+
+def fitting_remat(cfg, measure_with: Callable[[str | None], memory.Measured], row_tokens: int = 0):
   """model.remat=auto on an accelerator: full rematerialisation, unless the step compiled with it
-  does not fit the chip's memory and with remat=offload (each layer's saved input kept in host
-  memory) it does. `measure_with(policy)` compiles the step with that policy (None: as configured)
-  and measures it (memory.measure). Returns (policy, its Measured, a note for the log and the plan
-  ('' when auto had nothing to choose)); (cfg.remat, None, '') without compiling anything for an
-  explicit policy and on CPU, where auto is dots."""
+  does not fit the chip's memory; then the first of `remat_choices` that fits (the MLP tiled over
+  slices of the row, each layer's saved input kept in host memory, or both). `measure_with(choice)`
+  compiles the step with that choice (None: as configured; else `with_choice`) and measures it
+  (memory.measure); `row_tokens` is a chip's part of a row. Returns (choice, its Measured, a note
+  for the log and the plan ('' when auto had nothing to choose)); (cfg.remat, None, '') without
+  compiling anything for an explicit policy and on CPU, where auto is dots."""
   if cfg.remat != "auto" or llama.remat_policy(cfg) != "full":
     return cfg.remat, None, ""
+  choices = remat_choices(cfg, row_tokens)
   full = measure_with(None)
   if full.fits is not False:
     return "full", full, ""
-  off = measure_with("offload")
-  if off.fits:
-    return "offload", off, (f"model.remat=auto chose offload (each layer's saved input in host "
-                            f"memory): with full the step does not fit ({full.describe()}); with "
-                            f"offload it needs {off.describe()}")
-  return "full", full, (f"model.remat=auto: the step fits neither with full ({full.describe()}) "
-                        f"nor with offload ({off.describe()})")
+  for choice in choices[1:]:
+    m = measure_with(choice)
+    if m.fits:
+      what = {"offload": "offload (each layer's saved input in host memory)",
+              "full+mlp_tile": f"full with model.mlp_tile={AUTO_MLP_TILE}",
+              "offload+mlp_tile": f"offload with model.mlp_tile={AUTO_MLP_TILE} (each layer's "
+                                  "saved input in host memory, the MLP in slices)"}[choice]
+      return choice, m, (f"model.remat=auto chose {what}: with full the step does not fit "
+                         f"({full.describe()}); with {choice} it needs {m.describe()}")
+  tried = " nor ".join(f"with {c or 'full'} ({m.describe()})" for c, m in
+                       [(None, full), (choices[-1], m)])
+  return "full", full, f"model.remat=auto: the step fits neither {tried}"
 
 
 def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):

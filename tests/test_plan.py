@@ -272,6 +272,49 @@ def test_remat_auto_chooses_offload_only_on_accelerators_and_only_when_full_does
     assert policy == "full" and not m.fits and "fits neither with full (20.00 GiB" in note
 
 
+def test_remat_auto_tiles_the_mlp_of_long_rows_before_offloading():
+  """For a chip's part of a row longer than AUTO_MLP_TILE tokens (and no model.mlp_tile set),
+  auto tries full with the MLP tiled before offload, and offload with the MLP tiled last; the
+  chosen config carries the tile; short rows and a tile set by hand never try one."""
+  cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                    num_kv_heads=1, head_dim=8, remat="auto")
+  tile = trainer.AUTO_MLP_TILE
+  assert trainer.remat_choices(cfg, 4 * tile) == [None, "full+mlp_tile", "offload",
+                                                  "offload+mlp_tile"]
+  assert trainer.remat_choices(cfg, tile) == [None, "offload"]
+  assert trainer.remat_choices(cfg.replace(mlp_tile=512), 4 * tile) == [None, "offload"]
+  assert trainer.with_choice(cfg, "offload+mlp_tile").remat == "offload"
+  assert trainer.with_choice(cfg, "offload+mlp_tile").mlp_tile == tile
+  assert trainer.with_choice(cfg, "offload").mlp_tile == 0
+  asked = []
+
+  def measure(sizes):
+    def m(choice):
+      asked.append(choice)
+      return sizes[choice]
+    return m
+
+  with target.building_for("tpu"):
+    choice, m, note = trainer.fitting_remat(cfg, measure(
+        {None: _measured(40.0, refused=True), "full+mlp_tile": _measured(14.0)}), 4 * tile)
+    assert (choice, asked) == ("full+mlp_tile", [None, "full+mlp_tile"])
+    assert note.startswith(f"model.remat=auto chose full with model.mlp_tile={tile}")
+    asked.clear()
+    choice, m, note = trainer.fitting_remat(cfg, measure(
+        {None: _measured(90.0, refused=True), "full+mlp_tile": _measured(60.0, refused=True),
+         "offload": _measured(12.0), "offload+mlp_tile": _measured(10.0)}), 4 * tile)
+    assert choice == "offload" and asked == [None, "full+mlp_tile", "offload"]
+    asked.clear()
+    choice, m, note = trainer.fitting_remat(cfg, measure(
+        {None: _measured(90.0), "full+mlp_tile": _measured(60.0), "offload": _measured(20.0),
+         "offload+mlp_tile": _measured(15.0)}), 4 * tile)
+    assert choice == "offload+mlp_tile" and "in slices" in note
+    choice, m, note = trainer.fitting_remat(cfg, measure(
+        {None: _measured(90.0), "full+mlp_tile": _measured(60.0), "offload": _measured(20.0),
+         "offload+mlp_tile": _measured(16.0)}), 4 * tile)
+    assert choice == "full" and "nor with offload+mlp_tile (16.00 GiB" in note
+
+
 def test_train_takes_the_offload_step_when_auto_finds_full_too_big(monkeypatch, tmp_path, caplog):
   """jaxft.train with model.remat=auto on a chip where the step with full does not fit: it builds
   the step again with offload, says so, and trains with it (CPU standing in for the accelerator:

@@ -258,7 +258,7 @@ def _figures(config, ab: Abstract, parts: dict, total: float, buffers: list,
       "mesh": {a: int(ab.mesh.shape[a]) for a in sharding.AXES if a in ab.mesh.shape},
       "model": {"layers": ab.cfg.num_layers, "hidden": ab.cfg.hidden_size},
       "method": ab.method.name, "quant": config.model.quant, "remat": remat,
-      "attention": attention,
+      "mlp_tile": int(ab.cfg.mlp_tile), "attention": attention,
       "batch": rows, "accum": config.optim.accum_steps, "seq": T,
       "gib": {k: v / _GIB for k, v in parts.items()}, "total_gib": total / _GIB,
       "chip_gib": hbm, "fits": None if hbm is None else total / _GIB <= hbm,
@@ -342,7 +342,8 @@ def format_report(r: dict) -> str:
   lines = [
       f"plan: {r['method']} (quant {r['quant']}), {r['model']['layers']} layers x "
       f"{r['model']['hidden']}, batch {r['batch']} x {r['seq']} (accum {r['accum']}), remat "
-      f"{r['remat']}, attention {r['attention']}",
+      f"{r['remat']}{', mlp_tile ' + str(r['mlp_tile']) if r.get('mlp_tile') else ''}, "
+      f"attention {r['attention']}",
       f"      on {r['chips']} x {r['device_kind']} (mesh {mesh}); figures per chip, from XLA's "
       "compiler (not measured on hardware)",
       f"  frozen params     {g['frozen_params']:9.3f} GiB",
@@ -419,17 +420,19 @@ def plan(config, topology: str = "local", chips: int = 0, time: bool = True,
   ab = build(config, devices)
   built = {None: (config, ab)}
 
-  def measure_with(policy):
-    if policy is not None:
+  def measure_with(choice):
+    if choice is not None:
       c = config.copy_and_resolve_references()
-      c.model.remat = policy
-      built[policy] = (c, build(c, devices))
-    return memory.measure(lambda: compile_step(built[policy][1]), devices[0])
+      chosen = trainer.with_choice(ab.cfg, choice)
+      c.model.remat, c.model.mlp_tile = chosen.remat, chosen.mlp_tile
+      built[choice] = (c, build(c, devices))
+    return memory.measure(lambda: compile_step(built[choice][1]), devices[0])
 
-  # model.remat=auto chooses as jaxft.train does (trainer.fitting_remat): offload when full does
-  # not fit and offload does
+  # model.remat=auto chooses as jaxft.train does (trainer.fitting_remat): the first of full, full
+  # with the MLP tiled (long rows), offload, offload with the MLP tiled that fits
+  row_tokens = ab.batch["inputs"].shape[-1] // max(int(ab.mesh.shape.get("context", 1)), 1)
   with target.building_for(devices[0].platform):
-    policy, measured, note = trainer.fitting_remat(ab.cfg, measure_with)
+    policy, measured, note = trainer.fitting_remat(ab.cfg, measure_with, row_tokens)
   config, ab = built[policy if policy in built else None]
   if measured is None:  # an explicit policy, or auto on CPU: nothing was compiled yet
     measured = measure_with(None)
