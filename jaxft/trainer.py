@@ -198,9 +198,8 @@ def fitting_remat(cfg, measure_with: Callable[[str | None], memory.Measured], ro
                                   "saved input in host memory, the MLP in slices)"}[choice]
       return choice, m, (f"model.remat=auto chose {what}: with full the step does not fit "
                          f"({full.describe()}); with {choice} it needs {m.describe()}")
-  tried = " nor ".join(f"with {c or 'full'} ({m.describe()})" for c, m in
-                       [(None, full), (choices[-1], m)])
-  return "full", full, f"model.remat=auto: the step fits neither {tried}"
+  return "full", full, (f"model.remat=auto: the step fits neither with full ({full.describe()}) "
+                        f"nor with {choices[-1]} ({m.describe()})")
 
 
 def build_step(config, cfg, method, mesh, trainable_sh, frozen_sh):

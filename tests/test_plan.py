@@ -243,16 +243,23 @@ def _measured(gib, refused=False):
                          (gib * memory.GIB, 15.75 * memory.GIB) if refused else None, "", 15.75)
 
 
-def test_remat_auto_chooses_offload_only_on_accelerators_and_only_when_full_does_not_fit():
-  cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
-                    num_kv_heads=1, head_dim=8)
-  asked = []
+_TINY_CFG = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                        num_heads=1, num_kv_heads=1, head_dim=8)
 
-  def measure(sizes):
-    def m(policy):
-      asked.append(policy)
-      return sizes[policy]
-    return m
+
+def _recorded(asked, sizes):
+  """A measure_with for fitting_remat: each choice asked is appended to `asked`; its Measured is
+  sizes[choice]."""
+  def m(choice):
+    asked.append(choice)
+    return sizes[choice]
+  return m
+
+
+def test_remat_auto_chooses_offload_only_on_accelerators_and_only_when_full_does_not_fit():
+  cfg = _TINY_CFG
+  asked = []
+  measure = lambda sizes: _recorded(asked, sizes)
 
   # an explicit policy, and auto on CPU (dots): nothing compiled, nothing chosen
   assert trainer.fitting_remat(cfg.replace(remat="full"), measure({})) == ("full", None, "")
@@ -276,8 +283,7 @@ def test_remat_auto_tiles_the_mlp_of_long_rows_before_offloading():
   """For a chip's part of a row longer than AUTO_MLP_TILE tokens (and no model.mlp_tile set),
   auto tries full with the MLP tiled before offload, and offload with the MLP tiled last; the
   chosen config carries the tile; short rows and a tile set by hand never try one."""
-  cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
-                    num_kv_heads=1, head_dim=8, remat="auto")
+  cfg = _TINY_CFG.replace(remat="auto")
   tile = trainer.AUTO_MLP_TILE
   assert trainer.remat_choices(cfg, 4 * tile) == [None, "full+mlp_tile", "offload",
                                                   "offload+mlp_tile"]
@@ -287,13 +293,7 @@ def test_remat_auto_tiles_the_mlp_of_long_rows_before_offloading():
   assert trainer.with_choice(cfg, "offload+mlp_tile").mlp_tile == tile
   assert trainer.with_choice(cfg, "offload").mlp_tile == 0
   asked = []
-
-  def measure(sizes):
-    def m(choice):
-      asked.append(choice)
-      return sizes[choice]
-    return m
-
+  measure = lambda sizes: _recorded(asked, sizes)
   with target.building_for("tpu"):
     choice, m, note = trainer.fitting_remat(cfg, measure(
         {None: _measured(40.0, refused=True), "full+mlp_tile": _measured(14.0)}), 4 * tile)
