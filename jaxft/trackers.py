@@ -7,7 +7,8 @@ ends the run's files as artifacts: loss_curve.png, config.json, and the eval rep
 process 0 opens trackers. A tracker whose package is missing fails before anything is written
 with one line naming the extra to install (`pip install 'jaxft[wandb]'`).
 
-- tensorboard: tensorboardX event files under WORKDIR/tensorboard (and the config as text).
+- tensorboard: event files under WORKDIR/tensorboard (and the config as text), written by
+  jaxft.tb_events: no tensorboardX, TensorFlow or torch import.
 - wandb: a W&B run in WORKDIR/wandb (project train.project, name train.run_name or the workdir's
   name; console capture off). With WANDB_MODE=offline it needs no network: `wandb sync
   WORKDIR/wandb/offline-run-*` uploads it later. The run's files go in one W&B artifact,
@@ -32,13 +33,12 @@ import time
 
 from absl import logging
 
-from jaxft import files
+from jaxft import files, tb_events
 from jaxft.errors import ConfigError, JaxftError
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
-# logger -> (module imported, pip extra that installs it)
-_PACKAGES = {"tensorboard": ("tensorboardX", "jaxft"), "wandb": ("wandb", "jaxft[wandb]"),
-             "mlflow": ("mlflow", "jaxft[mlflow]")}
+# logger -> (module imported, pip extra that installs it); tensorboard's files jaxft writes itself
+_PACKAGES = {"wandb": ("wandb", "jaxft[wandb]"), "mlflow": ("mlflow", "jaxft[mlflow]")}
 IDS_FILE = "trackers.json"
 # The run's files logged as artifacts when it ends (those present).
 ARTIFACT_PATTERNS = ("loss_curve.png", "config.json", "eval*.json", "eval_report*.md",
@@ -77,6 +77,8 @@ def check(config) -> tuple[str, ...]:
 
 def check_one(name: str, spec: str) -> None:
   """Imports the package of tracker `name`; TrackerError naming the extra when it is missing."""
+  if name not in _PACKAGES:
+    return
   module, extra = _PACKAGES[name]
   try:
     importlib.import_module(module)
@@ -121,20 +123,18 @@ def artifacts(workdir: str) -> list[str]:
 
 
 class TensorBoard:
-  """tensorboardX events under WORKDIR/tensorboard."""
+  """TensorBoard event files under WORKDIR/tensorboard (jaxft.tb_events: no package needed)."""
   name = "tensorboard"
 
   def __init__(self, config, workdir: str, run_id: str | None = None):
     del run_id
-    from tensorboardX import SummaryWriter
-    self._w = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._w = tb_events.EventWriter(os.path.join(workdir, "tensorboard"))
     self.run_id = None
-    self._w.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=1, default=str)
-                     + "\n```")
+    self._w.text(0, "config", "```\n" + json.dumps(config.to_dict(), indent=1, default=str)
+                 + "\n```")
 
   def log(self, step: int, values: dict) -> None:
-    for k, v in values.items():
-      self._w.add_scalar(k, v, step)
+    self._w.scalars(step, values)
 
   def log_summary(self, step: int, values: dict) -> None:
     self.log(step, values)
@@ -144,7 +144,6 @@ class TensorBoard:
 
   def close(self, ok: bool) -> None:
     del ok
-    self._w.flush()
     self._w.close()
 
 

@@ -152,3 +152,39 @@ def test_a_failing_tracker_warns_once_and_the_others_go_on(caplog):
   assert caplog.text.count("server gone") == 1
   t.close(ok=True)
   assert good.ended is True
+
+
+def test_tensorboard_reads_the_event_files_jaxft_writes(tmp_path):
+  """The TensorBoard tracker's files, read by TensorBoard's own event loader: the config as text,
+  every scalar at its step (tags cleaned as TensorBoard spells them, float32 values), a run that
+  opens twice (a resume) adding a second file, and the frames' CRC-32C that its reader checks."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from jaxft import tb_events
+  assert tb_events.crc32c(b"123456789") == 0xE3069283  # the Castagnoli check value
+  c = tiny_config(**{"train.loggers": "tensorboard"})
+  for steps in ((1, 2), (3,)):
+    (t,) = trackers.open_all(c, str(tmp_path))
+    for s in steps:
+      t.log(s, {"loss": 10.0 / s, "rewards/format:^A.*$/mean": 0.25 * s, "tokens/s": 1e6 + s})
+    t.close(ok=True)
+  logdir = tmp_path / "tensorboard"
+  assert len(os.listdir(logdir)) == 2 and all(".tfevents." in n for n in os.listdir(logdir))
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+  acc.Reload()
+  tags = acc.Tags()
+  assert sorted(tags["scalars"]) == ["loss", "rewards/format__A.__/mean", "tokens/s"]
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+      (1, 10.0), (2, 5.0), (3, pytest.approx(10 / 3, rel=1e-7))]
+  assert [e.value for e in acc.Scalars("tokens/s")] == [1000001.0, 1000002.0, 1000003.0]
+  assert acc.SummaryMetadata("config").plugin_data.plugin_name == "text"
+  text = acc.Tensors("config")[0]
+  assert json.loads(text.tensor_proto.string_val[0].decode()[4:-4])["train"]["loggers"] == \
+      "tensorboard"
+  # a frame whose data was changed fails TensorBoard's CRC check instead of reading as garbage
+  path = os.path.join(logdir, sorted(os.listdir(logdir))[0])
+  data = bytearray(open(path, "rb").read())
+  data[-6] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  bad = event_accumulator.EventAccumulator(str(path), size_guidance={"scalars": 0})
+  bad.Reload()
+  assert [e.step for e in bad.Scalars("loss")] == [1]  # the damaged last record is dropped
