@@ -36,6 +36,20 @@ if _OWN_CACHE:
                              os.environ.get("XLA_FLAGS", "")).strip()
 
 
+# Every GGUF read in the tests (transformers' `gguf_file=` loads, the helpers that copy and build
+# files) parses the metadata with jaxft's bulk reader (jaxft/models/gguf_reader.py), as jaxft
+# itself does: gguf.GGUFReader spends 2-3 s on each read of SmolLM2's vocabulary, and the suite
+# reads it dozens of times. The bulk reader yields the same fields, parts, types and tensors:
+# test_gguf.py compares it with the original (kept here as GGUF_READER) on every file it builds.
+try:
+  import gguf as _gguf
+  from jaxft.models import gguf_reader as _gguf_reader
+  GGUF_READER = _gguf.GGUFReader
+  _gguf.GGUFReader = _gguf_reader.reader_class(GGUF_READER)
+except ImportError:  # (the gguf tests skip)
+  GGUF_READER = None
+
+
 # The files that take longest (module fixtures, subprocess runs, TPU compiles, llama.cpp), longest
 # first: the workers take files in this order (pyproject: --no-loadscope-reorder), so the long ones
 # overlap and the short ones fill in at the end, instead of one worker running a long file alone

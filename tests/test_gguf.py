@@ -38,6 +38,52 @@ def _ids(batch=2, t=14):
   return np.random.RandomState(0).randint(0, 49152, (batch, t))
 
 
+def _same_reading(a, b):
+  """Asserts two GGUF readers hold the same fields (offsets, parts byte for byte and their
+  dtypes, data indices, types, contents) and tensors (names, types, shapes, offsets, bytes)."""
+  assert list(a.fields) == list(b.fields)
+  for key, fa in a.fields.items():
+    fb = b.fields[key]
+    assert (fa.offset, fa.name, fa.data, fa.types) == (fb.offset, fb.name, fb.data, fb.types), key
+    assert [(x.dtype, x.shape, x.tobytes()) for x in fa.parts] == \
+        [(y.dtype, y.shape, y.tobytes()) for y in fb.parts], key
+    assert fa.contents() == fb.contents(), key
+  assert (a.data_offset, a.alignment, len(a.tensors)) == (b.data_offset, b.alignment, len(b.tensors))
+  for ta, tb in zip(a.tensors, b.tensors):
+    assert (ta.name, ta.tensor_type, ta.shape.tolist(), ta.n_elements, ta.n_bytes, ta.data_offset) \
+        == (tb.name, tb.tensor_type, tb.shape.tolist(), tb.n_elements, tb.n_bytes, tb.data_offset)
+    assert (ta.data.dtype, ta.data.shape) == (tb.data.dtype, tb.data.shape), ta.name
+    assert np.array_equal(ta.data.view(np.uint8), tb.data.view(np.uint8)), ta.name
+
+
+def test_the_bulk_reader_reads_what_gguf_reader_reads(files, tmp_path):
+  """jaxft's GGUF metadata reader (models/gguf_reader.py; the suite's transformers loads use it
+  too: conftest.py) against the gguf package's own GGUFReader, on the real SmolLM2 file, the
+  files built here (every tensor type; a SentencePiece vocabulary with scores) and one with empty
+  and nested arrays."""
+  import gguf as gg
+  from conftest import GGUF_READER
+  from jaxft.data.tokenize import write_quickstart_tokenizer
+  from jaxft.models.gguf_reader import open_reader
+  model = os.path.join(write_quickstart_tokenizer(str(tmp_path / "tok")), "tokenizer.model")
+  odd = str(tmp_path / "odd.gguf")
+  w = gg.GGUFWriter(odd, "llama")
+  w.add_array("test.empty", [])
+  w.add_array("test.nested", [[1, 2], [3]])
+  w.add_array("test.floats", [0.5, -1.25])
+  w.add_array("test.bools", [True, False, True])
+  w.add_string("test.text", "Über café 🤖")
+  w.add_tensor("x", np.arange(6, dtype=np.float32).reshape(2, 3))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  paths = [files["smollm2"], files["tiny"], odd,
+           tiny_llama(str(tmp_path / "spm.gguf"), model, {}, hidden=64, inter=128, layers=1)]
+  for path in paths:
+    _same_reading(GGUF_READER(path), open_reader(path))
+
+
 @pytest.mark.slow
 def test_every_tensor_type_matches_transformers(files):
   """F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and the K-quants Q4_K, Q5_K, Q6_K, an untied output
