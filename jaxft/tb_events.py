@@ -4,8 +4,8 @@ An event file is a TFRecord stream of `Event` protocol buffers (TensorBoard's
 tensorboard/compat/proto/event.proto and summary.proto). Each record is
   uint64 length | uint32 masked CRC-32C of the length | data | uint32 masked CRC-32C of the data
 (little-endian). Writing the few message fields jaxft logs by hand keeps `train.loggers=tensorboard`
-free of tensorboardX (whose import pulls in torch when it is installed: ~1.5 s on every run's
-start) and of TensorFlow. TensorBoard's own reader reads the files (tests/test_trackers.py).
+free of tensorboardX (one dependency less; its import also pulls in torch where torch is installed)
+and of TensorFlow. TensorBoard's own reader reads the files (tests/test_trackers.py).
 """
 
 from __future__ import annotations
