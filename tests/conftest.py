@@ -36,18 +36,19 @@ if _OWN_CACHE:
                              os.environ.get("XLA_FLAGS", "")).strip()
 
 
-# Every GGUF read in the tests (transformers' `gguf_file=` loads, the helpers that copy and build
-# files) parses the metadata with jaxft's bulk reader (jaxft/models/gguf_reader.py), as jaxft
-# itself does: gguf.GGUFReader spends 2-3 s on each read of SmolLM2's vocabulary, and the suite
-# reads it dozens of times. The bulk reader yields the same fields, parts, types and tensors:
-# test_gguf.py compares it with the original (kept here as GGUF_READER) on every file it builds.
+# Every GGUF read and write in the tests (transformers' `gguf_file=` loads, the helpers that copy
+# and build files) goes through jaxft's bulk reader and writer (jaxft/models/gguf_bulk.py), as
+# jaxft's own do: gguf.GGUFReader spends 2-3 s on each read of SmolLM2's vocabulary, and the
+# suite reads it dozens of times. They give the same fields and the same bytes: test_gguf.py
+# compares them with the originals, kept here as GGUF_READER and GGUF_WRITER.
 try:
   import gguf as _gguf
-  from jaxft.models import gguf_reader as _gguf_reader
-  GGUF_READER = _gguf.GGUFReader
-  _gguf.GGUFReader = _gguf_reader.reader_class(GGUF_READER)
+  from jaxft.models import gguf_bulk as _gguf_bulk
+  GGUF_READER, GGUF_WRITER = _gguf.GGUFReader, _gguf.GGUFWriter
+  _gguf.GGUFReader = _gguf_bulk.reader_class(GGUF_READER)
+  _gguf.GGUFWriter = _gguf_bulk.writer_class(GGUF_WRITER)
 except ImportError:  # (the gguf tests skip)
-  GGUF_READER = None
+  GGUF_READER = GGUF_WRITER = None
 
 
 # The files that take longest (module fixtures, subprocess runs, TPU compiles, llama.cpp), longest

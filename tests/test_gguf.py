@@ -6,6 +6,7 @@ that transformers and PEFT load), and the refusals."""
 
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -56,32 +57,55 @@ def _same_reading(a, b):
     assert np.array_equal(ta.data.view(np.uint8), tb.data.view(np.uint8)), ta.name
 
 
-def test_the_bulk_reader_reads_what_gguf_reader_reads(files, tmp_path):
-  """jaxft's GGUF metadata reader (models/gguf_reader.py; the suite's transformers loads use it
-  too: conftest.py) against the gguf package's own GGUFReader, on the real SmolLM2 file, the
-  files built here (every tensor type; a SentencePiece vocabulary with scores) and one with empty
-  and nested arrays."""
+def _copy_with(writer_class, reader, path):
+  """`reader`'s fields and tensors written by `writer_class` to `path`; the file's bytes."""
+  from gguf_tiny import _copy_fields, _finish
+  w = writer_class(path, "llama")
+  _copy_fields(reader, w)
+  for t in reader.tensors:
+    w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+  _finish(w)
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def test_bulk_reader_and_writer_match_the_gguf_package(files, tmp_path):
+  """jaxft's GGUF metadata reader and writer (models/gguf_bulk.py; the suite's transformers loads
+  and GGUF helpers use them too: conftest.py) against the gguf package's own GGUFReader and
+  GGUFWriter: the same fields and tensors read from the real SmolLM2 file, a file of every tensor
+  type, a SentencePiece vocabulary (scores, token types) and odd arrays (nested, floats, bools);
+  the same bytes written back."""
   import gguf as gg
-  from conftest import GGUF_READER
+  from conftest import GGUF_READER, GGUF_WRITER
   from jaxft.data.tokenize import write_quickstart_tokenizer
-  from jaxft.models.gguf_reader import open_reader
+  from jaxft.models.gguf_bulk import open_reader, writer_class
   model = os.path.join(write_quickstart_tokenizer(str(tmp_path / "tok")), "tokenizer.model")
   odd = str(tmp_path / "odd.gguf")
-  w = gg.GGUFWriter(odd, "llama")
-  w.add_array("test.empty", [])
+  w = writer_class(GGUF_WRITER)(odd, "llama")
   w.add_array("test.nested", [[1, 2], [3]])
   w.add_array("test.floats", [0.5, -1.25])
   w.add_array("test.bools", [True, False, True])
+  w.add_key_value("test.u64", [1, 2**40], gg.GGUFValueType.ARRAY, sub_type=gg.GGUFValueType.UINT64)
   w.add_string("test.text", "Über café 🤖")
   w.add_tensor("x", np.arange(6, dtype=np.float32).reshape(2, 3))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  paths = [files["smollm2"], files["tiny"], odd,
-           tiny_llama(str(tmp_path / "spm.gguf"), model, {}, hidden=64, inter=128, layers=1)]
-  for path in paths:
-    _same_reading(GGUF_READER(path), open_reader(path))
+  assert GGUF_READER(odd).fields["test.u64"].contents() == [1, 2**40]
+  for i, path in enumerate([files["smollm2"], files["tiny"], odd, tiny_llama(
+      str(tmp_path / "spm.gguf"), model, {}, hidden=64, inter=128, layers=1)]):
+    original = GGUF_READER(path)
+    _same_reading(original, open_reader(path))
+    if path != files["smollm2"]:  # (its 100 MB of tensors prove no more than the small files)
+      assert _copy_with(writer_class(GGUF_WRITER), original, str(tmp_path / f"bulk{i}.gguf")) \
+          == _copy_with(GGUF_WRITER, original, str(tmp_path / f"plain{i}.gguf")), path
+  with pytest.raises(ValueError, match="same type"):  # as GGUFWriter refuses a mixed array
+    writer_class(GGUF_WRITER)(str(tmp_path / "mixed.gguf"), "llama")._pack_val(
+        ["a", 1], gg.GGUFValueType.ARRAY, add_vtype=True)
+  with pytest.raises(struct.error):  # and a value out of its type's range
+    writer_class(GGUF_WRITER)(str(tmp_path / "range.gguf"), "llama")._pack_val(
+        [1, 2**40], gg.GGUFValueType.ARRAY, add_vtype=True, sub_type=gg.GGUFValueType.INT32)
 
 
 @pytest.mark.slow

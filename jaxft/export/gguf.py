@@ -31,7 +31,7 @@ from jaxft import session
 from jaxft.errors import ConfigError
 from jaxft.export.gguf_tokenizer import add_tokenizer
 from jaxft.export.output import check_out, merged_params
-from jaxft.models import gguf_arch, gguf_rope, hf
+from jaxft.models import gguf_arch, gguf_bulk, gguf_rope, hf
 from jaxft.quant import gguf_quants
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
@@ -166,7 +166,7 @@ def write_gguf(path: str | None, cfg, params, *, quant: str, tok_dir: str, enc,
       tensor(p, layer, shape)
     return counts
   tmp = f"{path}.tmp-{os.getpid()}"
-  w = gguf.GGUFWriter(tmp, gguf_arch.ARCHS[cfg.architecture])
+  w = gguf_bulk.writer_class(gguf.GGUFWriter)(tmp, gguf_arch.ARCHS[cfg.architecture])
   try:
     _add_metadata(w, cfg, quant, name)
     add_tokenizer(w, tok_dir, enc, cfg)

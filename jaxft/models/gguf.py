@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxft import files
 from jaxft.errors import CheckpointError, ConfigError
-from jaxft.models import gguf_arch, gguf_reader, gguf_rope, hf
+from jaxft.models import gguf_arch, gguf_bulk, gguf_rope, hf
 from jaxft.models.config import ModelConfig
 
 __all__ = ["is_gguf", "read_config", "load_params", "build_tokenizer", "write_tokenizer",
@@ -49,7 +49,7 @@ def is_gguf(path: str) -> bool:
 
 
 def _reader(path: str):
-  """The file's GGUFReader (read-only; gguf_reader.open_reader: arrays parsed in bulk, 0.1 s for
+  """The file's GGUFReader (read-only; gguf_bulk.open_reader: arrays parsed in bulk, 0.1 s for
   SmolLM2's 49,152 tokens and merges against gguf.GGUFReader's 2-3 s). The config, the weights and
   the tokenizer each read it: one parse per file version per process."""
   try:
@@ -67,7 +67,7 @@ def _reader(path: str):
 def _parsed(path: str, size: int, mtime_ns: int):
   del size, mtime_ns  # (the cache key: a rewritten file is parsed again)
   try:
-    return gguf_reader.open_reader(path, "r")
+    return gguf_bulk.open_reader(path, "r")
   except Exception as e:  # bad magic, truncated header or data, unknown value types
     raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 

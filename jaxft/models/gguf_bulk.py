@@ -1,12 +1,17 @@
-"""A GGUF file's metadata parsed in seconds' stead in tenths: gguf.GGUFReader, arrays read in bulk.
+"""GGUF metadata arrays read and written in bulk: gguf.GGUFReader and gguf.GGUFWriter, subclassed.
 
 gguf.GGUFReader parses each element of an array field through two numpy memmap slices (the
 string's length, then its bytes): a real vocabulary (SmolLM2's 49,152 tokens, 48,900 merges and
-token types) is ~250,000 slices of a memmap, 2 s here, and jaxft reads a file's metadata for its
-config, its weights and its tokenizer. `open_reader` returns the same reader with array fields
-parsed from a plain ndarray view of the same mapping (no memmap bookkeeping per slice) and numeric
-arrays sliced from one view: the same fields, parts, data indices, types and tensors as
-gguf.GGUFReader (tests/test_gguf.py compares them on every file it builds), about 10 times faster.
+token types) is ~250,000 slices of a memmap, 3 s here, and jaxft reads a file's metadata for its
+config, its weights and its tokenizer. gguf.GGUFWriter packs each element with its own
+struct.pack call and type check: ~0.5 s per 100,000 tokens of an export.
+
+`open_reader` returns the same reader with array fields parsed from a plain ndarray view of the
+same mapping (no memmap bookkeeping per slice) and numeric arrays sliced from one view: the same
+fields, parts, data indices, types and tensors as gguf.GGUFReader, about 25 times faster.
+`writer_class` packs a string array with one join and a numeric array with one struct.pack
+call (the same range checks): the same bytes as gguf.GGUFWriter. tests/test_gguf.py compares both
+with the gguf package's own classes.
 """
 
 from __future__ import annotations
@@ -73,3 +78,39 @@ def reader_class(base):
       return 12 + int(whole.nbytes), parts, list(range(2, 2 + n)), types
 
   return BulkReader
+
+
+@functools.cache
+def writer_class(base):
+  """The bulk-packing subclass of gguf.GGUFWriter `base` (`base` itself when it is one already)."""
+  if getattr(base, "bulk_arrays", False):
+    return base
+  from gguf import GGUFEndian, GGUFValueType
+
+  class BulkWriter(base):
+    """gguf.GGUFWriter whose array values are packed in bulk (see the module's docstring)."""
+    bulk_arrays = True
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+      if (vtype != GGUFValueType.ARRAY or not isinstance(val, (list, tuple)) or not val
+          or self.endianess != GGUFEndian.LITTLE):
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+      if sub_type is not None:
+        ltype = sub_type
+      else:  # GGUFValueType.get_type looks at an item's type alone: one item of each type will do
+        types = {GGUFValueType.get_type(v) for v in {type(v): v for v in val}.values()}
+        if len(types) != 1:
+          raise ValueError("All items in a GGUF array should be of the same type")
+        (ltype,) = types
+      fmt = self._simple_value_packing.get(ltype)
+      if ltype == GGUFValueType.STRING:
+        encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+        body = b"".join(struct.pack("<Q", len(e)) + e for e in encoded)
+      elif fmt is not None:
+        body = struct.pack(f"<{len(val)}{fmt}", *val)
+      else:  # arrays of arrays: the element-wise packing
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+      head = struct.pack("<I", vtype) if add_vtype else b""
+      return head + struct.pack("<IQ", ltype, len(val)) + body
+
+  return BulkWriter
