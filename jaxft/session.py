@@ -92,6 +92,11 @@ def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return write_quickstart_tokenizer(os.path.join(workdir, "tokenizer"))
 
 
+def own_tokenizer(config: ml_collections.ConfigDict) -> bool:
+  """Whether tokenizer_dir is one jaxft writes (the quickstart's, a GGUF file's)."""
+  return not config.model.tokenizer and (gguf.is_gguf(config.model.path) or not config.model.path)
+
+
 def stop_ids(config) -> tuple[int, ...]:
   """The ids that end a generation: the model's EOS ids (config.json) and generation_config.json's
   of model.path, if any."""
@@ -112,7 +117,7 @@ def encoder(config, workdir: str) -> Encoder:
   """The tokenizer and chat template a run renders rows with; errors of the template name the
   file it came from."""
   directory = tokenizer_dir(config, workdir)
-  tok = load_tokenizer(directory)
+  tok = load_tokenizer(directory, written_by_jaxft=own_tokenizer(config))
   source = ""
   if not config.data.chat_template and tok.chat_template:
     for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):

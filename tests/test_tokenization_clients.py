@@ -140,3 +140,50 @@ def test_train_logs_one_tokenized_example_with_its_mask(tok_dir, enc, tmp_path, 
   line = next(r.getMessage() for r in caplog.records if "first example" in r.getMessage())
   assert "ids [1, 1247, 28747," in line
   assert "« Lima.</s>»" in line and "User: Capital of Peru?" in line
+
+
+@pytest.mark.parametrize("source", ["quickstart", "gguf"])
+def test_tokenizers_jaxft_writes_load_as_autotokenizer_loads_them(source, tok_dir, tmp_path):
+  """The tokenizer directories jaxft writes (the quickstart's; a GGUF file's, rebuilt from its
+  metadata) load with the class their tokenizer_config.json names, without AutoTokenizer (which
+  imports torch): the same class AutoTokenizer picks, the same ids, special tokens, added tokens,
+  decoding and chat template."""
+  from transformers import AutoTokenizer
+  if source == "gguf":
+    from gguf_tiny import smollm2_path
+    from jaxft.models import gguf
+    directory = gguf.write_tokenizer(smollm2_path(), str(tmp_path / "tok"))
+  else:
+    directory = tok_dir
+  own = load_tokenizer(directory, written_by_jaxft=True)
+  auto = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  assert type(own) is type(auto)
+  for text in ["Hello world", " two  spaces and\nnew lines\n", "Tessaline 2031: 1,290 euros",
+               "Über café 🤖 ǅ", "   lead", "end  ", "<s>[INST] x [/INST]</s><|im_start|>"]:
+    for special in (True, False):
+      ids = own(text, add_special_tokens=special)["input_ids"]
+      assert ids == auto(text, add_special_tokens=special)["input_ids"], (text, special)
+      assert own.decode(ids) == auto.decode(ids)
+  assert (own.special_tokens_map, own.get_added_vocab(), len(own), own.chat_template) == \
+      (auto.special_tokens_map, auto.get_added_vocab(), len(auto), auto.chat_template)
+  msgs = [{"role": "user", "content": "What is the capital of France?"},
+          {"role": "assistant", "content": "Paris."}]
+  template = own.chat_template or DEFAULT_CHAT_TEMPLATE
+  assert own.apply_chat_template(msgs, chat_template=template) == \
+      auto.apply_chat_template(msgs, chat_template=template)
+
+
+def test_another_tokenizer_class_is_left_to_autotokenizer(tok_dir, tmp_path):
+  """A class name jaxft does not write itself (an older transformers' LlamaTokenizerFast) is
+  AutoTokenizer's to resolve, as for any model directory."""
+  import shutil
+  d = str(tmp_path / "tok")
+  shutil.copytree(tok_dir, d)
+  with open(os.path.join(d, "tokenizer_config.json")) as f:
+    c = json.load(f)
+  c["tokenizer_class"] = "LlamaTokenizerFast"
+  with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+    json.dump(c, f)
+  tok = load_tokenizer(d, written_by_jaxft=True)
+  assert type(tok).__name__ == "LlamaTokenizer"
+  assert tok("Hello world")["input_ids"] == load_tokenizer(tok_dir)("Hello world")["input_ids"]

@@ -145,11 +145,26 @@ def _quickstart_json_ok(path: str) -> bool:
   return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "always"
 
 
-def load_tokenizer(directory: str):
-  """An HF tokenizer from a local directory (no remote code); raises ConfigError when unusable."""
-  from transformers import AutoTokenizer
+# The classes of the tokenizer directories jaxft writes itself (the quickstart's, a GGUF file's):
+# AutoTokenizer picks these same classes for them (tests/test_tokenization_clients.py).
+OWN_CLASSES = ("LlamaTokenizer", "TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(directory: str, written_by_jaxft: bool = False):
+  """An HF tokenizer from a local directory (no remote code); raises ConfigError when unusable.
+
+  A directory jaxft wrote (`written_by_jaxft`: the quickstart's, a GGUF file's) is loaded with the
+  class its tokenizer_config.json names, the one AutoTokenizer picks for it, without going
+  through AutoTokenizer: its model-config machinery imports torch where torch is installed,
+  1.5-3 s of every command's start-up."""
   try:
-    tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    own = _own_class(directory) if written_by_jaxft else None
+    if own is not None:
+      tok = own.from_pretrained(directory, local_files_only=True)
+    else:
+      from transformers import AutoTokenizer
+      tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
+                                          local_files_only=True)
   except Exception as e:
     raise ConfigError(f"{directory}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
   if not tok("a b c", add_special_tokens=False)["input_ids"]:
@@ -157,6 +172,20 @@ def load_tokenizer(directory: str):
   if not tok.is_fast:
     raise ConfigError(f"{directory}: a fast (tokenizers) tokenizer is needed for target masks")
   return tok
+
+
+def _own_class(directory: str):
+  """The transformers class the tokenizer_config.json of a directory jaxft wrote names, when it
+  is one of OWN_CLASSES (else None: AutoTokenizer decides)."""
+  try:
+    with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+      name = json.load(f).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    return None
+  if name not in OWN_CLASSES:
+    return None
+  import transformers
+  return getattr(transformers, name)
 
 
 RENDER_SECONDS = 10  # a template runs in milliseconds; one that takes this long is looping
