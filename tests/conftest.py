@@ -75,6 +75,12 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAXFT_CACHE_DIR"], ignore_errors=True)
 
 
+def forced_devices_flags(n: int = 8) -> str:
+  """XLA_FLAGS for a subprocess with `n` forced CPU devices, keeping the suite's cheaper compile
+  flags (above)."""
+  return f"--xla_force_host_platform_device_count={n} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+
 @pytest.fixture(scope="session")
 def root():
   return ROOT

@@ -135,6 +135,7 @@ def check_sharded_load(directory: str, model, ids: np.ndarray, tmp_path, kernel_
   import subprocess
   import sys
   import textwrap
+  from conftest import forced_devices_flags
   np.save(tmp_path / "ids.npy", ids)
   np.save(tmp_path / "ref.npy", torch_logits(model, ids))
   tests = os.path.dirname(os.path.abspath(__file__))
@@ -158,7 +159,7 @@ def check_sharded_load(directory: str, model, ids: np.ndarray, tmp_path, kernel_
     assert err < 1e-4, err
     print("OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=forced_devices_flags(8), JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(tests), env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -227,7 +227,7 @@ def test_bad_workdir_and_prompt_errors_name_the_problem(tmp_path):
 
 _SHARDED = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 " + os.environ.get("XLA_FLAGS", "")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.getcwd())
 import jax, ml_collections, numpy as np

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import pytest
 
-from conftest import tiny_config
+from conftest import forced_devices_flags, tiny_config
 from configs import llama3
 from jaxft import mesh_choice, plan as plan_lib, sharding
 from jaxft.errors import ConfigError
@@ -103,7 +103,7 @@ def test_eight_forced_cpu_devices_keep_todays_data_parallel_mesh():
   code = ("import jax; from conftest import tiny_config; from jaxft import mesh_choice; "
           "c, ch = mesh_choice.resolve(tiny_config(), jax.devices()); "
           "print(jax.device_count(), c.mesh.data, c.mesh.fsdp, ch.chosen)")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=forced_devices_flags(8),
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                      capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_config
+from conftest import forced_devices_flags, make_config
 from hf_tiny import load_tiny, make_tiny, rel_err
 from jaxft import peft
 from jaxft.errors import ConfigError
@@ -163,7 +163,7 @@ def test_expert_parallel_mesh_of_8_devices_equals_one_device(tmp_path):
         "data=2, fsdp=2, tensor=1, expert=2", "data=1, fsdp=1, tensor=1, expert=1").replace(
         'k.sharding.spec[1] == "expert" and k.addressable_shards[0].data.shape[1] == 2', "True"
         ).replace('added["layers"]["up_proj"]["lora_a"].sharding.spec[1] == "expert"', "True")
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+    env = dict(os.environ, XLA_FLAGS=forced_devices_flags(n),
                JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(s)], cwd=os.path.dirname(tests),
                        env=env, capture_output=True, text=True, timeout=600)

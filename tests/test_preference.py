@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_config, run_cli
+from conftest import ROOT, forced_devices_flags, make_config, run_cli
 from step_tiny import one_step, optim_cfg
 from jaxft import objectives, optim, peft
 from jaxft.data import pipeline, preference
@@ -271,7 +271,7 @@ def test_dpo_sharded_matches_one_device(straight_dpo, tmp_path):
   wd = str(tmp_path / "sharded")
   r = run_cli("jaxft.train", *DPO_ARGS, "--config.mesh.data=2", "--config.mesh.fsdp=2",
               "--config.mesh.tensor=2", f"--workdir={wd}",
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+              env={"XLA_FLAGS": forced_devices_flags(8)})
   assert r.returncode == 0, r.stderr[-3000:]
   got = [m for m in metrics_rows(wd) if "loss" in m]
   want = [m for m in straight_dpo if "loss" in m]

@@ -296,7 +296,7 @@ def test_nf4_init_never_holds_more_than_one_float_kernel(tmp_path):
 
 _SHARDED = r"""
 import os, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxft import quant

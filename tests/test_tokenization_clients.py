@@ -187,3 +187,23 @@ def test_another_tokenizer_class_is_left_to_autotokenizer(tok_dir, tmp_path):
   tok = load_tokenizer(d, written_by_jaxft=True)
   assert type(tok).__name__ == "LlamaTokenizer"
   assert tok("Hello world")["input_ids"] == load_tokenizer(tok_dir)("Hello world")["input_ids"]
+
+
+def test_a_workdir_tokenizer_json_from_before_the_metaspace_fix_is_rewritten(tok_dir, tmp_path):
+  """A workdir whose tokenizer.json lacks SentencePiece's every-piece "▁" prefix (written by an
+  older jaxft) gets the current one on the next command; a current one is left as it is."""
+  import shutil
+  d = str(tmp_path / "old")
+  shutil.copytree(tok_dir, d)
+  tj = os.path.join(d, "tokenizer.json")
+  with open(tj, encoding="utf-8") as f:
+    current = json.load(f)
+  old = dict(current, pre_tokenizer=None)
+  with open(tj, "w", encoding="utf-8") as f:
+    json.dump(old, f, indent=2, ensure_ascii=False)
+  write_quickstart_tokenizer(d)
+  with open(tj, encoding="utf-8") as f:
+    assert json.load(f)["pre_tokenizer"] == current["pre_tokenizer"]
+  stamp = os.path.getmtime(tj)
+  write_quickstart_tokenizer(d)
+  assert os.path.getmtime(tj) == stamp
