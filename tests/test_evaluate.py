@@ -22,8 +22,10 @@ def _quickstart_config():
   c = make_config("quickstart")
   c.train.progress = False
   c.train.peak_tflops = _PEAK_TFLOPS
-  c.train.steps = 80  # the shipped 150 steps learn more; 80 keep the suite short and still learn
-  c.train.eval_every = 40
+  # The shipped 150 steps learn more; 40 keep the suite short and still learn (measured: exact
+  # match 0.75, eval loss 10.98 -> 1.61)
+  c.train.steps = 40
+  c.train.eval_every = 20
   return c
 
 
@@ -48,10 +50,10 @@ def test_quickstart_tuned_beats_base(quickstart):
   res = _read_json(os.path.join(wd, "eval.json"))
   tuned, base = res["tuned"], res["base"]
   print("quickstart eval:", json.dumps({k: res[k] for k in ("tuned", "base")}))
-  assert res["step"] == 80 and res["examples_with_reference"] == 80
+  assert res["step"] == 40 and res["examples_with_reference"] == 80
   assert res["unanswerable_examples"] == 10  # counted for hallucination, not for exact match
   assert tuned["exact_match"] > base["exact_match"]
-  assert tuned["exact_match"] >= 0.5  # the capitals are learnable (~0.9 seen after 80 steps)
+  assert tuned["exact_match"] >= 0.5  # the capitals are learnable (0.75 seen after 40 steps)
   assert tuned["normalized_match"] >= tuned["exact_match"]
   assert tuned["loss"] < base["loss"]
   for m in (tuned, base):
@@ -88,7 +90,7 @@ def test_quickstart_writes_samples_report_and_curve(quickstart):
     png = f.read()
   assert png.startswith(b"\x89PNG") and len(png) > 5000
   train_rows = [r for r in curves.read_metrics(wd) if "loss" in r]
-  assert len(train_rows) == 8  # 80 steps, logged every 10
+  assert len(train_rows) == 4  # 40 steps, logged every 10
   for r in train_rows:
     assert r["tflops_per_sec"] > 0
     assert r["mfu"] == pytest.approx(r["tflops_per_sec"] / _PEAK_TFLOPS, rel=1e-6)
