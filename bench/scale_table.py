@@ -47,6 +47,10 @@ TARGETS = {
     "8b-qlora-v5p1-256k-offload": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
                                    ["data.batch_size=1", "data.max_len=262144",
                                     "model.remat=offload"]),
+    # one v6e chip (31.25 GiB), a 131,072-token row, nothing but the batch shape set:
+    # model.remat=auto picks what fits (issue 33)
+    "8b-qlora-v6e1-128k": ("llama3.py:size=8b,method=qlora", "v6e:2x2", 1,
+                           ["data.batch_size=1", "data.max_len=131072"]),
     # the same on v6e:8x8 (64 chips, 16 hosts of 4): four rows per chip, fsdp over all of them
     "8b-qlora-v6e64": ("llama3.py:size=8b,method=qlora", "v6e:8x8", 0, ["data.batch_size=256"]),
     "8b-lora-v6e64": ("llama3.py:size=8b,method=lora", "v6e:8x8", 0, ["data.batch_size=256"]),
@@ -89,8 +93,10 @@ def _buffer(b: dict) -> str:
 
 
 def _remat(r: dict) -> str:
-  """The remat policy the step was compiled with; 'offload (auto)' where auto chose it."""
-  return r["remat"] + (" (auto)" if "auto chose" in r.get("remat_note", "") else "")
+  """The remat policy the step was compiled with, and the MLP tile where one was set; '(auto)'
+  where model.remat=auto chose them."""
+  tile = f" + mlp_tile {r['mlp_tile']}" if r.get("mlp_tile") else ""
+  return r["remat"] + tile + (" (auto)" if "auto chose" in r.get("remat_note", "") else "")
 
 
 def _cell(x, spec):
