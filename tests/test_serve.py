@@ -38,6 +38,7 @@ def server(tmp_path_factory):
   c.model.preset = "tiny"
   c.train.progress = False
   c.train.steps = 30
+  c.train.eval_batches = 1  # (no test here reads the eval loss)
   c.optim.lr = 1e-2
   wd = str(tmp_path_factory.mktemp("serve") / "tuned")
   trainer.train(c, wd)
