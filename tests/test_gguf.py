@@ -69,12 +69,24 @@ def _copy_with(writer_class, reader, path):
     return f.read()
 
 
+def _cut_arrays(read, writer_class, src, dst, n):
+  """`src`'s metadata with every array cut to its first n entries, and one small tensor, at dst."""
+  from gguf_tiny import _copy_fields, _finish
+  r = read(src)
+  w = writer_class(dst, "llama")
+  _copy_fields(r, w, override={k: f.contents()[:n] for k, f in r.fields.items()
+                               if len(f.types) > 1 and len(f.data) > n})
+  w.add_tensor("x", np.arange(6, dtype=np.float32).reshape(2, 3))
+  _finish(w)
+  return dst
+
+
 def test_bulk_reader_and_writer_match_the_gguf_package(files, tmp_path):
   """jaxft's GGUF metadata reader and writer (models/gguf_bulk.py; the suite's transformers loads
   and GGUF helpers use them too: conftest.py) against the gguf package's own GGUFReader and
-  GGUFWriter: the same fields and tensors read from a file of every tensor type with the real
-  SmolLM2 file's metadata, a SentencePiece vocabulary (scores, token types) and odd arrays
-  (nested, floats, bools, uint64); the same bytes written back."""
+  GGUFWriter: the same fields and tensors read from files with the real SmolLM2 file's metadata,
+  a SentencePiece vocabulary (scores, token types) and odd arrays (nested, floats, bools,
+  uint64); the same bytes written back."""
   import gguf as gg
   from conftest import GGUF_READER, GGUF_WRITER
   from jaxft.data.tokenize import write_quickstart_tokenizer
@@ -93,9 +105,14 @@ def test_bulk_reader_and_writer_match_the_gguf_package(files, tmp_path):
   w.write_tensors_to_file()
   w.close()
   assert GGUF_READER(odd).fields["test.u64"].contents() == [1, 2**40]
-  # ("tiny" holds the real SmolLM2 file's metadata, copied: its tokens, merges and token types)
-  for i, path in enumerate([files["tiny"], odd, tiny_llama(
-      str(tmp_path / "spm.gguf"), model, {}, hidden=64, inter=128, layers=1)]):
+  # SmolLM2's metadata (byte-level tokens, merges, token types) and a SentencePiece vocabulary
+  # (pieces, float scores, types), their arrays cut to the first 4,000 entries: the whole
+  # vocabularies prove no more and cost seconds in the slow original reader and writer
+  spm = tiny_llama(str(tmp_path / "spm.gguf"), model, {}, hidden=64, inter=128, layers=1)
+  cut = [_cut_arrays(open_reader, writer_class(GGUF_WRITER), src, str(tmp_path / f"cut{k}.gguf"),
+                     4000)
+         for k, src in enumerate((files["tiny"], spm))]
+  for i, path in enumerate(cut + [odd]):
     original = GGUF_READER(path)
     _same_reading(original, open_reader(path))
     assert _copy_with(writer_class(GGUF_WRITER), original, str(tmp_path / f"bulk{i}.gguf")) \
