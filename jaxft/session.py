@@ -80,21 +80,19 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
                       attention=m.attention, mlp_tile=m.mlp_tile, router_aux_coef=aux)
 
 
+def own_tokenizer(config: ml_collections.ConfigDict) -> bool:
+  """Whether the tokenizer directory is one jaxft writes (the quickstart's, a GGUF file's)."""
+  return not config.model.tokenizer and (gguf.is_gguf(config.model.path) or not config.model.path)
+
+
 def tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The tokenizer directory: model.tokenizer, else model.path (a GGUF file's tokenizer is written
   into WORKDIR/tokenizer), else the quickstart tokenizer (written into WORKDIR/tokenizer)."""
-  if config.model.tokenizer:
-    return config.model.tokenizer
+  if not own_tokenizer(config):
+    return config.model.tokenizer or config.model.path
   if gguf.is_gguf(config.model.path):
     return gguf.write_tokenizer(config.model.path, os.path.join(workdir, "tokenizer"))
-  if config.model.path:
-    return config.model.path
   return write_quickstart_tokenizer(os.path.join(workdir, "tokenizer"))
-
-
-def own_tokenizer(config: ml_collections.ConfigDict) -> bool:
-  """Whether tokenizer_dir is one jaxft writes (the quickstart's, a GGUF file's)."""
-  return not config.model.tokenizer and (gguf.is_gguf(config.model.path) or not config.model.path)
 
 
 def stop_ids(config) -> tuple[int, ...]:

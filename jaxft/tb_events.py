@@ -78,9 +78,8 @@ def clean_tag(tag: str) -> str:
   return _INVALID_TAG.sub("_", tag).lstrip("/") or "_"
 
 
-def _event(step: int, body: bytes, wall_time: float | None = None) -> bytes:
-  wall = time.time() if wall_time is None else wall_time
-  return (_field(_EVENT_WALL_TIME, 1, struct.pack("<d", wall)) +
+def _event(step: int, body: bytes) -> bytes:
+  return (_field(_EVENT_WALL_TIME, 1, struct.pack("<d", time.time())) +
           _field(_EVENT_STEP, 0, _varint(int(step))) + body)
 
 
