@@ -17,7 +17,7 @@ from jaxft import cli
 from jaxft.errors import ConfigError
 from jaxft.eval.votes import VOTES
 from jaxft.serving import compare
-from jaxft.serving.server import eval_prompts, load_models, make_app
+from jaxft.serving.server import SERVER_OPTIONS, eval_prompts, load_models, make_app
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (its newest intact checkpoint).")
 _ADAPTER = flags.DEFINE_multi_string("adapter", [], "NAME=WORKDIR: another run on the same base.")
@@ -67,8 +67,7 @@ def _main(argv):
         f"comparison: http://{_HOST.value}:{_PORT.value}/compare)", flush=True)
   uvicorn.run(make_app(models, _MAX_QUEUE.value, ballots, eval_prompts(_WORKDIR.value),
                        max_body=int(_MAX_REQUEST_MB.value * 2**20)),
-              host=_HOST.value, port=_PORT.value, log_level="warning",
-              timeout_graceful_shutdown=60)
+              host=_HOST.value, port=_PORT.value, **SERVER_OPTIONS)
 
 
 def main():

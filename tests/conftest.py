@@ -31,6 +31,10 @@ if _OWN_CACHE:
   # Tiny programs compile ~40% faster with LLVM's lighter optimisation (no fast-math either way,
   # so the same numbers); a 20-step quickstart run measured ~15% shorter in all. Tests that set
   # XLA_FLAGS for a subprocess (forced device counts) replace these.
+  # Lowering attaches each operation's whole Python call stack to the program as its location
+  # (debug metadata, no effect on the numbers); the innermost frame alone makes tracing and
+  # lowering ~11% cheaper in CPU (tests/test_fast_paths.py alone: 88 -> 78 s of CPU).
+  os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "0")
   os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=1 "
                              "--xla_llvm_disable_expensive_passes=true " +
                              os.environ.get("XLA_FLAGS", "")).strip()

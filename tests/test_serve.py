@@ -51,7 +51,7 @@ def server(tmp_path_factory):
   votes = str(tmp_path_factory.mktemp("votes") / "votes.jsonl")
   app = serve.make_app(models, max_queue=64, ballots=compare.Ballots(votes, seed=0),
                        eval_prompts=serve.eval_prompts(wd))
-  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **serve.SERVER_OPTIONS))
   thread = threading.Thread(target=srv.run, daemon=True)
   thread.start()
   deadline = time.time() + 60
@@ -76,6 +76,21 @@ def _answers(workdir, base=False):
 @pytest.fixture(scope="module")
 def reference(server):
   return _answers(server["workdir"])
+
+
+@pytest.mark.slow
+def test_an_idle_connection_outlives_a_clients_pool_expiry(server):
+  """A client's pool (httpx: the openai client) reuses an idle connection for up to 5 s; the
+  server keeps it open longer, so a request sent on it as the 5 s run out is answered, not reset
+  (with uvicorn's 5 s default the second request below finds the connection closed)."""
+  import http.client
+  conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+  for wait in (0, 6):
+    time.sleep(wait)
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+  conn.close()
 
 
 @pytest.mark.slow

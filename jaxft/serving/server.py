@@ -14,6 +14,13 @@ from jaxft.serving import api, compare, multi_lora
 from jaxft.serving.engine import Engine
 
 
+# uvicorn's settings, the server's own (jaxft.serve) and the tests'. An idle keep-alive connection
+# stays open 75 s: a client's pool (httpx's, so the openai client's, and requests') reuses one for
+# up to 5 s, and a server that closes it at 5 s too (uvicorn's default) races the request sent on
+# it at that moment, which then fails with "connection reset by peer".
+SERVER_OPTIONS = {"log_level": "warning", "timeout_keep_alive": 75, "timeout_graceful_shutdown": 60}
+
+
 def _prompt_builder(encoder):
   def build(messages=None, text=None):
     if messages is not None:
