@@ -28,13 +28,13 @@ if _OWN_CACHE:
   # A command re-executes itself once for huge-page malloc (jaxft.cli): a second Python start-up
   # (~1 s) per command that tiny models do not gain from; test_train_cli checks it with it on.
   os.environ.setdefault("JAXFT_HUGE_PAGES", "0")
-  # Tiny programs compile ~40% faster with LLVM's lighter optimisation (no fast-math either way,
-  # so the same numbers); a 20-step quickstart run measured ~15% shorter in all. Tests that set
-  # XLA_FLAGS for a subprocess (forced device counts) replace these.
   # Lowering attaches each operation's whole Python call stack to the program as its location
   # (debug metadata, no effect on the numbers); the innermost frame alone makes tracing and
   # lowering ~11% cheaper in CPU (tests/test_fast_paths.py alone: 88 -> 78 s of CPU).
   os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "0")
+  # Tiny programs compile ~40% faster with LLVM's lighter optimisation (no fast-math either way,
+  # so the same numbers); a 20-step quickstart run measured ~15% shorter in all. Tests that set
+  # XLA_FLAGS for a subprocess (forced device counts) replace these.
   os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=1 "
                              "--xla_llvm_disable_expensive_passes=true " +
                              os.environ.get("XLA_FLAGS", "")).strip()
