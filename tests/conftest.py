@@ -38,6 +38,19 @@ if _OWN_CACHE:
   os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=1 "
                              "--xla_llvm_disable_expensive_passes=true " +
                              os.environ.get("XLA_FLAGS", "")).strip()
+  # Where PYTHONDONTWRITEBYTECODE is set (some CI images set it), each of the suite's
+  # Python subprocesses would compile jaxft's and the tests' sources again (~0.2 s of CPU each);
+  # the session writes bytecode and removes the __pycache__ folders it made at the end.
+  _NO_BYTECODE = bool(os.environ.pop("PYTHONDONTWRITEBYTECODE", None))
+  sys.dont_write_bytecode = False
+
+
+def _source_pycaches() -> set[str]:
+  return {os.path.join(d, "__pycache__") for folder in ("jaxft", "tests", "configs")
+          for d, subdirs, _ in os.walk(os.path.join(ROOT, folder)) if "__pycache__" in subdirs}
+
+
+_PYCACHES_BEFORE = _source_pycaches() if _OWN_CACHE else set()
 
 
 # Every GGUF read and write in the tests (transformers' `gguf_file=` loads, the helpers that copy
@@ -77,6 +90,9 @@ def pytest_unconfigure(config):
     import shutil
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     shutil.rmtree(os.environ["JAXFT_CACHE_DIR"], ignore_errors=True)
+    if _NO_BYTECODE:
+      for path in _source_pycaches() - _PYCACHES_BEFORE:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def forced_devices_flags(n: int = 8) -> str:

@@ -12,7 +12,7 @@ import pytest
 from conftest import metric_rows, run_cli, start_and_signal, tiny_config
 
 QUICK = ["--config=configs/quickstart.py", "--config.train.progress=False", "--config.train.log_every=1"]
-TINY = QUICK + ["--config.model.preset=tiny"]
+TINY = QUICK + ["--config.model.preset=tiny", "--config.data.batch_size=4", "--config.data.max_len=64"]
 
 
 def losses(workdir):

@@ -245,7 +245,8 @@ def test_dpo_reference_is_the_base_with_the_method_off(kind):
 
 TINY_DPO = ["--config=configs/quickstart.py:objective=dpo", "--config.model.preset=tiny",
             "--config.train.progress=False", "--config.train.log_every=1",
-            "--config.peft.init_from=", "--config.train.precompute_reference=False"]
+            "--config.peft.init_from=", "--config.train.precompute_reference=False",
+            "--config.data.batch_size=4"]
 
 
 def metrics_rows(workdir):
