@@ -27,6 +27,13 @@ from jaxft import target
 # Query and key block of the kernels (forward and backward): 512 where the length allows (fewer
 # grid steps; the blocks of q, k, v and the float32 accumulators stay within a few MiB of VMEM).
 _BLOCKS = (512, 256, 128)
+# The kernels' block tables (which key block comes next, which blocks the mask empties) sit in the
+# chip's scalar memory (SMEM: 1 MiB on v5p), one 2-byte entry per pair of query and key blocks,
+# so they grow with the square of the length: with 512-token blocks XLA refuses 393,216 tokens
+# (768 x 768 entries, 1,179,648 bytes) and 524,288 (2,097,152). Longer rows take larger blocks,
+# so that the tables stay within this share; the score tile computed at once stays 512 keys wide.
+_SMEM_TABLE_BYTES = 512 * 1024
+_COMPUTE = 512
 
 
 def supported(T: int, head_dim: int) -> bool:
@@ -35,7 +42,33 @@ def supported(T: int, head_dim: int) -> bool:
 
 
 def _block(T: int) -> int:
-  return next(b for b in _BLOCKS if T % b == 0)
+  b = next(b for b in _BLOCKS if T % b == 0)
+  while 2 * (T // b) ** 2 > _SMEM_TABLE_BYTES and T % (2 * b) == 0:
+    b *= 2
+  return b
+
+
+class _CausalMask(sm.CausalMask):
+  """The splash causal mask, with the blocks it does not cut filled whole.
+
+  Building a kernel turns its mask into block tables on the host (numpy): every block of
+  queries x keys is sliced from the mask and checked for being empty, full or cut. The library's
+  causal mask computes each slice element by element, so building took 79 s at 131,072 tokens
+  and grows with the square of the length (about 21 minutes at 524,288) before the first step.
+  Here a block wholly below or above the diagonal is filled at once; the tables come out the same
+  (tests/test_long_context.py)."""
+
+  def __getitem__(self, idx) -> np.ndarray:
+    q, kv = idx if len(idx) == 2 else (None, None)
+    if isinstance(q, slice) and isinstance(kv, slice):
+      q0, q1, qs = q.indices(self.shape[0])
+      k0, k1, ks = kv.indices(self.shape[1])
+      if qs == ks == 1 and q1 > q0 and k1 > k0:
+        if q0 + self.offset >= k1 - 1:  # every query sees every key of the block
+          return np.ones((q1 - q0, k1 - k0), np.bool_)
+        if q1 - 1 + self.offset < k0:  # no query sees any
+          return np.zeros((q1 - q0, k1 - k0), np.bool_)
+    return super().__getitem__(idx)
 
 
 @functools.lru_cache(maxsize=32)
@@ -44,10 +77,11 @@ def _kernel(T: int, groups: int, window: int | None):
   if window:
     one = sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
   else:
-    one = sm.CausalMask((T, T))
+    one = _CausalMask((T, T))
   b = _block(T)
-  sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  c = min(b, _COMPUTE)
+  sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=c, block_q_dkv=b, block_kv_dkv=b,
+                        block_kv_dkv_compute=c, block_q_dq=b, block_kv_dq=b)
   return sk.make_splash_mqa_single_device(mask=sm.MultiHeadMask([one] * groups),
                                           block_sizes=sizes)
 
