@@ -47,6 +47,11 @@ TARGETS = {
     "8b-qlora-v5p1-256k-offload": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
                                    ["data.batch_size=1", "data.max_len=262144",
                                     "model.remat=offload"]),
+    # half a million tokens on one chip: splash blocks of 1,024 past 262,144 tokens (their block
+    # tables outgrew scalar memory), the MLP in slices of 8,192 tokens
+    "8b-qlora-v5p1-512k-offload": ("llama3.py:size=8b,method=qlora", "v5p:2x2x1", 1,
+                                   ["data.batch_size=1", "data.max_len=524288",
+                                    "model.remat=offload", "model.mlp_tile=8192"]),
     # one v6e chip (31.25 GiB), a 131,072-token row, nothing but the batch shape set:
     # model.remat=auto picks what fits (issue 33)
     "8b-qlora-v6e1-128k": ("llama3.py:size=8b,method=qlora", "v6e:2x2", 1,

@@ -107,6 +107,26 @@ def test_splash_block_tables_equal_the_librarys_causal_mask(block_q, block_kv, o
   assert np.array_equal(ours[100:612, 0:4096], sm.CausalMask((T, T), offset=offset)[100:612, 0:4096])
 
 
+def test_offloaded_layer_inputs_go_to_the_host_in_pieces_under_4_gib(monkeypatch):
+  """libtpu aborts lowering a 4 GiB copy to host memory (the layer input of 524,288 tokens x
+  4,096 in bf16); remat=offload names such an input in pieces of at most 2 GiB along the
+  tokens (the 8B QLoRA plan of 524,288 tokens on one v5p compiles with it), values unchanged."""
+  cfg = mc.PRESETS["tiny"].replace(remat="offload")
+
+  def named(x, c=cfg):
+    jaxpr = jax.make_jaxpr(lambda a: llama._layer_input(c, a))(x)
+    return [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "name"]
+
+  assert named(jax.ShapeDtypeStruct((1, 524288, 4096), jnp.bfloat16)) == [(1, 262144, 4096)] * 2
+  assert named(jax.ShapeDtypeStruct((1, 262144, 4096), jnp.bfloat16)) == [(1, 262144, 4096)]
+  assert named(jax.ShapeDtypeStruct((1, 524288, 4096), jnp.bfloat16),
+               cfg.replace(remat="full")) == [(1, 524288, 4096)]
+  monkeypatch.setattr(llama, "_OFFLOAD_PIECE_BYTES", 64)
+  x = jnp.arange(2 * 12 * 4, dtype=jnp.float32).reshape(2, 12, 4)
+  assert named(x) == [(2, 2, 4)] * 6
+  np.testing.assert_array_equal(llama._layer_input(cfg, x), x)
+
+
 def test_context_must_split_rows_into_equal_chunks():
   mesh = AbstractMesh((1, 1, 1, 1, 8), sharding.AXES)
   sharding.check_context(mesh, 8192)

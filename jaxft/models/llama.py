@@ -305,6 +305,26 @@ def _remat(cfg: ModelConfig, fn: Callable) -> Callable:
   return fn
 
 
+# One piece of a layer input that remat=offload copies to host memory: libtpu (0.0.42) aborts
+# lowering a host copy of 4 GiB (a layer input of 524,288 tokens x 4,096 in bf16: its loop's trip
+# count comes out -1), so longer inputs are named, and copied, in pieces along the tokens.
+_OFFLOAD_PIECE_BYTES = 2**31
+
+
+def _layer_input(cfg: ModelConfig, x):
+  """x named "layer_input" (the value remat=offload keeps): in pieces of at most
+  _OFFLOAD_PIECE_BYTES along the tokens when offloaded."""
+  n = 1
+  if remat_policy(cfg) == "offload":
+    T = x.shape[1]
+    n = next((k for k in range(1, T + 1) if T % k == 0
+              and x.size * x.dtype.itemsize // k <= _OFFLOAD_PIECE_BYTES), 1)
+  if n == 1:
+    return checkpoint_name(x, "layer_input")
+  return jnp.concatenate([checkpoint_name(p, "layer_input") for p in jnp.split(x, n, axis=1)],
+                         axis=1)
+
+
 def hidden_states(cfg: ModelConfig, params: Params, tokens: jnp.ndarray, *, adapter,
                   positions=None, segment_ids=None, rng=None, cache=None, cache_index=None):
   """Runs the decoder and returns (final-norm hidden states [B, T, D], new cache or None).
@@ -366,7 +386,7 @@ def hidden_states_and_router(cfg: ModelConfig, params: Params, tokens: jnp.ndarr
 
   def body(x, xs):
     p, layer_rng, layer_cache, sliding = xs
-    x = checkpoint_name(x, "layer_input")  # what remat=offload keeps, in host memory
+    x = _layer_input(cfg, x)  # what remat=offload keeps, in host memory
     m, freq = mask, inv_freq
     if sliding is not None:  # Gemma 2/3: this layer's mask (and RoPE base, rope_local_theta)
       m = jnp.where(sliding, local[0], mask)
