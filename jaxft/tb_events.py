@@ -110,8 +110,10 @@ class EventWriter:
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
     EventWriter._opened += 1  # (two writers in one process and second stay two files)
+    # TensorBoard reads a directory's files in name order: the count is zero-padded, so that the
+    # 10th writer of a second sorts after the 9th
     name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}."
-            f"{EventWriter._opened}")
+            f"{EventWriter._opened:06d}")
     self.path = os.path.join(logdir, name)
     self._f = open(self.path, "ab")  # pylint: disable=consider-using-with  (closed by close())
     self._write(_event(0, _bytes_field(_EVENT_FILE_VERSION, b"brain.Event:2")))
