@@ -42,7 +42,8 @@ if _OWN_CACHE:
   # Python subprocesses would compile jaxft's and the tests' sources again (~0.2 s of CPU each);
   # the session writes bytecode and removes the __pycache__ folders it made at the end.
   _NO_BYTECODE = bool(os.environ.pop("PYTHONDONTWRITEBYTECODE", None))
-  sys.dont_write_bytecode = False
+  if _NO_BYTECODE:
+    sys.dont_write_bytecode = False
 
 
 def _source_pycaches() -> set[str]:
